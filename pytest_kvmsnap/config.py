@@ -1,0 +1,121 @@
+"""Settings: one name in three places, one resolver, one frozen result.
+
+Every setting ``x`` is ``--kvm-x`` on the command line, ``kvm_x`` in the ini
+file and, where it makes sense per test, ``x=`` on the ``kvm_snapshot`` marker.
+Precedence, highest first: marker > command line > ini file > environment
+(``LIBVIRT_DEFAULT_URI`` for the URI) > built-in default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+REVERT_MODES = ("after", "before", "both", "on-failure", "never")
+SCOPES = ("function", "class", "module", "package", "session")
+REVERT_METHODS = ("auto", "libvirt", "inplace")
+DEFAULT_URI = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    help: str
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    ini_type: str = "string"
+    multiple: bool = False
+    flag: bool = False
+    ini: bool = True
+    cli: str | None = None  # the command-line spelling, when it differs (--kvm-domain)
+
+    @property
+    def dest(self) -> str:
+        return f"kvm_{self.name}"
+
+    @property
+    def option(self) -> str:
+        return "--kvm-" + (self.cli or self.name).replace("_", "-")
+
+
+SETTINGS = (
+    Setting("uri", "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)."),
+    Setting("domains", "guest(s) used by kvm_snapshot markers that name none; repeatable.",
+            default=(), ini_type="linelist", multiple=True, cli="domain"),
+    Setting("revert", "when a guest goes back to its baseline: after/before/both each unit, "
+            "on-failure (only after a unit with a failed test) or never (only at session end). "
+            "Default: after.", default="after", choices=REVERT_MODES),
+    Setting("scope", "the unit of isolation: tests of one function/class/module/package/session "
+            "share the guest's state. Default: function.", default="function", choices=SCOPES),
+    Setting("snapshot", "an existing snapshot tests start from instead of the state found at "
+            "session start; never deleted."),
+    Setting("revert_method", "how to revert a running guest: inplace (QEMU loadvm in the running "
+            "process, fast), libvirt (revertToSnapshot, restarts QEMU) or auto (inplace where safe). "
+            "Default: auto.", default="auto", choices=REVERT_METHODS),
+    Setting("keep_snapshot", "keep the run's own baseline snapshot after the session.",
+            default=False, flag=True, ini=False),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run-wide settings after command line, ini and environment were merged."""
+
+    uri: str = DEFAULT_URI
+    domains: tuple[str, ...] = ()
+    revert: str = "after"
+    scope: str = "function"
+    snapshot: str | None = None
+    revert_method: str = "auto"
+    keep_snapshot: bool = False
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kvmsnap", "clean libvirt guests per test (pytest-kvmsnap)")
+    for s in SETTINGS:
+        if s.flag:
+            group.addoption(s.option, action="store_true", dest=s.dest, default=None, help=s.help)
+        else:
+            group.addoption(s.option, dest=s.dest, default=None, choices=s.choices,
+                            action="append" if s.multiple else "store", metavar=(s.cli or s.name).upper(),
+                            help=s.help)
+        if s.ini:
+            parser.addini(s.dest, s.help, type=s.ini_type, default=None)  # type: ignore[arg-type]
+
+
+def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    values = {s.name: _value(config, s) for s in SETTINGS}
+    if values["uri"] is None:
+        values["uri"] = env.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    values["domains"] = tuple(values["domains"] or ())
+    for name, value in list(values.items()):
+        if value is None:
+            values[name] = BY_NAME[name].default
+    return validate(Settings(**values), source="ini file")
+
+
+def _value(config: pytest.Config, s: Setting) -> Any:
+    cli = config.getoption(s.dest)
+    if cli is not None:
+        return cli
+    if not s.ini:
+        return None
+    ini = config.getini(s.dest)
+    return ini if ini not in (None, "", []) else None
+
+
+def validate(settings: Settings, source: str) -> Settings:
+    from pytest_kvmsnap.exceptions import ConfigError
+
+    for s in SETTINGS:
+        value = getattr(settings, s.name)
+        if s.choices and value not in s.choices:
+            raise ConfigError(
+                f"{source}: {s.dest} = {value!r} is not one of {', '.join(s.choices)}"
+            )
+    return settings

@@ -1,0 +1,68 @@
+"""Errors pytest-kvmsnap raises: each message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class KvmSnapError(Exception):
+    """Base class: a problem with the guest, the hypervisor or the configuration."""
+
+
+class ConfigError(KvmSnapError):
+    """Bad settings or marker arguments."""
+
+
+class ConnectionFailed(KvmSnapError):
+    """The libvirt URI could not be opened."""
+
+    @classmethod
+    def from_libvirt(cls, uri: str, detail: str) -> ConnectionFailed:
+        lowered = detail.lower()
+        if "permission denied" in lowered or "authentication" in lowered:
+            hint = (
+                "permission was denied: run as root, add your user to the 'libvirt' group, "
+                "or use qemu:///session for guests you own"
+            )
+        elif "no such file" in lowered or "connection refused" in lowered or "failed to connect" in lowered:
+            hint = (
+                "libvirtd does not seem to be running: start it (systemctl start libvirtd, "
+                "or 'libvirtd -d' where no init system runs it; scripts/setup-host.sh does both)"
+            )
+        else:
+            hint = "check the URI (--kvm-uri, ini kvm_uri or LIBVIRT_DEFAULT_URI)"
+        return cls(f"cannot open libvirt connection {uri!r}: {hint}.\nlibvirt said: {detail}")
+
+
+class DomainNotFound(KvmSnapError):
+    def __init__(self, name: str, uri: str, existing: Iterable[str]) -> None:
+        names = ", ".join(sorted(existing)) or "none"
+        super().__init__(
+            f"no domain named {name!r} at {uri}. Domains there: {names}. "
+            f"Pass an existing name to @pytest.mark.kvm_snapshot(...) or --kvm-domain."
+        )
+
+
+class SnapshotNotFound(KvmSnapError):
+    def __init__(self, snapshot: str, domain: str, existing: Iterable[str]) -> None:
+        names = ", ".join(sorted(existing)) or "none"
+        super().__init__(
+            f"domain {domain!r} has no snapshot named {snapshot!r}. Its snapshots: {names}. "
+            f"Create it (virsh snapshot-create-as {domain} NAME) or fix snapshot=/--kvm-snapshot."
+        )
+
+
+class UnsupportedGuest(KvmSnapError):
+    """The guest cannot take or revert the internal snapshots the plugin relies on."""
+
+
+class RevertFailed(KvmSnapError):
+    """Going back to the baseline failed; the guest is not used again in this run."""
+
+
+class NoDomainConfigured(ConfigError):
+    def __init__(self, nodeid: str) -> None:
+        super().__init__(
+            f"{nodeid}: no guest to use. Name one in the marker "
+            f"(@pytest.mark.kvm_snapshot('my-guest')), or set --kvm-domain / ini kvm_domains."
+        )

@@ -1,0 +1,224 @@
+"""Build, define and remove pytest-kvmsnap's tiny real test guest.
+
+The guest is made from Debian packages only: the cloud kernel (``apt-get
+download`` + ``dpkg -x``) for ``vmlinuz`` and the virtio modules, a
+``busybox-static`` initramfs whose init drives the serial console, and an ext4
+data disk (``mkfs.ext4 -d``) converted to qcow2 so it can hold internal
+snapshots.  It boots in a few seconds under TCG.  Outputs are cached in
+``KVMSNAP_GUEST_DIR`` (default ``/var/lib/libvirt/images/kvmsnap``) and never
+belong in the repository; building again reuses what is there.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import libvirt
+
+DEFAULT_DIR = "/var/lib/libvirt/images/kvmsnap"
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+# virtio_ring must be loaded before virtio, virtio's PCI helpers before virtio_pci.
+MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
+           "virtio_pci", "virtio_blk"]
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+echo 1 > /proc/sys/kernel/printk
+for m in MODULES; do insmod /lib/modules/$m.ko; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done
+mount -o sync /dev/vda /data || echo "KVMSNAP-NO-DATA-DISK"
+exec 0</dev/ttyS0 1>/dev/ttyS0 2>&1
+stty raw -echo
+echo KVMSNAP-READY
+while IFS= read -r line; do
+  id=${line%% *}
+  out=$(echo "${line#* }" | base64 -d | sh 2>&1)
+  rc=$?
+  printf '@@B %s\n%s\n@@E %s %d\n' "$id" "$out" "$id" "$rc"
+done
+""".replace("MODULES", " ".join(MODULES))
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """The cached, shared parts of the test guest."""
+
+    directory: Path
+    kernel: Path
+    initrd: Path
+    disk_template: Path
+
+    def disk_for(self, name: str) -> Path:
+        return self.directory / f"{name}.qcow2"
+
+    def console_for(self, name: str) -> Path:
+        return self.directory / "sock" / f"{name}.sock"
+
+
+def guest_dir() -> Path:
+    return Path(os.environ.get("KVMSNAP_GUEST_DIR", DEFAULT_DIR))
+
+
+def build_image(directory: Path | None = None) -> GuestImage:
+    """Build (or reuse) the kernel, initramfs and data disk template."""
+    directory = directory or guest_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # QEMU runs as another user and must traverse it
+    _socket_dir(directory / "sock")
+    kernel = directory / "vmlinuz"
+    modules = directory / "modules"
+    if not kernel.exists() or not modules.is_dir():
+        _fetch_kernel(directory, kernel, modules)
+    initrd = directory / "initrd.cpio.gz"
+    if not initrd.exists():
+        _make_initrd(modules, initrd)
+    template = directory / "data-template.qcow2"
+    if not template.exists():
+        _make_data_disk(template)
+    return GuestImage(directory, kernel, initrd, template)
+
+
+def _run(*argv: str | Path, cwd: Path | None = None) -> None:
+    subprocess.run([str(a) for a in argv], check=True, cwd=cwd,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _socket_dir(path: Path) -> None:
+    # QEMU (not root under qemu:///system) creates the console socket itself.
+    path.mkdir(exist_ok=True)
+    try:
+        user = pwd.getpwnam("libvirt-qemu")
+        os.chown(path, user.pw_uid, user.pw_gid)
+        path.chmod(0o755)
+    except KeyError:
+        path.chmod(0o1777)
+
+
+def _fetch_kernel(directory: Path, kernel: Path, modules: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        work = Path(tmp)
+        work.chmod(0o777)  # apt's download user writes here
+        _run("apt-get", "download", KERNEL_PACKAGE, cwd=work)
+        meta = next(work.glob("*.deb"))
+        depends = subprocess.run(["dpkg-deb", "-f", str(meta), "Depends"], check=True,
+                                 capture_output=True, text=True).stdout
+        image_pkg = depends.split(",")[0].split()[0]
+        _run("apt-get", "download", image_pkg, cwd=work)
+        deb = next(p for p in work.glob("*.deb") if p.name.startswith(image_pkg + "_"))
+        _run("dpkg-deb", "-x", deb, work / "x")
+        modules.mkdir(exist_ok=True)
+        for name in MODULES:
+            found = glob.glob(str(work / "x" / "lib" / "modules" / "*" / "**" / f"{name}.ko*"),
+                              recursive=True)
+            _install_module(Path(found[0]), modules / f"{name}.ko")
+        vmlinuz = next((work / "x" / "boot").glob("vmlinuz-*"))
+        shutil.copyfile(vmlinuz, kernel.with_suffix(".tmp"))
+        kernel.with_suffix(".tmp").rename(kernel)
+
+
+def _install_module(source: Path, target: Path) -> None:
+    # Newer kernel packages compress modules; busybox insmod wants them plain.
+    if source.suffix == ".xz":
+        _run("sh", "-c", 'xz -dc "$0" > "$1"', source, target)
+    else:
+        shutil.copyfile(source, target)
+
+
+def _make_initrd(modules: Path, initrd: Path) -> None:
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for sub in ("bin", "proc", "sys", "dev", "tmp", "data", "lib/modules"):
+            (root / sub).mkdir(parents=True)
+        shutil.copy2(busybox, root / "bin" / "busybox")
+        shutil.copytree(modules, root / "lib" / "modules", dirs_exist_ok=True)
+        (root / "init").write_text(INIT)
+        (root / "init").chmod(0o755)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, check=True,
+                              input="\n".join(files).encode(), capture_output=True).stdout
+    partial = initrd.with_suffix(".tmp")
+    partial.write_bytes(gzip.compress(cpio))
+    partial.rename(initrd)
+
+
+def _make_data_disk(template: Path, size: str = "32M") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        content = Path(tmp) / "content"
+        content.mkdir()
+        (content / "hello.txt").write_text("pristine data disk\n")
+        raw = Path(tmp) / "data.raw"
+        _run("mkfs.ext4", "-q", "-F", "-L", "kvmsnap", "-d", content, raw, size)
+        partial = template.with_suffix(".tmp")
+        _run("qemu-img", "convert", "-O", "qcow2", raw, partial)
+        partial.rename(template)
+
+
+def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type: str = "qemu") -> str:
+    """The libvirt XML of a test guest; every name goes in as data, escaped."""
+    dom = ET.Element("domain", type=domain_type)
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_, "kernel").text = str(image.kernel)
+    ET.SubElement(os_, "initrd").text = str(image.initrd)
+    ET.SubElement(os_, "cmdline").text = "console=ttyS0 quiet panic=-1"
+    ET.SubElement(dom, "on_reboot").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+    ET.SubElement(disk, "source", file=str(image.disk_for(name)))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    serial = ET.SubElement(devices, "serial", type="unix")
+    ET.SubElement(serial, "source", mode="bind", path=str(image.console_for(name)))
+    ET.SubElement(serial, "target", port="0")
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def define_guest(conn: libvirt.virConnect, name: str, image: GuestImage, memory_mib: int = 256,
+                 start: bool = True) -> libvirt.virDomain:
+    """(Re)define guest ``name`` with a fresh data disk and, by default, start it."""
+    remove_guest(conn, name, image)
+    shutil.copyfile(image.disk_template, image.disk_for(name))
+    dom = conn.defineXML(domain_xml(name, image, memory_mib))
+    if start:
+        dom.create()
+    return dom
+
+
+def remove_guest(conn: libvirt.virConnect, name: str, image: GuestImage | None = None) -> None:
+    """Destroy and undefine ``name`` with all its snapshots' metadata; drop its disk."""
+    import libvirt
+
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        dom = None
+    if dom is not None:
+        if dom.isActive():
+            dom.destroy()
+        for snap in dom.listAllSnapshots():
+            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        dom.undefine()
+    if image is not None:
+        image.disk_for(name).unlink(missing_ok=True)
