@@ -15,7 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
@@ -48,7 +48,7 @@ def lib() -> ModuleType:
             "(it builds against libvirt-dev and pkg-config)"
         ) from exc
     libvirt.registerErrorHandler(_ignore_error, None)
-    return libvirt
+    return cast(ModuleType, libvirt)
 
 
 def _ignore_error(_ctx: object, _err: object) -> None:
@@ -162,7 +162,8 @@ def preflight(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
 def _check_disk(domain: str, disk: ET.Element) -> None:
     if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
         return
-    fmt = (disk.find("driver").get("type") if disk.find("driver") is not None else None) or "raw"
+    driver = disk.find("driver")
+    fmt = (driver.get("type") if driver is not None else None) or "raw"
     if fmt != "qcow2":
         target = disk.find("target")
         dev = target.get("dev") if target is not None else "?"

@@ -9,11 +9,12 @@ the state it was found in and deletes the run's own snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
@@ -24,6 +25,7 @@ from pytest_kvmsnap.markers import Spec
 if TYPE_CHECKING:
     import libvirt
 
+T = TypeVar("T")
 # (kind, domain, snapshot, seconds, method, reason): how the plugin's hooks are fed.
 Listener = Callable[[str, str, str, float, str, str], None]
 
@@ -50,21 +52,33 @@ class GuestManager:
 
     def guest(self, name: str) -> Guest:
         """The guest ``name``, baselined on first use; errors are remembered."""
+        state = self._states.get(name) or self._check(name, lambda: self._first_use(name))
+        return Guest(state, self.connection(state.uri), self._domains[name], self._manual_revert)
+
+    def _check(self, name: str, step: Callable[[], T]) -> T:
+        """Run a first-use step; a guest that failed one fails every later test fast."""
         if name in self._failures:
             raise self._failures[name]
         try:
-            state = self._states.get(name) or self._first_use(name)
+            return step()
         except KvmSnapError as exc:
             self._failures[name] = exc
             raise
-        return Guest(state, self.connection(state.uri), self._domains[name], self._manual_revert)
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        """Look the domain up and preflight it once; before any snapshot is taken."""
+        if name not in self._domains:
+            conn = self.connection()
+            dom = backend.lookup_domain(conn, name)
+            backend.preflight(conn, dom)
+            if self.settings.snapshot:
+                backend.lookup_snapshot(dom, self.settings.snapshot)
+            self._domains[name] = dom
+        return self._domains[name]
 
     def _first_use(self, name: str) -> GuestState:
         conn = self.connection()
-        dom = backend.lookup_domain(conn, name)
-        backend.preflight(conn, dom)
-        if self.settings.snapshot:
-            backend.lookup_snapshot(dom, self.settings.snapshot)
+        dom = self._domain(name)
         identity = backend.process_identity(dom)
         start = time.perf_counter()
         snap = backend.create_baseline(dom, self.snapshot_name, self.owner)
@@ -72,7 +86,6 @@ class GuestManager:
                            baseline_seconds=time.perf_counter() - start, at=snap.getName())
         if identity is not None and backend.snapshot_state(snap) == "running":
             state.inplace_ok[snap.getName()] = identity
-        self._domains[name] = dom
         self._states[name] = state
         if self.listener:
             self.listener("baseline", name, state.run_baseline, state.baseline_seconds, "", "")
@@ -86,6 +99,10 @@ class GuestManager:
     def start_test(self, spec: Spec, unit: str) -> None:
         """Before a test's fixtures: begin its unit on each guest, revert if due."""
         for name in spec.domains:
+            if spec.snapshot and name not in self._states:
+                # Before the baseline is taken, so the error lists only the user's snapshots.
+                dom = self._check(name, lambda: self._domain(name))  # noqa: B023
+                backend.lookup_snapshot(dom, spec.snapshot)
             self.guest(name)
             state = self._states[name]
             if state.broken:
@@ -205,10 +222,8 @@ class GuestManager:
             except Exception as exc:  # keep going: every other guest must be restored too
                 problems.append(f"{state.name}: {exc}")
         for conn in self._connections.values():
-            try:
+            with contextlib.suppress(Exception):  # the daemon may be gone; nothing to release
                 conn.close()
-            except Exception:  # the daemon may be gone; nothing left to release
-                pass
         self._connections.clear()
         return problems
 

@@ -12,8 +12,9 @@ from pytest_kvmsnap.exceptions import ConfigError, NoDomainConfigured
 
 MARKER = "kvm_snapshot"
 FIXTURES = ("kvm_guest", "kvm_guests")
+SIGNATURE = f"{MARKER}(*domains, revert=None, scope=None, snapshot=None)"
 MARKER_HELP = (
-    f"{MARKER}(*domains, revert=None, scope=None, snapshot=None): give the test clean "
+    f"{SIGNATURE}: give the test clean "
     f"libvirt guests. revert: {'/'.join(REVERT_MODES)}; scope: {'/'.join(SCOPES)}; "
     "snapshot: an existing snapshot to start from."
 )
@@ -64,7 +65,9 @@ def marker_args(item: pytest.Item) -> MarkerArgs | None:
     try:
         return kvm_snapshot(*marker.args, **marker.kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{item.nodeid}: invalid @pytest.mark.{MARKER}: {exc}") from None
+        raise ConfigError(
+            f"{item.nodeid}: invalid @pytest.mark.{MARKER}: {exc} (usage: {SIGNATURE})"
+        ) from None
 
 
 def spec_for(item: pytest.Item, settings: Settings) -> Spec | None:
@@ -91,19 +94,18 @@ def unit_key(item: pytest.Item, scope: str) -> str:
     Like pytest's class-scoped fixtures, ``class`` scope outside a class is the
     function itself; ``package`` outside a package is the test's directory.
     """
-    node: pytest.Item | pytest.Collector | None = item
+    node: pytest.Item | pytest.Collector | None = None
     if scope == "class":
-        node = item.getparent(pytest.Class) or item
+        node = item.getparent(pytest.Class)
     elif scope == "module":
-        node = item.getparent(pytest.Module) or item
+        node = item.getparent(pytest.Module)
     elif scope == "package":
         node = item.getparent(pytest.Package)
         if node is None:
             return f"dir:{item.path.parent}"
     elif scope == "session":
         return "session"
-    assert node is not None
-    return f"{scope}:{node.nodeid}"
+    return f"{scope}:{node.nodeid}" if node is not None else f"function:{item.nodeid}"
 
 
 def replace(spec: Spec, **changes: object) -> Spec:

@@ -13,7 +13,7 @@ from pytest_kvmsnap.markers import Spec
 SETTINGS_KEY = pytest.StashKey[Settings]()
 MANAGER_KEY = pytest.StashKey[GuestManager]()
 PROBLEMS_KEY = pytest.StashKey[list[str]]()
-SPEC_KEY = pytest.StashKey["Spec | None"]()
+SPEC_KEY = pytest.StashKey[Spec | None]()
 
 
 def run_id(config: pytest.Config) -> str:

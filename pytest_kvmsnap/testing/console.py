@@ -91,7 +91,7 @@ class Console:
             sock.settimeout(remaining)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 raise ConsoleError(f"console closed; got {data[-200:]!r}")

@@ -1,0 +1,68 @@
+"""Settings: names, precedence (marker > CLI > ini > env > default) and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_kvmsnap.config import DEFAULT_URI, Settings, resolve
+
+
+def settings(pytester: pytest.Pytester, *args: str, ini: str = "", env: dict[str, str] | None = None) -> Settings:
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    return resolve(pytester.parseconfig(*args), env=env or {})
+
+
+def test_defaults(pytester: pytest.Pytester) -> None:
+    assert settings(pytester) == Settings(uri=DEFAULT_URI)
+
+
+def test_env_uri_used_when_nothing_else(pytester: pytest.Pytester) -> None:
+    assert settings(pytester, env={"LIBVIRT_DEFAULT_URI": "test:///default"}).uri == "test:///default"
+
+
+def test_ini_beats_env_and_cli_beats_ini(pytester: pytest.Pytester) -> None:
+    env = {"LIBVIRT_DEFAULT_URI": "qemu:///session"}
+    ini = "kvm_uri = test:///default\nkvm_revert = before\nkvm_domains =\n    web\n    db"
+    got = settings(pytester, ini=ini, env=env)
+    assert (got.uri, got.revert, got.domains) == ("test:///default", "before", ("web", "db"))
+    got = settings(pytester, "--kvm-uri=qemu:///system", "--kvm-revert=never",
+                   "--kvm-domain=a", "--kvm-domain=b", ini=ini, env=env)
+    assert (got.uri, got.revert, got.domains) == ("qemu:///system", "never", ("a", "b"))
+
+
+def test_flag_and_scope(pytester: pytest.Pytester) -> None:
+    got = settings(pytester, "--kvm-keep-snapshot", "--kvm-scope=module", "--kvm-snapshot=clean")
+    assert (got.keep_snapshot, got.scope, got.snapshot) == (True, "module", "clean")
+
+
+def test_bad_ini_value_is_one_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nkvm_revert = sometimes\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*kvm_revert = 'sometimes' is not one of after, before, both, on-failure, never*"])
+
+
+def test_bad_cli_value_lists_choices(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--kvm-scope=galaxy")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invalid choice: 'galaxy'*function*class*module*package*session*"])
+
+
+def test_help_works_without_libvirt(pytester: pytest.Pytester) -> None:
+    # A libvirt that cannot be imported, first on the path: --help must not care.
+    pytester.makepyfile(libvirt="raise ImportError('no libvirt on this machine')")
+    pytester.syspathinsert()
+    result = pytester.runpytest_subprocess("--help")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*--kvm-revert=REVERT*"])
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("-p", "no:kvmsnap", "--help")
+    assert "--kvm-revert" not in result.stdout.str()
+
+
+def test_marker_is_registered_with_signature(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["*kvm_snapshot(*domains, revert=None, scope=None, snapshot=None)*"])

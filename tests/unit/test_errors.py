@@ -1,0 +1,77 @@
+"""Bad input: one clear message that says what to do, and nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TestDriver
+
+
+def run_one(pytester: pytest.Pytester, marker: str, *args: str) -> pytest.RunResult:
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({marker})
+        def test_one(kvm_guest):
+            pass
+    """)
+    return pytester.runpytest("--kvm-uri=test:///default", *args)
+
+
+def test_unknown_domain_lists_domains(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define()
+    result = run_one(pytester, "'nope'")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*no domain named 'nope' at test:///default. Domains there: *{name}*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_unknown_snapshot_lists_snapshots(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define()
+    testdriver.conn.lookupByName(name).snapshotCreateXML("<domainsnapshot><name>mine</name></domainsnapshot>")
+    result = run_one(pytester, f"'{name}', snapshot='missing'")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{name}* has no snapshot named 'missing'. Its snapshots: mine*"])
+    assert testdriver.snapshots(name) == ["mine"]
+
+
+def test_raw_disk_is_refused_before_any_snapshot(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define(disk_format="raw")
+    result = run_one(pytester, f"'{name}'")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*disk vda is raw, and internal snapshots need qcow2. Convert it*"])
+    assert testdriver.snapshots(name) == []
+
+
+def test_pflash_guest_is_refused_on_old_libvirt(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define(pflash=True)
+    result = run_one(pytester, f"'{name}'")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*boots UEFI from pflash*"])
+
+
+@pytest.mark.parametrize("uri", ["qemu+unix:///system?socket=/nonexistent/libvirt-sock"])
+def test_unreachable_uri_says_daemon_down(pytester: pytest.Pytester, uri: str) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.kvm_snapshot("g")
+        def test_one(): pass
+        @pytest.mark.kvm_snapshot("g")
+        def test_two(): pass
+    """)
+    result = pytester.runpytest(f"--kvm-uri={uri}")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*cannot open libvirt connection*libvirtd does not seem to be running*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("name", ["we<ird & 'name'", "semi;colon $(rm -rf x) ünïcode"])
+def test_special_names_are_data(pytester: pytest.Pytester, testdriver: TestDriver, name: str) -> None:
+    testdriver.define(name)
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({name!r})
+        def test_one(kvm_guest):
+            assert kvm_guest.name == {name!r}
+    """)
+    pytester.runpytest("--kvm-uri=test:///default").assert_outcomes(passed=1)
+    assert testdriver.snapshots(name) == []
