@@ -182,6 +182,7 @@ class GuestManager:
     def _choose_method(self, state: GuestState, dom: libvirt.virDomain,
                        snap: libvirt.virDomainSnapshot) -> str:
         if self.settings.revert_method == "libvirt":
+            state.method_notes.setdefault(snap.getName(), "libvirt (chosen by kvm_revert_method)")
             return "libvirt"
         why = backend.inplace_possible(self.connection(state.uri), snap.getName())
         if why is None and backend.snapshot_state(snap) != "running":
