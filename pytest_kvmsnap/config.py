@@ -55,6 +55,10 @@ SETTINGS = (
     Setting("revert_method", "how to revert a running guest: inplace (QEMU loadvm in the running "
             "process, fast), libvirt (revertToSnapshot, restarts QEMU) or auto (inplace where safe). "
             "Default: auto.", default="auto", choices=REVERT_METHODS),
+    Setting("lock_timeout", "seconds to wait for a guest another run or worker holds; 0 = do not "
+            "wait. Default: 600.", default=600.0),
+    Setting("lock_dir", "directory for guest locks and run records; may be shared by several users "
+            "(default: $XDG_RUNTIME_DIR/pytest-kvmsnap, else /tmp/pytest-kvmsnap-<uid>)."),
     Setting("keep_snapshot", "keep the run's own baseline snapshot after the session.",
             default=False, flag=True, ini=False),
 )
@@ -71,6 +75,8 @@ class Settings:
     scope: str = "function"
     snapshot: str | None = None
     revert_method: str = "auto"
+    lock_timeout: float = 600.0
+    lock_dir: str | None = None
     keep_snapshot: bool = False
 
 
@@ -96,7 +102,20 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     for name, value in list(values.items()):
         if value is None:
             values[name] = BY_NAME[name].default
+    values["lock_timeout"] = _seconds(values["lock_timeout"])
     return validate(Settings(**values), source="ini file")
+
+
+def _seconds(value: object) -> float:
+    from pytest_kvmsnap.exceptions import ConfigError
+
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        raise ConfigError(f"kvm_lock_timeout = {value!r} is not a number of seconds") from None
+    if seconds < 0:
+        raise ConfigError(f"kvm_lock_timeout = {value!r} must be 0 or more")
+    return seconds
 
 
 def _value(config: pytest.Config, s: Setting) -> Any:

@@ -4,53 +4,52 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pytest_kvmsnap.locking import GuestLock, RunRecord
 
 if TYPE_CHECKING:
     import libvirt
 
 
-@dataclass(frozen=True)
-class RevertEvent:
-    seconds: float
-    method: str
-    target: str
-    reason: str
-
-
 @dataclass
 class GuestState:
-    """What the plugin knows about one guest during a run (not public)."""
+    """What one process knows about one guest (not public).
+
+    ``record`` is the run record shared with the run's other processes; it is
+    current while this process holds ``lock``.  The unit fields are this
+    process's own: units never span processes.
+    """
 
     name: str
     uri: str
-    run_baseline: str
-    baseline_seconds: float = 0.0
-    # The snapshot the guest is known to be exactly at, or None once a test used it.
-    at: str | None = None
+    lock: GuestLock
+    record: RunRecord
     unit: str | None = None
     unit_baseline: str | None = None
     unit_revert: str = "after"
     unit_failed: bool = False
     broken: str | None = None
-    # Snapshot name -> QEMU process identity that may ``loadvm`` it in place.
-    inplace_ok: dict[str, tuple[int, str]] = field(default_factory=dict)
-    method_notes: dict[str, str] = field(default_factory=dict)
-    reverts: list[RevertEvent] = field(default_factory=list)
+    holder_died: bool = False
 
     @property
-    def revert_seconds(self) -> list[float]:
-        return [e.seconds for e in self.reverts]
+    def at(self) -> str | None:
+        """The snapshot the guest is known to be exactly at; None once a test used it."""
+        return self.record.at
 
-    def summary(self) -> str:
-        times = self.revert_seconds
-        median = statistics.median(times) if times else 0.0
-        line = (f"{self.name}: baseline {self.run_baseline} taken in {self.baseline_seconds:.2f} s, "
-                f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")
-        if self.broken:
-            line += f"; UNUSABLE: {self.broken}"
-        return line
+    @at.setter
+    def at(self, value: str | None) -> None:
+        self.record.at = value
+        if self.lock.held:
+            self.lock.write(self.record)
+
+
+def summary(record: RunRecord) -> str:
+    times = [float(str(r[0])) for r in record.reverts]
+    median = statistics.median(times) if times else 0.0
+    return (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
+            f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")
 
 
 class Guest:
@@ -77,7 +76,7 @@ class Guest:
 
     @property
     def baseline(self) -> str:
-        return self._state.unit_baseline or self._state.run_baseline
+        return self._state.unit_baseline or self._state.record.baseline
 
     @property
     def is_dirty(self) -> bool:

@@ -7,6 +7,7 @@ of them has torn down, and so that the marker alone is enough.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Generator
 
@@ -16,8 +17,21 @@ from pytest_kvmsnap import hookspecs
 from pytest_kvmsnap.config import add_options, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
+from pytest_kvmsnap.guest import summary
+from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.markers import MARKER_HELP, Spec, spec_for, unit_key
-from pytest_kvmsnap.state import MANAGER_KEY, PROBLEMS_KEY, SETTINGS_KEY, SPEC_KEY, manager_for
+from pytest_kvmsnap.state import (
+    MANAGER_KEY,
+    PROBLEMS_KEY,
+    SETTINGS_KEY,
+    SPEC_KEY,
+    WORKER_OWNER,
+    WORKER_RUN,
+    is_worker,
+    lock_dir,
+    manager_for,
+    run_id,
+)
 
 __all__ = ["kvm_connection", "kvm_guest", "kvm_guests"]
 
@@ -49,6 +63,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             errors.append(str(exc))
     if errors:
         raise pytest.UsageError("kvmsnap: invalid kvm_snapshot usage:\n  " + "\n  ".join(errors))
+    _check_distribution(config, items)
+
+
+# xdist modes that keep every test of one module (and class) on one worker.
+_KEEPS_MODULES = ("loadscope", "loadfile", "loadgroup", "no")
+
+
+def _check_distribution(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Units larger than one test must run on one worker: group them, or refuse."""
+    dist = config.getoption("dist", "no") if is_worker(config) else "no"
+    for item in items:
+        spec = item.stash.get(SPEC_KEY, None)
+        if spec is None or spec.scope == "function":
+            continue
+        # Under --dist loadgroup this puts a whole unit on one worker.
+        item.add_marker(pytest.mark.xdist_group(name=f"kvmsnap-{unit_key(item, spec.scope)}"))
+        if dist == "loadgroup" or (dist in _KEEPS_MODULES and spec.scope in ("class", "module")):
+            continue
+        raise pytest.UsageError(
+            f"kvmsnap: {item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
+            f"worker, but --dist {dist} spreads them. Use --dist loadgroup (pytest-kvmsnap groups "
+            "each unit), or --dist loadscope for class and module scopes."
+        )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """xdist controller: give every worker this run's id and the owner's pid."""
+    workerinput = node.workerinput  # type: ignore[attr-defined]
+    workerinput[WORKER_RUN] = run_id(node.config)  # type: ignore[attr-defined]
+    workerinput[WORKER_OWNER] = os.getpid()
 
 
 def _spec(item: pytest.Item) -> Spec | None:
@@ -61,7 +106,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if spec is None:
         return
     try:
-        manager_for(item.config).start_test(spec, unit_key(item, spec.scope))
+        manager_for(item.config).start_test(spec, unit_key(item, spec.scope), item.nodeid)
     except KvmSnapError as exc:
         pytest.fail(f"kvmsnap: {exc}", pytrace=False)
 
@@ -113,8 +158,15 @@ def _next_units(nextitem: pytest.Item | None) -> dict[str, str | None]:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Restore every guest the run touched; a failure here fails the run."""
-    manager = session.config.stash.get(MANAGER_KEY, None)
+    """Restore every guest the run touched; a failure here fails the run.
+
+    Under xdist the controller does it, after every worker is done, since only
+    then is the run's last user of each guest known.
+    """
+    config = session.config
+    manager = config.stash.get(MANAGER_KEY, None)
+    if manager is None and not is_worker(config) and _run_has_records(config):
+        manager = manager_for(config)
     if manager is None:
         return
     problems = manager.finish()
@@ -125,19 +177,30 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     manager = config.stash.get(MANAGER_KEY, None)
-    if manager is None:
+    if manager is None or is_worker(config):
         return
     tr = terminalreporter
     tr.section("kvmsnap")
     verbose = config.get_verbosity() > 0
-    for state in manager.states():
-        tr.write_line(state.summary())
-        for snapshot, note in sorted(state.method_notes.items()):
-            tr.write_line(f"  revert method for {snapshot}: {note}")
-        for event in state.reverts if verbose else ():
-            tr.write_line(f"  {event.seconds:7.3f} s  {event.method:16} -> {event.target}  ({event.reason})")
+    for note in manager.notes:
+        tr.write_line(note)
+    for record in manager.finished:
+        tr.write_line(summary(record))
+        for snapshot, how in sorted(record.notes.items()):
+            tr.write_line(f"  revert method for {snapshot}: {how}")
+        for seconds, method, target, reason in record.reverts if verbose else ():
+            tr.write_line(f"  {float(str(seconds)):7.3f} s  {method!s:16} -> {target}  ({reason})")
     for problem in config.stash.get(PROBLEMS_KEY, []):
         tr.write_line(f"kvmsnap: could not restore {problem}", red=True, bold=True)
-    all_times = [t for s in manager.states() for t in s.revert_seconds]
+    all_times = [float(str(r[0])) for record in manager.finished for r in record.reverts]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
+
+
+def _run_has_records(config: pytest.Config) -> bool:
+    try:
+        directory = lock_dir(config.stash[SETTINGS_KEY])
+    except KvmSnapError:
+        return False
+    own = run_id(config)
+    return any(r.run_id == own for r in GuestLock.records(directory))

@@ -2,35 +2,77 @@
 
 from __future__ import annotations
 
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.locking import default_lock_dir, prepare_lock_dir
 from pytest_kvmsnap.manager import GuestManager
 from pytest_kvmsnap.markers import Spec
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
+RUN_ID_KEY = pytest.StashKey[str]()
 MANAGER_KEY = pytest.StashKey[GuestManager]()
 PROBLEMS_KEY = pytest.StashKey[list[str]]()
 SPEC_KEY = pytest.StashKey[Spec | None]()
+# What xdist's controller tells its workers (through node.workerinput).
+WORKER_RUN = "kvmsnap_run"
+WORKER_OWNER = "kvmsnap_owner_pid"
+PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def run_id(config: pytest.Config) -> str:
-    """One id for the whole run: xdist's testrunuid on workers, else a new one."""
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput and workerinput.get("testrunuid"):
-        return str(workerinput["testrunuid"])[:12]
-    return uuid.uuid4().hex[:12]
+    """One id for the whole run: the controller's on xdist workers, else a new one."""
+    workerinput = getattr(config, "workerinput", {})
+    if WORKER_RUN in workerinput:
+        return str(workerinput[WORKER_RUN])
+    if RUN_ID_KEY not in config.stash:
+        config.stash[RUN_ID_KEY] = uuid.uuid4().hex[:12]
+    return config.stash[RUN_ID_KEY]
+
+
+def lock_dir(settings: Settings) -> Path:
+    if settings.lock_dir:
+        return prepare_lock_dir(Path(settings.lock_dir), shared=True)
+    return prepare_lock_dir(default_lock_dir(), shared=False)
 
 
 def manager_for(config: pytest.Config) -> GuestManager:
     """The run's manager, created on first need so unused runs touch no hypervisor."""
     if MANAGER_KEY not in config.stash:
-        manager = GuestManager(config.stash[SETTINGS_KEY], run_id(config))
+        settings = config.stash[SETTINGS_KEY]
+        workerinput = getattr(config, "workerinput", {})
+        manager = GuestManager(settings, run_id(config), lock_dir(settings),
+                               owner_pid=workerinput.get(WORKER_OWNER), finisher=not is_worker(config),
+                               progress=_progress(config))
         manager.listener = _hook_caller(config)
         config.stash[MANAGER_KEY] = manager
     return config.stash[MANAGER_KEY]
+
+
+def _progress(config: pytest.Config):  # type: ignore[no-untyped-def]
+    """Progress lines on long waits: to the terminal, at most every few seconds."""
+    last = [0.0]
+
+    def write(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY and "waiting" in message:
+            return
+        last[0] = now
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and not is_worker(config):
+            reporter.write_line(message, yellow=True)
+        else:
+            print(message, file=sys.stderr, flush=True)
+    return write
 
 
 def _hook_caller(config: pytest.Config):  # type: ignore[no-untyped-def]
@@ -42,3 +84,4 @@ def _hook_caller(config: pytest.Config):  # type: ignore[no-untyped-def]
             config.hook.pytest_kvmsnap_reverted(config=config, domain=domain, snapshot=snapshot,
                                                 seconds=seconds, method=method, reason=reason)
     return call
+

@@ -1,0 +1,168 @@
+"""Who may use a guest now: file locks and the run record beside them.
+
+Per guest (URI + domain) the lock directory holds:
+
+* ``<key>.lock`` -- a ``filelock.FileLock`` (flock).  A process holds it for a
+  whole unit, so one worker of one run uses the guest at a time.  The kernel
+  drops it when the holder dies, so a crashed worker never leaves it held.
+* ``<key>.json`` -- the run record, read and written only under the lock: which
+  run owns the guest (its id, owner pid, host, start), the baseline snapshot,
+  which snapshot the guest is exactly at (``null`` = dirty), who holds the lock
+  and on which test.  Workers of one run share the baseline and the dirty state
+  through it; another run waits until the owner's record is gone (the *lease*),
+  or takes over when the owner is dead (orphan).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
+
+
+class LeaseTimeout(KvmSnapError):
+    """Another run kept the guest longer than ``kvm_lock_timeout``."""
+
+
+@dataclass
+class RunRecord:
+    uri: str
+    domain: str
+    run_id: str
+    owner_pid: int
+    host: str
+    started: float
+    baseline: str
+    at: str | None
+    baseline_seconds: float = 0.0
+    holder: str = ""
+    since: float = 0.0
+    # snapshot -> [libvirt domain id, device hash] of the QEMU that may loadvm it
+    inplace_ok: dict[str, list[object]] = field(default_factory=dict)
+    # [seconds, method, target, reason] of every revert in this run, all workers
+    reverts: list[list[object]] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        age = time.time() - self.since if self.since else 0.0
+        return (f"run {self.run_id} (pid {self.owner_pid} on {self.host}), "
+                f"current test {self.holder or '-'} for {age:.0f} s")
+
+    def owner_alive(self) -> bool:
+        return self.host != socket.gethostname() or pid_alive(self.owner_pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def default_lock_dir() -> Path:
+    """Per user, never world-writable: $XDG_RUNTIME_DIR, else /tmp/pytest-kvmsnap-<uid>."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "pytest-kvmsnap"
+    return Path(tempfile.gettempdir()) / f"pytest-kvmsnap-{os.getuid()}"
+
+
+def prepare_lock_dir(path: Path, shared: bool) -> Path:
+    """Create the directory, refusing symlinks and (unless shared) others' directories."""
+    if path.is_symlink():
+        raise ConfigError(f"lock directory {path} is a symlink; point kvm_lock_dir at a real directory")
+    try:
+        path.mkdir(mode=0o2770 if shared else 0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create lock directory {path}: {exc}; set --kvm-lock-dir") from None
+    info = path.lstat()
+    if not shared and (info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise ConfigError(
+            f"lock directory {path} is writable by others or not yours; "
+            "use a private directory, or a shared one given with --kvm-lock-dir"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"lock directory {path} is not writable; set --kvm-lock-dir")
+    return path
+
+
+def lock_key(uri: str, domain: str) -> str:
+    """A filesystem-safe, collision-free name for (URI, domain)."""
+    digest = hashlib.sha256(f"{uri}\0{domain}".encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", domain)[:40]
+    return f"{readable}-{digest}"
+
+
+class GuestLock:
+    def __init__(self, directory: Path, uri: str, domain: str) -> None:
+        key = lock_key(uri, domain)
+        self.record_path = directory / f"{key}.json"
+        self._lock = FileLock(str(directory / f"{key}.lock"))
+
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
+
+    def acquire(self, timeout: float, progress: Callable[[str], None]) -> None:
+        """Take the lock, reporting who holds it every few seconds while waiting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._lock.acquire(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+                return
+            except Timeout:
+                holder = self._peek()
+                if time.monotonic() >= deadline:
+                    raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; "
+                                       f"held by {holder}") from None
+                progress(f"waiting for the guest lock held by {holder}")
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release(force=True)
+
+    def read(self) -> RunRecord | None:
+        try:
+            return RunRecord(**json.loads(self.record_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            return None  # a torn or foreign file: treat the guest as unowned
+
+    def write(self, record: RunRecord) -> None:
+        assert self.held, "the run record is only written under the lock"
+        tmp = self.record_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(self.record_path)  # atomic: readers never see half a record
+
+    def remove(self) -> None:
+        self.record_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def records(directory: Path) -> list[RunRecord]:
+        found = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                found.append(RunRecord(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return found
+
+    def _peek(self) -> str:
+        record = self.read()
+        return record.describe() if record else "another process (no record yet)"
