@@ -15,7 +15,7 @@ N = int(os.environ.get("KVMSNAP_BENCH_TESTS", "10"))
 EXPECT_CLEAN = os.environ.get("KVMSNAP_BENCH_EXPECT_CLEAN", "1") == "1"
 
 
-@pytest.mark.kvm_snapshot()
+@pytest.mark.kvm_snapshot
 @pytest.mark.parametrize("i", range(N))
 def test_dirty(i, kvm_guest):
     sh = Console(str(guest_dir() / "sock" / f"{kvm_guest.name}.sock"))

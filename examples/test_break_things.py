@@ -3,7 +3,7 @@
 import pytest
 
 # Every test in this module gets the guest as it was when the session started.
-pytestmark = pytest.mark.kvm_snapshot()
+pytestmark = pytest.mark.kvm_snapshot
 
 
 def test_install_a_package(sh):

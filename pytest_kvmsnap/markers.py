@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -107,6 +106,3 @@ def unit_key(item: pytest.Item, scope: str) -> str:
         return "session"
     return f"{scope}:{node.nodeid}" if node is not None else f"function:{item.nodeid}"
 
-
-def replace(spec: Spec, **changes: object) -> Spec:
-    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -55,7 +57,25 @@ def manager_for(config: pytest.Config) -> GuestManager:
                                progress=_progress(config))
         manager.listener = _hook_caller(config)
         config.stash[MANAGER_KEY] = manager
+        _terminate_like_ctrl_c()
     return config.stash[MANAGER_KEY]
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM (CI cancelling a job, ``kill``) ends the session like Ctrl-C does.
+
+    pytest then runs its normal session end, and the guests are restored and the
+    run's snapshot deleted.  Installed only by runs that use a guest, and only
+    where nothing else claimed SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress(config: pytest.Config):  # type: ignore[no-untyped-def]

@@ -1,0 +1,186 @@
+"""Parallel and killed runs on a real guest: xdist workers, concurrent runs, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests.conftest import RECORDER
+from tests.integration.conftest import URI, RealGuest, run_inner
+from tests.integration.test_semantics import CLEAN, assert_as_found
+
+EXCLUSIVE = """
+    import os, time, pytest
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range({n}))
+    def test_exclusive(i, sh):
+        assert sh.run("{clean}").status == 0, "guest not clean at test start"
+        me = f"{{os.getpid()}}-{{i}}"
+        sh.check(f"echo {{me}} > /tmp/marker; echo {{me}} > /data/marker")
+        time.sleep({pause})  # another worker would overwrite the marker now, without the lock
+        assert sh.check("cat /tmp/marker /data/marker") == f"{{me}}\\n{{me}}"
+"""
+
+
+def exclusive_tests(name: str, n: int = 4, pause: float = 0.5) -> str:
+    return EXCLUSIVE.format(name=name, n=n, clean=CLEAN, pause=pause)
+
+
+def log_entries(path) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_xdist_workers_take_turns_and_share_one_baseline(inner, guest_a: RealGuest, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    log = inner.path / "events.jsonl"
+    monkeypatch.setenv("KVMSNAP_REVERT_LOG", str(log))
+    inner.makepyfile(conftest_recorder=RECORDER)
+    inner.makepyfile(exclusive_tests(guest_a.name))
+    result = run_inner(inner, "-n", "2", "-p", "conftest_recorder")
+    result.assert_outcomes(passed=4)
+    baselines = [e for e in log_entries(log) if "baseline" in e]
+    assert len(baselines) == 1, baselines  # one baseline for the run, whatever the workers
+    result.stdout.fnmatch_lines([f"{guest_a.name}: baseline kvmsnap-* 4 revert(s)*"])
+    assert_as_found(guest_a)
+
+
+def test_second_run_waits_for_the_first(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile(exclusive_tests(guest_a.name, n=3, pause=1.0))
+    args = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q"]
+    first = inner.popen(args, stdout=open(inner.path / "first.out", "w"), stderr=-2)  # noqa: SIM115
+    time.sleep(1.5)  # let the first run take the guest
+    second = inner.popen(args, stdout=open(inner.path / "second.out", "w"), stderr=-2)  # noqa: SIM115
+    assert first.wait(120) == 0, (inner.path / "first.out").read_text()
+    assert second.wait(120) == 0, (inner.path / "second.out").read_text()
+    out = (inner.path / "second.out").read_text()
+    assert f"guest '{guest_a.name}' is in use by run" in out
+    assert_as_found(guest_a)
+
+
+def test_lock_timeout_zero_fails_fast_naming_the_holder(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile(exclusive_tests(guest_a.name, n=2, pause=3.0))
+    args = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q"]
+    first = inner.popen(args, stdout=open(inner.path / "first.out", "w"), stderr=-2)  # noqa: SIM115
+    time.sleep(2)
+    result = run_inner(inner, "--kvm-lock-timeout=0")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*still in use after 0 s by run * (pid *), current test *test_exclusive*"])
+    assert first.wait(120) == 0
+    assert_as_found(guest_a)
+
+
+def test_killed_run_is_repaired_by_the_next(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile(test_killed=f"""
+        import time, pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        def test_dies_mid_test(sh):
+            sh.check("echo damage > /data/marker; echo damage > /tmp/marker")
+            open("dirty-now", "w").close()
+            time.sleep(600)
+    """)
+    args = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q"]
+    victim = inner.popen(args, stdout=open(inner.path / "victim.out", "w"), stderr=-2)  # noqa: SIM115
+    deadline = time.monotonic() + 60
+    while not (inner.path / "dirty-now").exists():
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.1)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert [s for s in guest_a.snapshots() if s.startswith("kvmsnap-")], "the killed run left no trace?"
+    assert guest_a.console.check("cat /data/marker") == "damage"
+    # The next run finds the orphan, puts the guest back, and goes on.
+    (inner.path / "test_killed.py").unlink()
+    inner.makepyfile(test_next=f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        def test_clean(sh):
+            assert sh.run("{CLEAN}").status == 0
+    """)
+    result = run_inner(inner)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: restored to kvmsnap-* left by dead run * "
+                                 "and deleted 1 orphan snapshot(s)"])
+    assert_as_found(guest_a)
+
+
+def test_crashed_xdist_worker_leaves_no_dirty_guest(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile(f"""
+        import os, pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        def test_a_crashes(sh):
+            sh.check("echo crash > /data/marker; echo crash > /tmp/marker")
+            os._exit(1)
+
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        @pytest.mark.parametrize("i", range(3))
+        def test_b_clean(i, sh):
+            assert sh.run("{CLEAN}").status == 0
+    """)
+    result = run_inner(inner, "-n", "2")
+    result.assert_outcomes(passed=3, failed=1)
+    assert_as_found(guest_a)
+
+
+def test_unit_scopes_need_grouped_distribution(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}", scope="module")
+        @pytest.mark.parametrize("i", range(4))
+        def test_m(i, sh):
+            if i:
+                assert sh.check("cat /tmp/marker") == "m"
+            sh.check("echo m > /tmp/marker")
+    """)
+    refused = run_inner(inner, "-n", "2", "--dist", "load")
+    assert refused.ret != 0
+    refused.stdout.fnmatch_lines(["*scope='module'*--dist load spreads them. Use --dist loadgroup*"])
+    run_inner(inner, "-n", "2", "--dist", "loadgroup").assert_outcomes(passed=4)
+    assert_as_found(guest_a)
+
+
+@pytest.mark.parametrize("bad", ["symlink", "others"])
+def test_unsafe_lock_dir_is_refused(inner, guest_a: RealGuest, tmp_path, bad: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "real"
+    target.mkdir(mode=0o777)
+    target.chmod(0o777)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    if bad == "symlink":
+        (runtime / "pytest-kvmsnap").symlink_to(target)
+    else:
+        (runtime / "pytest-kvmsnap").mkdir()
+        (runtime / "pytest-kvmsnap").chmod(0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    inner.makepyfile(exclusive_tests(guest_a.name, n=1, pause=0))
+    result = run_inner(inner)
+    result.assert_outcomes(errors=1)
+    expected = "is a symlink" if bad == "symlink" else "is writable by others or not yours"
+    result.stdout.fnmatch_lines([f"*lock directory * {expected}*"])
+    assert_as_found(guest_a)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_restores_the_guest(inner, guest_a: RealGuest, sig: int) -> None:
+    inner.makepyfile(f"""
+        import time, pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        def test_interrupted(sh):
+            sh.check("echo damage > /data/marker; echo damage > /tmp/marker")
+            open("dirty-now", "w").close()
+            time.sleep(600)
+    """)
+    args = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q"]
+    run = inner.popen(args, stdout=open(inner.path / "run.out", "w"), stderr=-2)  # noqa: SIM115
+    deadline = time.monotonic() + 60
+    while not (inner.path / "dirty-now").exists():
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.1)
+    os.kill(run.pid, sig)
+    assert run.wait(60) != 0
+    out = (inner.path / "run.out").read_text()
+    assert "= kvmsnap =" in out, out
+    assert_as_found(guest_a)
