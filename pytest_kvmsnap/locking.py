@@ -111,6 +111,7 @@ def lock_key(uri: str, domain: str) -> str:
 class GuestLock:
     def __init__(self, directory: Path, uri: str, domain: str) -> None:
         key = lock_key(uri, domain)
+        self.domain = domain
         self.record_path = directory / f"{key}.json"
         self._lock = FileLock(str(directory / f"{key}.lock"))
 
@@ -121,16 +122,18 @@ class GuestLock:
     def acquire(self, timeout: float, progress: Callable[[str], None]) -> None:
         """Take the lock, reporting who holds it every few seconds while waiting."""
         deadline = time.monotonic() + timeout
+        wait = 0.0  # first try without blocking, so a wait is reported at once
         while True:
             try:
-                self._lock.acquire(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+                self._lock.acquire(timeout=min(wait, max(0.0, deadline - time.monotonic())))
                 return
             except Timeout:
                 holder = self._peek()
                 if time.monotonic() >= deadline:
                     raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; "
                                        f"held by {holder}") from None
-                progress(f"waiting for the guest lock held by {holder}")
+                progress(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting")
+                wait = 5.0
 
     def release(self) -> None:
         if self._lock.is_locked:

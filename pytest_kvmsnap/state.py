@@ -88,10 +88,19 @@ def _progress(config: pytest.Config):  # type: ignore[no-untyped-def]
             return
         last[0] = now
         reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and not is_worker(config):
-            reporter.write_line(message, yellow=True)
-        else:
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or is_worker(config):
             print(message, file=sys.stderr, flush=True)
+            return
+        # Waits happen during test setup, while pytest captures output: step
+        # out of the capture like pytest-timeout does, so the line is seen now.
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        try:
+            reporter.write_line(message, yellow=True)
+        finally:
+            if capman is not None:
+                capman.resume_global_capture()
     return write
 
 

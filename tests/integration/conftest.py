@@ -8,8 +8,11 @@ plugin in a subprocess against them and checks them from outside.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -122,6 +125,38 @@ def guest_b(_guests, libvirt_conn) -> RealGuest:  # type: ignore[no-untyped-def]
 def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(INNER_CONFTEST)
     return pytester
+
+
+@pytest.fixture
+def spawn(inner: pytest.Pytester) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """Start ``pytest`` in the background (output in <name>.out); killed at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q", *args]
+        with open(inner.path / f"{name}.out", "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=inner.path)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:  # a failed test must not leave a run holding the guest
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _deadline() -> Iterator[None]:
+    """No integration test may hang CI: fail it after 240 s."""
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError("integration test exceeded 240 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
