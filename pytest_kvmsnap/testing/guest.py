@@ -210,6 +210,7 @@ def remove_guest(conn: libvirt.virConnect, name: str, image: GuestImage | None =
     """Destroy and undefine ``name`` with all its snapshots' metadata; drop its disk."""
     import libvirt
 
+    libvirt.registerErrorHandler(lambda *_: None, None)  # "not found" is expected here
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
