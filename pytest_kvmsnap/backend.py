@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from types import ModuleType
@@ -247,9 +246,3 @@ def revert_inplace(dom: libvirt.virDomain, snapshot: str) -> None:
     state, _reason = dom.state()
     if state != libvirt.VIR_DOMAIN_RUNNING:
         raise RevertFailed(f"after in-place loadvm of {snapshot!r} the guest is not running (state {state})")
-
-
-def timed(fn: Any, *args: Any) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start

@@ -46,7 +46,7 @@ class GuestState:
 
 
 def summary(record: RunRecord) -> str:
-    times = [float(str(r[0])) for r in record.reverts]
+    times = record.revert_times()
     median = statistics.median(times) if times else 0.0
     return (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
             f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")

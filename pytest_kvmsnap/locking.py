@@ -51,9 +51,12 @@ class RunRecord:
     since: float = 0.0
     # snapshot -> [libvirt domain id, device hash] of the QEMU that may loadvm it
     inplace_ok: dict[str, list[object]] = field(default_factory=dict)
-    # [seconds, method, target, reason] of every revert in this run, all workers
-    reverts: list[list[object]] = field(default_factory=list)
+    # (seconds, method, target, reason) of every revert in this run, all workers
+    reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+
+    def revert_times(self) -> list[float]:
+        return [float(seconds) for seconds, *_ in self.reverts]
 
     def describe(self) -> str:
         age = time.time() - self.since if self.since else 0.0
@@ -140,12 +143,7 @@ class GuestLock:
             self._lock.release(force=True)
 
     def read(self) -> RunRecord | None:
-        try:
-            return RunRecord(**json.loads(self.record_path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError):
-            return None  # a torn or foreign file: treat the guest as unowned
+        return _load(self.record_path)
 
     def write(self, record: RunRecord) -> None:
         assert self.held, "the run record is only written under the lock"
@@ -158,14 +156,16 @@ class GuestLock:
 
     @staticmethod
     def records(directory: Path) -> list[RunRecord]:
-        found = []
-        for path in sorted(directory.glob("*.json")):
-            try:
-                found.append(RunRecord(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue
-        return found
+        return [r for r in map(_load, sorted(directory.glob("*.json"))) if r is not None]
 
     def _peek(self) -> str:
         record = self.read()
         return record.describe() if record else "another process (no record yet)"
+
+
+def _load(path: Path) -> RunRecord | None:
+    """The record at ``path``; None when missing, torn or foreign (the guest counts as unowned)."""
+    try:
+        return RunRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None

@@ -129,8 +129,6 @@ class GuestManager:
     def _take_baseline(self, state: GuestState) -> RunRecord:
         dom = self._domain(state.name)
         self._recover_orphans(state.name, dom)
-        if self.settings.snapshot:
-            backend.lookup_snapshot(dom, self.settings.snapshot)
         identity = backend.process_identity(dom)
         start = time.perf_counter()
         snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
@@ -244,7 +242,7 @@ class GuestManager:
         start = time.perf_counter()
         method = self._do_revert(record, dom, snap, method)
         seconds = time.perf_counter() - start
-        record.reverts.append([seconds, method, target, reason])
+        record.reverts.append((seconds, method, target, reason))
         if self.listener:
             self.listener("revert", record.domain, target, seconds, method, reason)
 

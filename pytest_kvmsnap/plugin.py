@@ -19,6 +19,7 @@ from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.locking import GuestLock
+from pytest_kvmsnap.manager import GuestManager
 from pytest_kvmsnap.markers import MARKER_HELP, Spec, spec_for, unit_key
 from pytest_kvmsnap.state import (
     MANAGER_KEY,
@@ -138,10 +139,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return result
 
 
-def _end_test(manager: object, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
-    from pytest_kvmsnap.manager import GuestManager
-
-    assert isinstance(manager, GuestManager)
+def _end_test(manager: GuestManager, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
     try:
         manager.end_test(spec, _next_units(nextitem))
     except KvmSnapError as exc:
@@ -189,10 +187,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         for snapshot, how in sorted(record.notes.items()):
             tr.write_line(f"  revert method for {snapshot}: {how}")
         for seconds, method, target, reason in record.reverts if verbose else ():
-            tr.write_line(f"  {float(str(seconds)):7.3f} s  {method!s:16} -> {target}  ({reason})")
+            tr.write_line(f"  {float(seconds):7.3f} s  {method:16} -> {target}  ({reason})")
     for problem in config.stash.get(PROBLEMS_KEY, []):
         tr.write_line(f"kvmsnap: could not restore {problem}", red=True, bold=True)
-    all_times = [float(str(r[0])) for record in manager.finished for r in record.reverts]
+    all_times = [t for record in manager.finished for t in record.revert_times()]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
 
