@@ -122,21 +122,32 @@ class GuestLock:
     def held(self) -> bool:
         return self._lock.is_locked
 
-    def acquire(self, timeout: float, progress: Callable[[str], None]) -> None:
-        """Take the lock, reporting who holds it every few seconds while waiting."""
+    def acquire(self, timeout: float, progress: Callable[[str], None],
+                admit: Callable[[RunRecord | None], bool] = lambda _record: True) -> RunRecord | None:
+        """Take the lock once ``admit`` accepts the run record; return that record.
+
+        Two waits share this one loop: for the flock (another process is in a
+        unit now) and for the lease (the record belongs to another live run,
+        which keeps the guest between its units).  Both report the holder.
+        """
         deadline = time.monotonic() + timeout
         wait = 0.0  # first try without blocking, so a wait is reported at once
         while True:
             try:
                 self._lock.acquire(timeout=min(wait, max(0.0, deadline - time.monotonic())))
-                return
             except Timeout:
-                holder = self._peek()
-                if time.monotonic() >= deadline:
-                    raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; "
-                                       f"held by {holder}") from None
-                progress(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting")
-                wait = 5.0
+                record, wait = self.read(), 5.0
+            else:
+                record = self.read()
+                if admit(record):
+                    return record
+                self._lock.release(force=True)  # not ours to use yet: wait for the lease to end
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            holder = record.describe() if record else "another process (no record yet)"
+            if time.monotonic() >= deadline:
+                raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; held by "
+                                   f"{holder}; raise --kvm-lock-timeout or try later") from None
+            progress(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting")
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -157,10 +168,6 @@ class GuestLock:
     @staticmethod
     def records(directory: Path) -> list[RunRecord]:
         return [r for r in map(_load, sorted(directory.glob("*.json"))) if r is not None]
-
-    def _peek(self) -> str:
-        record = self.read()
-        return record.describe() if record else "another process (no record yet)"
 
 
 def _load(path: Path) -> RunRecord | None:

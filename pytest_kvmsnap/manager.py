@@ -23,7 +23,7 @@ from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed
 from pytest_kvmsnap.guest import Guest, GuestState
-from pytest_kvmsnap.locking import GuestLock, LeaseTimeout, RunRecord, pid_alive
+from pytest_kvmsnap.locking import GuestLock, RunRecord, pid_alive
 from pytest_kvmsnap.markers import Spec
 
 if TYPE_CHECKING:
@@ -95,20 +95,12 @@ class GuestManager:
 
     # --- the lease: one run, then one process of it, at a time ---------------
 
+    def _may_use(self, record: RunRecord | None) -> bool:
+        """Free, ours, or left by a dead run (whose orphans the baseline step repairs)."""
+        return record is None or record.run_id == self.run_id or not record.owner_alive()
+
     def _acquire(self, state: GuestState, holder: str) -> None:
-        timeout = self.settings.lock_timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            state.lock.acquire(max(0.0, deadline - time.monotonic()), self.progress)
-            record = state.lock.read()
-            if record is None or record.run_id == self.run_id or not record.owner_alive():
-                break
-            state.lock.release()  # another live run owns the guest: wait for its lease to end
-            if time.monotonic() >= deadline:
-                raise LeaseTimeout(f"guest {state.name!r} is still in use after {timeout:.0f} s by "
-                                   f"{record.describe()}; raise --kvm-lock-timeout or try later")
-            self.progress(f"kvmsnap: guest {state.name!r} is in use by {record.describe()}; waiting")
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        record = state.lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
         if record is None or record.run_id != self.run_id:
             record = self._take_baseline(state)
         elif record.holder:
@@ -302,8 +294,7 @@ class GuestManager:
     def _finish_guest(self, record: RunRecord) -> list[str]:
         lock = GuestLock(self.lock_dir, record.uri, record.domain)
         try:
-            lock.acquire(self.settings.lock_timeout, self.progress)
-            record = lock.read() or record
+            record = lock.acquire(self.settings.lock_timeout, self.progress) or record
             dom = self._domain(record.domain, record.uri)
             if record.at != record.baseline:
                 self._revert_record(record, dom, record.baseline, "end of session")
