@@ -30,6 +30,7 @@ from pytest_kvmsnap.state import (
     WORKER_RUN,
     is_worker,
     lock_dir,
+    lock_dir_path,
     manager_for,
     run_id,
 )
@@ -196,8 +197,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 def _run_has_records(config: pytest.Config) -> bool:
+    """Did this run's workers use a guest? Asked at every session end, so create nothing."""
+    settings = config.stash[SETTINGS_KEY]
+    if not lock_dir_path(settings).is_dir():
+        return False
     try:
-        directory = lock_dir(config.stash[SETTINGS_KEY])
+        directory = lock_dir(settings)
     except KvmSnapError:
         return False
     own = run_id(config)

@@ -41,10 +41,13 @@ def run_id(config: pytest.Config) -> str:
     return config.stash[RUN_ID_KEY]
 
 
+def lock_dir_path(settings: Settings) -> Path:
+    return Path(settings.lock_dir) if settings.lock_dir else default_lock_dir()
+
+
 def lock_dir(settings: Settings) -> Path:
-    if settings.lock_dir:
-        return prepare_lock_dir(Path(settings.lock_dir), shared=True)
-    return prepare_lock_dir(default_lock_dir(), shared=False)
+    """The lock directory, created and checked (an explicit one may be shared)."""
+    return prepare_lock_dir(lock_dir_path(settings), shared=bool(settings.lock_dir))
 
 
 def manager_for(config: pytest.Config) -> GuestManager:

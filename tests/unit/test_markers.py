@@ -39,13 +39,15 @@ def test_no_domain_configured(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*test_x: no guest to use*--kvm-domain*"])
 
 
-def test_unused_plugin_opens_no_connection(pytester: pytest.Pytester) -> None:
+def test_unused_plugin_opens_no_connection(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     # An URI that would fail to open: nothing may try it when no test needs a guest.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(pytester.path))
     pytester.makepyfile("def test_plain(): pass")
     result = pytester.runpytest("--kvm-uri=qemu+unix:///system?socket=/nonexistent/sock",
                                 "--kvm-domain=x")
     result.assert_outcomes(passed=1)
     assert "= kvmsnap =" not in result.stdout.str()  # no summary: nothing was used
+    assert not (pytester.path / "pytest-kvmsnap").exists()  # nor a lock directory
 
 
 def test_closest_marker_wins(pytester: pytest.Pytester, testdriver: TestDriver, revert_log) -> None:  # type: ignore[no-untyped-def]
