@@ -70,26 +70,45 @@ def test_lock_timeout_zero_fails_fast(inner, guest_a: RealGuest, spawn) -> None:
     assert_as_found(guest_a)
 
 
-def test_killed_run_is_repaired_by_the_next(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
-    inner.makepyfile(test_killed=f"""
+def start_run_stuck_mid_test(inner, spawn, guest: RealGuest, name: str):  # type: ignore[no-untyped-def]
+    """Spawn a run whose test damages the guest's disk and RAM, then hangs; return once it has."""
+    inner.makepyfile(**{f"test_{name}": f"""
         import time, pytest
-        @pytest.mark.kvm_snapshot("{guest_a.name}")
-        def test_dies_mid_test(sh):
+        @pytest.mark.kvm_snapshot("{guest.name}")
+        def test_stuck_mid_test(sh):
             sh.check("echo damage > /data/marker; echo damage > /tmp/marker")
             open("dirty-now", "w").close()
             time.sleep(600)
-    """)
-    victim = spawn("victim")
+    """})
+    run = spawn(name)
     deadline = time.monotonic() + 60
     while not (inner.path / "dirty-now").exists():
-        assert time.monotonic() < deadline and victim.poll() is None
+        assert time.monotonic() < deadline and run.poll() is None
         time.sleep(0.1)
+    return run
+
+
+def module_unit_tests(guest: str) -> str:
+    """Four tests of one module-scoped unit: each relies on the state the previous one left."""
+    return f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest}", scope="module")
+        @pytest.mark.parametrize("i", range(4))
+        def test_m(i, sh):
+            if i:
+                assert sh.check("cat /tmp/marker") == "m"
+            sh.check("echo m > /tmp/marker")
+    """
+
+
+def test_killed_run_is_repaired_by_the_next(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
+    victim = start_run_stuck_mid_test(inner, spawn, guest_a, "victim")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert [s for s in guest_a.snapshots() if s.startswith("kvmsnap-")], "the killed run left no trace?"
     assert guest_a.console.check("cat /data/marker") == "damage"
     # The next run finds the orphan, puts the guest back, and goes on.
-    (inner.path / "test_killed.py").unlink()
+    (inner.path / "test_victim.py").unlink()
     inner.makepyfile(test_next=f"""
         import pytest
         @pytest.mark.kvm_snapshot("{guest_a.name}")
@@ -124,15 +143,7 @@ def test_crashed_xdist_worker_leaves_no_dirty_guest(inner, guest_a: RealGuest) -
 @pytest.mark.xfail(reason="known gap: on xdist workers config.getoption('dist') does not report the "
                    "controller's --dist mode, so the refusal under --dist load does not fire yet")
 def test_unit_scopes_need_grouped_distribution(inner, guest_a: RealGuest) -> None:
-    inner.makepyfile(f"""
-        import pytest
-        @pytest.mark.kvm_snapshot("{guest_a.name}", scope="module")
-        @pytest.mark.parametrize("i", range(4))
-        def test_m(i, sh):
-            if i:
-                assert sh.check("cat /tmp/marker") == "m"
-            sh.check("echo m > /tmp/marker")
-    """)
+    inner.makepyfile(module_unit_tests(guest_a.name))
     refused = run_inner(inner, "-n", "2", "--dist", "load")
     assert refused.ret != 0
     refused.stdout.fnmatch_lines(["*scope='module'*--dist load spreads them. Use --dist loadgroup*"])
@@ -143,15 +154,7 @@ def test_unit_scopes_need_grouped_distribution(inner, guest_a: RealGuest) -> Non
 @pytest.mark.xfail(reason="known gap: the xdist_group marks the plugin adds are not yet honoured by "
                    "--dist loadgroup (the unit is split across workers); use loadscope for now")
 def test_unit_scopes_grouped_by_loadgroup(inner, guest_a: RealGuest) -> None:
-    inner.makepyfile(f"""
-        import pytest
-        @pytest.mark.kvm_snapshot("{guest_a.name}", scope="module")
-        @pytest.mark.parametrize("i", range(4))
-        def test_m(i, sh):
-            if i:
-                assert sh.check("cat /tmp/marker") == "m"
-            sh.check("echo m > /tmp/marker")
-    """)
+    inner.makepyfile(module_unit_tests(guest_a.name))
     try:
         run_inner(inner, "-n", "2", "--dist", "loadgroup").assert_outcomes(passed=4)
     finally:
@@ -181,19 +184,7 @@ def test_unsafe_lock_dir_is_refused(inner, guest_a: RealGuest, tmp_path, bad: st
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_restores_the_guest(inner, guest_a: RealGuest, sig: int, spawn) -> None:  # type: ignore[no-untyped-def]
-    inner.makepyfile(f"""
-        import time, pytest
-        @pytest.mark.kvm_snapshot("{guest_a.name}")
-        def test_interrupted(sh):
-            sh.check("echo damage > /data/marker; echo damage > /tmp/marker")
-            open("dirty-now", "w").close()
-            time.sleep(600)
-    """)
-    run = spawn("run")
-    deadline = time.monotonic() + 60
-    while not (inner.path / "dirty-now").exists():
-        assert time.monotonic() < deadline and run.poll() is None
-        time.sleep(0.1)
+    run = start_run_stuck_mid_test(inner, spawn, guest_a, "run")
     os.kill(run.pid, sig)
     assert run.wait(60) != 0
     out = (inner.path / "run.out").read_text()
