@@ -30,6 +30,13 @@ else
     say "packages already installed"
 fi
 
+# The test guest's kernel comes from `apt-get download`, which needs package
+# lists even when every package above was already installed.
+if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+    say "fetching package lists (apt-get update)"
+    apt-get update -qq
+fi
+
 for d in /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/images; do
     [ -d "$d" ] || { say "creating $d"; mkdir -p "$d"; }
 done
