@@ -1,7 +1,13 @@
 """The suite the benchmark runs through pytest: each test dirties disk and RAM.
 
-Each test checks that the previous test's markers are gone (unless the run
-uses ``--kvm-revert=never``, whose time is the baseline that gets subtracted).
+Each test checks that the previous test's markers are gone (unless nothing
+reverts between tests: ``--kvm-revert=never`` or the hand-written ``none``,
+whose times are the baselines that get subtracted).
+
+``KVMSNAP_BENCH_HANDWRITTEN`` runs it without the plugin (``-p no:kvmsnap``)
+and with what a hand-written conftest does instead: one snapshot at session
+start, ``revertToSnapshot`` (or an in-place ``loadvm``, or nothing) after each
+test, and a revert plus delete at session end.
 """
 
 import os
@@ -13,12 +19,45 @@ from pytest_kvmsnap.testing.guest import guest_dir
 
 N = int(os.environ.get("KVMSNAP_BENCH_TESTS", "10"))
 EXPECT_CLEAN = os.environ.get("KVMSNAP_BENCH_EXPECT_CLEAN", "1") == "1"
+HANDWRITTEN = os.environ.get("KVMSNAP_BENCH_HANDWRITTEN", "")  # revertToSnapshot | loadvm | none
+GUEST = os.environ.get("KVMSNAP_BENCH_GUEST", "")
+
+
+@pytest.fixture(scope="session")
+def handwritten_snapshot():
+    import libvirt
+
+    dom = libvirt.open(os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")).lookupByName(GUEST)
+    snap = dom.snapshotCreateXML("<domainsnapshot><name>handwritten</name></domainsnapshot>", 0)
+    yield dom, snap
+    dom.revertToSnapshot(snap, 0)
+    snap.delete(0)
+
+
+def handwritten_revert(dom, snap):
+    if HANDWRITTEN == "revertToSnapshot":
+        dom.revertToSnapshot(snap, 0)
+    elif HANDWRITTEN == "loadvm":
+        import libvirt_qemu
+
+        libvirt_qemu.qemuMonitorCommand(dom, f"loadvm {snap.getName()}",
+                                        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
+@pytest.fixture
+def guest_name(request):
+    if not HANDWRITTEN:
+        yield request.getfixturevalue("kvm_guest").name
+        return
+    dom, snap = request.getfixturevalue("handwritten_snapshot")
+    yield dom.name()
+    handwritten_revert(dom, snap)
 
 
 @pytest.mark.kvm_snapshot
 @pytest.mark.parametrize("i", range(N))
-def test_dirty(i, kvm_guest):
-    sh = Console(str(guest_dir() / "sock" / f"{kvm_guest.name}.sock"))
+def test_dirty(i, guest_name):
+    sh = Console(str(guest_dir() / "sock" / f"{guest_name}.sock"))
     sh.wait_ready()
     leftover = sh.run("cat /data/marker /tmp/marker 2>/dev/null").output
     if EXPECT_CLEAN:
