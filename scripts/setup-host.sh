@@ -50,7 +50,8 @@ fi
 
 # A previous session's daemons were killed without cleanup: their pid files and
 # sockets are stale, which is normal here.  Start a daemon only if none answers.
-alive() { pgrep -x "$1" >/dev/null 2>&1; }
+# Zombies (a daemon killed but not yet reaped) do not count.
+alive() { pgrep -x -r D,R,S "$1" >/dev/null 2>&1; }
 
 if ! alive virtlogd; then
     rm -f /var/run/libvirt/virtlogd.pid /var/run/libvirt/virtlogd-sock /var/run/libvirt/virtlogd-admin-sock
@@ -67,6 +68,15 @@ if [ "${KVMSNAP_LIBVIRT_TCP:-0}" = 1 ]; then
         printf '%s\n' 'listen_tls = 0' 'listen_tcp = 1' 'listen_addr = "127.0.0.1"' 'auth_tcp = "none"' >> "$conf"
     fi
     LIBVIRTD_ARGS=(-d --listen -f "$conf")
+fi
+
+# A daemon that runs but does not listen on TCP, when TCP is asked for: restart
+# it with --listen (running guests survive a libvirtd restart).
+if [ "${KVMSNAP_LIBVIRT_TCP:-0}" = 1 ] && alive libvirtd \
+        && ! virsh -c qemu+tcp://127.0.0.1/system version >/dev/null 2>&1; then
+    say "restarting libvirtd to listen on TCP"
+    pkill -x libvirtd
+    for _ in $(seq 1 50); do alive libvirtd || break; sleep 0.2; done
 fi
 
 if ! alive libvirtd; then
