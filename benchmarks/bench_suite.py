@@ -21,6 +21,7 @@ N = int(os.environ.get("KVMSNAP_BENCH_TESTS", "10"))
 EXPECT_CLEAN = os.environ.get("KVMSNAP_BENCH_EXPECT_CLEAN", "1") == "1"
 HANDWRITTEN = os.environ.get("KVMSNAP_BENCH_HANDWRITTEN", "")  # revertToSnapshot | loadvm | none
 GUEST = os.environ.get("KVMSNAP_BENCH_GUEST", "")
+WORK = float(os.environ.get("KVMSNAP_BENCH_WORK", "0"))  # seconds each test keeps the guest busy
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,5 @@ def test_dirty(i, guest_name):
     if EXPECT_CLEAN:
         assert leftover == "", f"test {i} found {leftover!r}"
     sh.check(f"echo {i} > /data/marker; echo {i} > /tmp/marker")
+    if WORK:
+        sh.check(f"sleep {WORK}", timeout=WORK + 20)

@@ -62,6 +62,15 @@ def open_connection(uri: str) -> libvirt.virConnect:
         raise ConnectionFailed.from_libvirt(uri, str(exc)) from None
 
 
+def is_alive(conn: libvirt.virConnect) -> bool:
+    """One cheap round trip to the daemon: False once the connection is gone."""
+    try:
+        conn.getLibVersion()
+        return bool(conn.isAlive())
+    except lib().libvirtError:
+        return False
+
+
 def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
     libvirt = lib()
     try:
@@ -103,20 +112,35 @@ class Owner:
     def from_description(cls, text: str | None) -> Owner | None:
         if not text or not text.startswith(_DESCRIPTION_TAG):
             return None
+        return cls.from_json(text[len(_DESCRIPTION_TAG):])
+
+    @classmethod
+    def from_json(cls, text: str) -> Owner | None:
         try:
-            data = json.loads(text[len(_DESCRIPTION_TAG):])
+            data = json.loads(text)
             if data.get("owner") != OWNER:
                 return None
             return cls(str(data["run"]), int(data["pid"]), str(data["host"]),
                        float(data["started"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def owner_description(owner: Owner) -> str:
+    """The text that marks a snapshot or clone domain as this plugin's."""
+    return _DESCRIPTION_TAG + owner.to_json()
 
 
 def snapshot_owner(snap: libvirt.virDomainSnapshot) -> Owner | None:
     """Who created ``snap``: an :class:`Owner` for ours, None for the user's."""
     root = ET.fromstring(snap.getXMLDesc(0))
     return Owner.from_description(root.findtext("description"))
+
+
+def owned_snapshots(dom: libvirt.virDomain) -> list[tuple[Owner, libvirt.virDomainSnapshot]]:
+    """The guest's snapshots this plugin created (any run), with their owners."""
+    pairs = ((snapshot_owner(snap), snap) for snap in dom.listAllSnapshots())
+    return [(owner, snap) for owner, snap in pairs if owner is not None]
 
 
 def snapshot_state(snap: libvirt.virDomainSnapshot) -> str:
@@ -128,7 +152,7 @@ def create_baseline(dom: libvirt.virDomain, name: str, owner: Owner) -> libvirt.
     """Take an internal snapshot: memory and disks when running, disks when off."""
     root = ET.Element("domainsnapshot")
     ET.SubElement(root, "name").text = name
-    ET.SubElement(root, "description").text = _DESCRIPTION_TAG + owner.to_json()
+    ET.SubElement(root, "description").text = owner_description(owner)
     xml = ET.tostring(root, encoding="unicode")
     libvirt = lib()
     try:
@@ -156,6 +180,31 @@ def preflight(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
     loader = root.find("os/loader")
     if loader is not None and loader.get("type") == "pflash":
         _check_pflash(conn, dom.name(), root)
+    blocker = _savevm_blocker(root)
+    if blocker:
+        raise UnsupportedGuest(
+            f"guest {dom.name()!r} has {blocker}, which QEMU cannot save into a snapshot "
+            "(it blocks savevm and migration). Remove it from a copy of the guest used for tests."
+        )
+
+
+def _savevm_blocker(root: ET.Element) -> str | None:
+    """A device or feature that always makes QEMU refuse to save the VM state."""
+    for dev in root.iterfind("devices/hostdev"):
+        if dev.get("type", "pci") in ("pci", "mdev"):
+            return f"a passed-through host device (<hostdev type='{dev.get('type', 'pci')}'>)"
+    for fs in root.iterfind("devices/filesystem"):
+        driver = fs.find("driver")
+        if driver is not None and driver.get("type") == "virtiofs":
+            return "a virtiofs filesystem (<filesystem> with <driver type='virtiofs'>)"
+    for shmem in root.iterfind("devices/shmem"):
+        role = shmem.find("role")
+        if role is None or role.text != "master":
+            return f"shared memory {shmem.get('name')!r} without <role>master</role>"
+    for feature in root.iterfind("cpu/feature"):
+        if feature.get("name") == "invtsc" and feature.get("policy") in ("require", "force"):
+            return "the invtsc CPU feature"
+    return None
 
 
 def _check_disk(domain: str, disk: ET.Element) -> None:
@@ -200,11 +249,24 @@ def process_identity(dom: libvirt.virDomain) -> tuple[int, str] | None:
     The id changes whenever libvirt starts a new QEMU; the hash changes on hotplug.
     An in-place ``loadvm`` is only safe into the same process with the same devices.
     """
+    # A virDomain object caches the id it was looked up with; look up afresh.
+    dom = dom.connect().lookupByUUID(dom.UUID())
     if not dom.isActive():
         return None
     devices = ET.fromstring(dom.XMLDesc(0)).find("devices")
     text = ET.tostring(devices, encoding="unicode") if devices is not None else ""
     return dom.ID(), hashlib.sha256(text.encode()).hexdigest()
+
+
+def crash_reason(dom: libvirt.virDomain) -> str | None:
+    """Why the guest is down if QEMU died under it (not a shutdown or destroy asked for)."""
+    libvirt = lib()
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_CRASHED:
+        return "the guest crashed"
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED:
+        return "its QEMU process exited unexpectedly (killed or crashed)"
+    return None
 
 
 def revert_libvirt(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot) -> None:

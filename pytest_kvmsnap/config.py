@@ -59,6 +59,9 @@ SETTINGS = (
             "wait. Default: 600.", default=600.0),
     Setting("lock_dir", "directory for guest locks and run records; may be shared by several users "
             "(default: $XDG_RUNTIME_DIR/pytest-kvmsnap, else /tmp/pytest-kvmsnap-<uid>)."),
+    Setting("clones", "give each xdist worker its own clone of each guest, started at the baseline "
+            "(memory too), instead of taking turns: auto = one per worker, N = N clones shared "
+            "round-robin, 0 = off. The original is not used by tests. Default: 0.", default="0"),
     Setting("keep_snapshot", "keep the run's own baseline snapshot after the session.",
             default=False, flag=True, ini=False),
 )
@@ -77,7 +80,12 @@ class Settings:
     revert_method: str = "auto"
     lock_timeout: float = 600.0
     lock_dir: str | None = None
+    clones: str = "0"
     keep_snapshot: bool = False
+
+    def clone_count(self, workers: int) -> int:
+        """How many clones per guest for a run with ``workers`` processes (0 = off)."""
+        return workers if self.clones == "auto" else int(self.clones)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -91,6 +99,9 @@ def add_options(parser: pytest.Parser) -> None:
                             help=s.help)
         if s.ini:
             parser.addini(s.dest, s.help, type=s.ini_type, default=None)  # type: ignore[arg-type]
+    from pytest_kvmsnap.cleanup import add_cleanup_options  # actions, not settings
+
+    add_cleanup_options(group)
 
 
 def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Settings:
@@ -103,6 +114,12 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
         if value is None:
             values[name] = BY_NAME[name].default
     values["lock_timeout"] = _seconds(values["lock_timeout"])
+    values["clones"] = _clones(values["clones"])
+    if values["clones"] != "0" and values["snapshot"]:
+        from pytest_kvmsnap.exceptions import ConfigError
+
+        raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
+                          "state each guest is found in. Drop one of them.")
     return validate(Settings(**values), source="ini file")
 
 
@@ -116,6 +133,15 @@ def _seconds(value: object) -> float:
     if seconds < 0:
         raise ConfigError(f"kvm_lock_timeout = {value!r} must be 0 or more")
     return seconds
+
+
+def _clones(value: object) -> str:
+    from pytest_kvmsnap.exceptions import ConfigError
+
+    text = str(value).strip().lower()
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return str(int(text)) if text.isdigit() else text
+    raise ConfigError(f"kvm_clones = {value!r} is not 'auto' or a number of clones (0 = off)")
 
 
 def _value(config: pytest.Config, s: Setting) -> Any:

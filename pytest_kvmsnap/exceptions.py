@@ -19,7 +19,10 @@ class ConnectionFailed(KvmSnapError):
     @classmethod
     def from_libvirt(cls, uri: str, detail: str) -> ConnectionFailed:
         lowered = detail.lower()
-        if "permission denied" in lowered or "authentication" in lowered:
+        # A non-root client of qemu:///system is checked by polkit over D-Bus;
+        # without a system bus that fails before any permission answer.
+        if any(word in lowered for word in ("permission denied", "authentication", "polkit",
+                                            "system bus", "access denied", "not authorized")):
             hint = (
                 "permission was denied: run as root, add your user to the 'libvirt' group, "
                 "or use qemu:///session for guests you own"

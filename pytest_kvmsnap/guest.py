@@ -32,6 +32,7 @@ class GuestState:
     unit_failed: bool = False
     broken: str | None = None
     holder_died: bool = False
+    clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
 
     @property
     def at(self) -> str | None:
@@ -46,6 +47,9 @@ class GuestState:
 
 
 def summary(record: RunRecord) -> str:
+    if record.clone_source:
+        return (f"{record.domain}: not used by tests; its disks (baseline inside) were copied for "
+                f"the clones in {record.baseline_seconds:.2f} s")
     times = record.revert_times()
     median = statistics.median(times) if times else 0.0
     return (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "

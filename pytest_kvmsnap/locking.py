@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -34,6 +35,10 @@ from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 
 class LeaseTimeout(KvmSnapError):
     """Another run kept the guest longer than ``kvm_lock_timeout``."""
+
+
+class LockDirError(KvmSnapError):
+    """The lock directory cannot hold a lock or record (full, read-only, gone)."""
 
 
 @dataclass
@@ -54,6 +59,12 @@ class RunRecord:
     # (seconds, method, target, reason) of every revert in this run, all workers
     reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+    # one-line events any process of the run saw (orphans repaired, holder died)
+    events: list[str] = field(default_factory=list)
+    # clone mode: on a clone's record, the original it was cloned from; on the
+    # original's record, where the run's source images are (see clones.py)
+    clone_of: str = ""
+    clone_source: dict[str, Any] | None = None
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]
@@ -137,6 +148,10 @@ class GuestLock:
                 self._lock.acquire(timeout=min(wait, max(0.0, deadline - time.monotonic())))
             except Timeout:
                 record, wait = self.read(), 5.0
+            except OSError as exc:  # the lock file itself cannot be created
+                raise LockDirError(f"cannot create the lock for guest {self.domain!r} in "
+                                   f"{self.record_path.parent}: {exc.strerror or exc}. "
+                                   "Point --kvm-lock-dir at a writable directory.") from None
             else:
                 record = self.read()
                 if admit(record):
@@ -159,8 +174,15 @@ class GuestLock:
     def write(self, record: RunRecord) -> None:
         assert self.held, "the run record is only written under the lock"
         tmp = self.record_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record)))
-        tmp.replace(self.record_path)  # atomic: readers never see half a record
+        try:
+            tmp.write_text(json.dumps(asdict(record)))
+            tmp.replace(self.record_path)  # atomic: readers never see half a record
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LockDirError(
+                f"cannot write the run record for guest {self.domain!r} in {self.record_path.parent}: "
+                f"{exc.strerror or exc}. Free space there or point --kvm-lock-dir elsewhere."
+            ) from None
 
     def remove(self) -> None:
         self.record_path.unlink(missing_ok=True)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.config import Settings
-from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed
+from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, RevertFailed, UnsupportedGuest
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.locking import GuestLock, RunRecord, pid_alive
 from pytest_kvmsnap.markers import Spec
@@ -36,8 +37,10 @@ Listener = Callable[[str, str, str, float, str, str], None]
 
 class GuestManager:
     def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
-                 finisher: bool = True, progress: Callable[[str], None] = print) -> None:
+                 finisher: bool = True, progress: Callable[[str], None] = print,
+                 clone_slot: int | None = None) -> None:
         self.settings = settings
+        self.clone_slot = clone_slot  # clone mode: which of the run's clones this process uses
         self.run_id = run_id
         self.lock_dir = lock_dir
         self.owner = backend.Owner(run_id, owner_pid or os.getpid(), socket.gethostname(), time.time())
@@ -59,9 +62,34 @@ class GuestManager:
             self._connections[uri] = backend.open_connection(uri)
         return self._connections[uri]
 
+    def _reconnect_if_lost(self) -> None:
+        """A connection does not survive a libvirtd restart, but the guests' QEMU
+        processes do: notice it (one cheap round trip) and open a new one."""
+        for uri, conn in list(self._connections.items()):
+            if not backend.is_alive(conn):
+                self._drop_connection(uri)
+                self.connection(uri)
+                self._note(f"kvmsnap: reconnected to {uri}: the libvirt connection was lost "
+                           "(libvirtd restarted?)")
+
+    def _drop_connection(self, uri: str) -> None:
+        with contextlib.suppress(Exception):  # already broken; nothing to release
+            self._connections.pop(uri).close()
+        for key in [key for key in self._domains if key[0] == uri]:
+            del self._domains[key]
+
+    def _note(self, message: str, record: RunRecord | None = None) -> None:
+        """A one-line event for the summary, shown at once as well.
+
+        Events about a guest go into its run record, so that the summary, which
+        xdist's controller prints, has the workers' events too.
+        """
+        (record.events if record is not None else self.notes).append(message)
+        self.progress(message)
+
     def guest(self, name: str) -> Guest:
         state = self._state(name)
-        return Guest(state, self.connection(state.uri), self._domain(name), self._manual_revert)
+        return Guest(state, self.connection(state.uri), self._domain(state.name), self._manual_revert)
 
     def _check(self, name: str, step: Callable[[], T]) -> T:
         """Run a first-use step; a guest that failed one fails every later test fast."""
@@ -76,8 +104,8 @@ class GuestManager:
     def _domain(self, name: str, uri: str | None = None) -> libvirt.virDomain:
         """Look the domain up and preflight it once, before any snapshot is taken."""
         uri = uri or self.settings.uri
+        conn = self.connection(uri)  # first: a reconnect drops the cached domains
         if (uri, name) not in self._domains:
-            conn = self.connection(uri)
             dom = backend.lookup_domain(conn, name)
             backend.preflight(conn, dom)
             if self.settings.snapshot:
@@ -86,11 +114,16 @@ class GuestManager:
         return self._domains[uri, name]
 
     def _state(self, name: str) -> GuestState:
+        """This process's view of guest ``name`` (in clone mode: of its clone of it)."""
         if name not in self._states:
             self._check(name, lambda: self._domain(name))
+            real = name
+            if self.clone_slot is not None:
+                real = self._check(name, lambda: self._clone_source(name))
             uri = self.settings.uri
-            placeholder = RunRecord(uri, name, self.run_id, self.owner.pid, self.owner.host, 0.0, "", None)
-            self._states[name] = GuestState(name, uri, GuestLock(self.lock_dir, uri, name), placeholder)
+            placeholder = RunRecord(uri, real, self.run_id, self.owner.pid, self.owner.host, 0.0, "", None)
+            self._states[name] = GuestState(real, uri, GuestLock(self.lock_dir, uri, real), placeholder,
+                                            clone_of=name if real != name else "")
         return self._states[name]
 
     # --- the lease: one run, then one process of it, at a time ---------------
@@ -107,57 +140,179 @@ class GuestManager:
             # Our run's last holder never released: it died mid-unit (an xdist
             # worker crash), and the guest is in whatever state it left.
             state.holder_died = True
-            self.notes.append(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting")
+            self._note(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
         record.holder, record.since = holder, time.time()
         state.record = record
         state.lock.write(record)
 
     def _release(self, state: GuestState) -> None:
-        if state.lock.held:
-            state.record.holder = ""
+        if not state.lock.held:
+            return
+        state.record.holder = ""
+        try:
             state.lock.write(state.record)
+        except KvmSnapError:
+            pass  # the lock dir filled up; the test that hit it already reported it
+        finally:
             state.lock.release()
 
     def _take_baseline(self, state: GuestState) -> RunRecord:
-        dom = self._domain(state.name)
-        self._recover_orphans(state.name, dom)
-        identity = backend.process_identity(dom)
-        start = time.perf_counter()
-        snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
-        seconds = time.perf_counter() - start
+        name = f"{backend.PREFIX}{self.run_id}"
         record = RunRecord(state.uri, state.name, self.run_id, self.owner.pid, self.owner.host,
-                           self.owner.started, snap.getName(), snap.getName(), baseline_seconds=seconds)
+                           self.owner.started, name, None, clone_of=state.clone_of)
+        # Written before anything changes: a lock directory that cannot hold the
+        # record (full, read-only) stops the run here, with the guest untouched
+        # and no snapshot that no record names.
+        state.lock.write(record)
+        try:
+            start = time.perf_counter()
+            dom, snap = self._start_clone(state) if state.clone_of else self._snapshot(state, record)
+        except BaseException:
+            state.lock.remove()
+            raise
+        record.baseline_seconds = time.perf_counter() - start
+        record.at = name
+        identity = backend.process_identity(dom)
         if identity is not None and backend.snapshot_state(snap) == "running":
-            record.inplace_ok[snap.getName()] = list(identity)
+            record.inplace_ok[name] = list(identity)
         if self.listener:
-            self.listener("baseline", state.name, snap.getName(), seconds, "", "")
+            self.listener("baseline", state.name, name, record.baseline_seconds, "", "")
         return record
 
-    def _recover_orphans(self, name: str, dom: libvirt.virDomain) -> None:
-        """Snapshots of dead runs mean the guest was left mid-test: put it back, drop them."""
-        orphans = []
-        for snap in dom.listAllSnapshots():
-            owner = backend.snapshot_owner(snap)
-            if owner and owner.run_id != self.run_id and not _alive(owner):
-                orphans.append((owner.started, owner, snap))
-        if not orphans:
-            return
-        orphans.sort(key=lambda o: o[0])
-        _, oldest, snap = orphans[0]
-        backend.revert_libvirt(dom, snap)
-        for _, _, orphan in orphans:
-            backend.delete_snapshot(orphan)
-        note = (f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
-                f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
-        self.notes.append(note)
-        self.progress(note)
+    def _snapshot(self, state: GuestState,
+                  record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+        dom = self._domain(state.name)
+        for repaired in self._recover_orphans(state.name, dom):
+            self._note(repaired, record)
+        return dom, backend.create_baseline(dom, record.baseline, self.owner)
+
+    # --- clone mode (see clones.py) ------------------------------------------
+
+    def _clone_source(self, name: str) -> str:
+        """Copy guest ``name`` once per run, under its lock; return this process's clone's name.
+
+        The original's record stays as the run's lease on it until the finisher
+        has removed the clones and the copies.
+        """
+        dom = self._domain(name)
+        clones.check_local(self.connection())
+        lock = GuestLock(self.lock_dir, self.settings.uri, name)
+        record = lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
+        try:
+            if record is None or record.run_id != self.run_id:
+                record = RunRecord(self.settings.uri, name, self.run_id, self.owner.pid, self.owner.host,
+                                   self.owner.started, "", None)
+                lock.write(record)
+                try:
+                    start = time.perf_counter()
+                    self._copy_original(name, dom, record)
+                    record.baseline_seconds = time.perf_counter() - start
+                except BaseException:
+                    lock.remove()
+                    raise
+                lock.write(record)
+        finally:
+            lock.release()
+        return clones.clone_name(name, self.run_id, self.clone_slot or 0)
+
+    def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
+        for repaired in self._recover_orphans(name, dom):
+            self._note(repaired, record)
+        if not dom.isActive():
+            raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
+                                   "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
+        snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
+        try:
+            record.clone_source = clones.make_source(dom, snap, self.owner)
+        finally:
+            backend.delete_snapshot(snap)  # the copies hold it; the original is as found
+
+    def _start_clone(self, state: GuestState) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+        source = GuestLock(self.lock_dir, state.uri, state.clone_of).read()
+        if source is None or source.clone_source is None:
+            raise RevertFailed(f"the run's copies of {state.clone_of!r} are gone; cannot clone it")
+        return clones.make_clone(self.connection(), source.clone_source, state.clone_of, state.name, self.owner)
+
+    def _recover_orphans(self, name: str, dom: libvirt.virDomain) -> list[str]:
+        """What dead runs left: put the guest back, drop their snapshots, clones and copies."""
+        done = []
+        orphans = self.orphans(dom)
+        if orphans:
+            oldest, snap = orphans[0]
+            backend.revert_libvirt(dom, snap)  # the dead run left the guest mid-test
+            for _, orphan in orphans:
+                backend.delete_snapshot(orphan)
+            done.append(f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
+                        f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
+        dead_clones, directories = self._orphan_clones(dom)
+        for clone in dead_clones:
+            clones.destroy(self.connection(), clone)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+        if dead_clones or directories:
+            done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(directories)} "
+                        "copy director(ies) left by dead runs")
+        return done
+
+    def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[Path]]:
+        return clones.orphans(self.connection(), dom, lambda owner: owner.run_id != self.run_id
+                              and not _alive(owner))
+
+    def orphans(self, dom: libvirt.virDomain) -> list[tuple[backend.Owner, libvirt.virDomainSnapshot]]:
+        """The guest's snapshots that dead runs of this plugin left, oldest first."""
+        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom)
+                 if owner.run_id != self.run_id and not _alive(owner)]
+        return sorted(found, key=lambda pair: pair[0].started)
+
+    def cleanup(self, name: str, dry_run: bool) -> list[str]:
+        """``--kvm-cleanup``: repair one guest dead runs left, under its lock."""
+        dom = backend.lookup_domain(self.connection(), name)
+        lines = [f"{name}: {snap.getName()} belongs to live run {owner.run_id} "
+                 f"(pid {owner.pid} on {owner.host}); left alone"
+                 for owner, snap in backend.owned_snapshots(dom) if _alive(owner)]
+        orphans = self.orphans(dom)
+        dead_clones, directories = self._orphan_clones(dom)
+        if dry_run:
+            if orphans:
+                names = ", ".join(snap.getName() for _, snap in orphans)
+                lines.append(f"{name}: would restore the guest to {orphans[0][1].getName()} "
+                             f"and delete orphan snapshot(s) {names}")
+            lines.extend(f"{name}: would remove clone {clone}" for clone in dead_clones)
+            lines.extend(f"{name}: would remove copies in {directory}" for directory in directories)
+        elif orphans or dead_clones or directories:
+            lock = GuestLock(self.lock_dir, self.settings.uri, name)
+            lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
+            try:
+                lines.extend(self._recover_orphans(name, dom))
+            finally:
+                lock.release()
+        return lines or [f"{name}: nothing to clean"]
+
+    def stale_records(self, dry_run: bool) -> list[str]:
+        """Run records of dead runs whose guests had nothing left to repair."""
+        lines = []
+        for record in GuestLock.records(self.lock_dir) if self.lock_dir.is_dir() else []:
+            if record.owner_alive():
+                continue
+            lines.append(f"{record.domain}: {'would remove' if dry_run else 'removed'} the record of "
+                         f"dead run {record.run_id} (pid {record.owner_pid})")
+            if not dry_run:
+                lock = GuestLock(self.lock_dir, record.uri, record.domain)
+                lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
+                lock.remove()
+                lock.release()
+        return lines
 
     # --- units ---------------------------------------------------------------
 
     def start_test(self, spec: Spec, unit: str, nodeid: str) -> None:
         """Before a test's fixtures: begin its unit on each guest, revert if due."""
+        self._reconnect_if_lost()
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
             state = self._state(name)
+            if spec.snapshot and self.clone_slot is not None:
+                raise ConfigError(f"snapshot={spec.snapshot!r} cannot be used with --kvm-clones: "
+                                  "clones start from the state the guest is found in")
             if spec.snapshot and not state.lock.held:
                 # Checked first, so the error lists only the user's snapshots.
                 backend.lookup_snapshot(self._domain(name), spec.snapshot)
@@ -192,13 +347,20 @@ class GuestManager:
         ``next_units`` maps each guest to the unit of the next test that uses it
         in this process (None when the next test does not use it).
         """
+        self._reconnect_if_lost()
         errors = []
         for name in spec.domains:
             state = self._states.get(name)
-            if state is None or not state.lock.held or next_units.get(name) == state.unit:
+            if state is None or not state.lock.held:
+                continue
+            died = backend.crash_reason(self._domain(state.name))
+            if died:  # the test errors; the guest is restored now, whatever the unit or mode
+                errors.append(f"guest {name!r} went down during the test: {died}; "
+                              "it is being restored to its baseline for the next test")
+            elif next_units.get(name) == state.unit:
                 continue
             try:
-                self._end_unit(state)
+                self._end_unit(state, force=bool(died))
             except KvmSnapError as exc:
                 errors.append(str(exc))
             finally:
@@ -206,10 +368,10 @@ class GuestManager:
         if errors:
             raise RevertFailed("; ".join(errors))
 
-    def _end_unit(self, state: GuestState) -> None:
+    def _end_unit(self, state: GuestState, force: bool = False) -> None:
         mode, unit = state.unit_revert, state.unit
         state.unit = None
-        due = mode in ("after", "both") or (mode == "on-failure" and state.unit_failed)
+        due = force or mode in ("after", "both") or (mode == "on-failure" and state.unit_failed)
         if due and not state.broken and state.unit_baseline and state.at != state.unit_baseline:
             self._revert(state, state.unit_baseline, f"after {unit}")
 
@@ -228,32 +390,40 @@ class GuestManager:
             raise
         state.at = target
 
-    def _revert_record(self, record: RunRecord, dom: libvirt.virDomain, target: str, reason: str) -> None:
+    def _revert_record(self, record: RunRecord, dom: libvirt.virDomain, target: str, reason: str,
+                       *, final: bool = False) -> None:
         snap = backend.lookup_snapshot(dom, target)
-        method = self._choose_method(record, dom, snap)
+        why_not = self._why_not_inplace(record, dom, snap)
+        if why_not and self.settings.revert_method == "inplace" and not final and dom.isActive():
+            # Strict mode: the user asked never to pay for a QEMU restart between
+            # tests.  A guest whose QEMU is gone needs one anyway, and the
+            # end-of-session restore (final) may too: a guest left dirty is worse.
+            raise RevertFailed(f"kvm_revert_method=inplace: cannot revert {record.domain!r} to "
+                               f"{target!r} in place: {why_not}. Use --kvm-revert-method=auto "
+                               "to fall back to libvirt's revert there.")
+        if why_not:
+            record.notes.setdefault(target, f"libvirt ({why_not})")
         start = time.perf_counter()
-        method = self._do_revert(record, dom, snap, method)
+        method = self._do_revert(record, dom, snap, "libvirt" if why_not else "inplace")
         seconds = time.perf_counter() - start
         record.reverts.append((seconds, method, target, reason))
         if self.listener:
             self.listener("revert", record.domain, target, seconds, method, reason)
 
-    def _choose_method(self, record: RunRecord, dom: libvirt.virDomain,
-                       snap: libvirt.virDomainSnapshot) -> str:
+    def _why_not_inplace(self, record: RunRecord, dom: libvirt.virDomain,
+                         snap: libvirt.virDomainSnapshot) -> str | None:
         name = snap.getName()
         if self.settings.revert_method == "libvirt":
-            record.notes.setdefault(name, "libvirt (chosen by kvm_revert_method)")
-            return "libvirt"
+            return "chosen by kvm_revert_method"
         why = backend.inplace_possible(dom.connect(), name)
         if why is None and backend.snapshot_state(snap) != "running":
             why = f"snapshot {name!r} was taken while the guest was not running"
-        identity = backend.process_identity(dom)
-        if why is None and (identity is None or record.inplace_ok.get(name) != list(identity)):
+        known, identity = record.inplace_ok.get(name), backend.process_identity(dom)
+        if why is None and known is None:
+            why = f"this QEMU process has not taken or loaded {name!r}"
+        elif why is None and (identity is None or known != list(identity)):
             why = "QEMU was restarted or its devices changed since the snapshot was loaded"
-        if why is None:
-            return "inplace"
-        record.notes.setdefault(name, f"libvirt ({why})")
-        return "libvirt"
+        return why
 
     def _do_revert(self, record: RunRecord, dom: libvirt.virDomain,
                    snap: libvirt.virDomainSnapshot, method: str) -> str:
@@ -281,8 +451,11 @@ class GuestManager:
         for state in self._states.values():
             self._release(state)
         problems = []
+        with contextlib.suppress(KvmSnapError):  # if it cannot, each guest says why below
+            self._reconnect_if_lost()
         if self.finisher and self.lock_dir.is_dir():
-            for record in GuestLock.records(self.lock_dir):
+            # Clones first: they run from the copies the originals' records name.
+            for record in sorted(GuestLock.records(self.lock_dir), key=lambda r: not r.clone_of):
                 if record.run_id == self.run_id:
                     problems.extend(self._finish_guest(record))
         for conn in self._connections.values():
@@ -295,9 +468,13 @@ class GuestManager:
         lock = GuestLock(self.lock_dir, record.uri, record.domain)
         try:
             record = lock.acquire(self.settings.lock_timeout, self.progress) or record
+            if record.clone_of or record.clone_source:
+                self._finish_clone_mode(record)
+                lock.remove()
+                return []
             dom = self._domain(record.domain, record.uri)
             if record.at != record.baseline:
-                self._revert_record(record, dom, record.baseline, "end of session")
+                self._revert_record(record, dom, record.baseline, "end of session", final=True)
                 record.at = record.baseline
             if not self.settings.keep_snapshot:
                 backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
@@ -309,6 +486,13 @@ class GuestManager:
         finally:
             self.finished.append(record)
             lock.release()
+
+    def _finish_clone_mode(self, record: RunRecord) -> None:
+        """A clone is destroyed, not restored; an original's copies are deleted."""
+        if record.clone_of:
+            clones.destroy(self.connection(record.uri), record.domain)
+        if record.clone_source:
+            clones.remove_source(record.clone_source)
 
 
 def _alive(owner: backend.Owner) -> bool:

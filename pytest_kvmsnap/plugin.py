@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import pytest
 
 from pytest_kvmsnap import hookspecs
+from pytest_kvmsnap.cleanup import run_cleanup
 from pytest_kvmsnap.config import add_options, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
@@ -24,8 +25,10 @@ from pytest_kvmsnap.markers import MARKER_HELP, Spec, spec_for, unit_key
 from pytest_kvmsnap.state import (
     MANAGER_KEY,
     PROBLEMS_KEY,
+    REFUSED_KEY,
     SETTINGS_KEY,
     SPEC_KEY,
+    WORKER_DIST,
     WORKER_OWNER,
     WORKER_RUN,
     is_worker,
@@ -46,6 +49,14 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if config.getoption("kvm_cleanup"):
+        return run_cleanup(config)
+    if config.getoption("kvm_dry_run"):
+        raise pytest.UsageError("kvmsnap: --kvm-dry-run only goes with --kvm-cleanup")
+    return None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
@@ -54,6 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"kvmsnap: {exc}") from None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Resolve every test's spec now, so bad marker arguments stop the run at once."""
     settings = config.stash[SETTINGS_KEY]
@@ -73,8 +85,13 @@ _KEEPS_MODULES = ("loadscope", "loadfile", "loadgroup", "no")
 
 
 def _check_distribution(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Units larger than one test must run on one worker: group them, or refuse."""
-    dist = config.getoption("dist", "no") if is_worker(config) else "no"
+    """Units larger than one test must run on one worker: group them, or refuse them.
+
+    A refused test errors at setup with the reason: raising here, on an xdist
+    worker, would only crash the worker.
+    """
+    # xdist resets a worker's own --dist to "no"; the controller passes the real one.
+    dist = str(getattr(config, "workerinput", {}).get(WORKER_DIST, "no"))
     for item in items:
         spec = item.stash.get(SPEC_KEY, None)
         if spec is None or spec.scope == "function":
@@ -83,11 +100,29 @@ def _check_distribution(config: pytest.Config, items: list[pytest.Item]) -> None
         item.add_marker(pytest.mark.xdist_group(name=f"kvmsnap-{unit_key(item, spec.scope)}"))
         if dist == "loadgroup" or (dist in _KEEPS_MODULES and spec.scope in ("class", "module")):
             continue
-        raise pytest.UsageError(
-            f"kvmsnap: {item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
-            f"worker, but --dist {dist} spreads them. Use --dist loadgroup (pytest-kvmsnap groups "
-            "each unit), or --dist loadscope for class and module scopes."
+        item.stash[REFUSED_KEY] = (
+            f"{item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
+            f"worker, but --dist {dist} spreads them. Use --dist loadscope or loadfile for class "
+            "and module scopes, or --dist loadgroup (pytest-kvmsnap groups each unit)."
         )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Check that xdist's loadgroup really grouped the units (it marks node ids with '@').
+
+    With pytest 9.2 and pytest-xdist 3.8 it silently does not (pytest-xdist
+    issue 1386); a unit split over workers would see other units' changes.
+    """
+    if getattr(session.config, "workerinput", {}).get(WORKER_DIST) != "loadgroup":
+        return
+    for item in session.items:
+        spec = _spec(item)
+        if spec is not None and spec.scope != "function" and "@" not in item.nodeid:
+            item.stash[REFUSED_KEY] = (
+                f"{item.nodeid} uses scope={spec.scope!r}, but this pytest-xdist's --dist loadgroup "
+                "does not group tests with this pytest (pytest-xdist issue 1386). Use --dist "
+                "loadscope or loadfile for class and module scopes, or run without xdist."
+            )
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -96,6 +131,7 @@ def pytest_configure_node(node: object) -> None:
     workerinput = node.workerinput  # type: ignore[attr-defined]
     workerinput[WORKER_RUN] = run_id(node.config)  # type: ignore[attr-defined]
     workerinput[WORKER_OWNER] = os.getpid()
+    workerinput[WORKER_DIST] = node.config.getoption("dist", "no")  # type: ignore[attr-defined]
 
 
 def _spec(item: pytest.Item) -> Spec | None:
@@ -107,10 +143,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     spec = _spec(item)
     if spec is None:
         return
+    refused = item.stash.get(REFUSED_KEY, None)
+    if refused:
+        pytest.fail(f"kvmsnap: {refused}", pytrace=False)
+    manager = manager_for(item.config)
+    _or_fail(lambda: manager.start_test(spec, unit_key(item, spec.scope), item.nodeid))
+
+
+def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:
+    """Run a manager step; its error fails the test as one line.
+
+    pytest.fail is called outside the ``except`` block so that the report does
+    not chain "During handling of the above exception" onto the message.
+    """
     try:
-        manager_for(item.config).start_test(spec, unit_key(item, spec.scope), item.nodeid)
+        step()
+        return
     except KvmSnapError as exc:
-        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+        error = exc
+    if not quiet:  # quiet: the teardown's own error is already being reported
+        pytest.fail(f"kvmsnap: {error}", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -141,11 +193,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _end_test(manager: GuestManager, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
-    try:
-        manager.end_test(spec, _next_units(nextitem))
-    except KvmSnapError as exc:
-        if not quiet:  # else the teardown's own error is already being reported
-            pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+    _or_fail(lambda: manager.end_test(spec, _next_units(nextitem)), quiet)
 
 
 def _next_units(nextitem: pytest.Item | None) -> dict[str, str | None]:
@@ -184,6 +232,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     for note in manager.notes:
         tr.write_line(note)
     for record in manager.finished:
+        for event in record.events:
+            tr.write_line(event)
         tr.write_line(summary(record))
         for snapshot, how in sorted(record.notes.items()):
             tr.write_line(f"  revert method for {snapshot}: {how}")

@@ -21,9 +21,11 @@ RUN_ID_KEY = pytest.StashKey[str]()
 MANAGER_KEY = pytest.StashKey[GuestManager]()
 PROBLEMS_KEY = pytest.StashKey[list[str]]()
 SPEC_KEY = pytest.StashKey[Spec | None]()
+REFUSED_KEY = pytest.StashKey[str]()  # why a test may not run under this xdist distribution
 # What xdist's controller tells its workers (through node.workerinput).
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"
+WORKER_DIST = "kvmsnap_dist"
 PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
 
 
@@ -50,6 +52,15 @@ def lock_dir(settings: Settings) -> Path:
     return prepare_lock_dir(lock_dir_path(settings), shared=bool(settings.lock_dir))
 
 
+def clone_slot(config: pytest.Config, settings: Settings) -> int | None:
+    """Clone mode: which clone this process uses (xdist worker gwN -> N mod clones)."""
+    workerinput = getattr(config, "workerinput", {})
+    count = settings.clone_count(int(workerinput.get("workercount", 1)))
+    if count == 0:
+        return None
+    return int(str(workerinput.get("workerid", "gw0")).removeprefix("gw") or 0) % count
+
+
 def manager_for(config: pytest.Config) -> GuestManager:
     """The run's manager, created on first need so unused runs touch no hypervisor."""
     if MANAGER_KEY not in config.stash:
@@ -57,7 +68,7 @@ def manager_for(config: pytest.Config) -> GuestManager:
         workerinput = getattr(config, "workerinput", {})
         manager = GuestManager(settings, run_id(config), lock_dir(settings),
                                owner_pid=workerinput.get(WORKER_OWNER), finisher=not is_worker(config),
-                               progress=_progress(config))
+                               progress=_progress(config), clone_slot=clone_slot(config, settings))
         manager.listener = _hook_caller(config)
         config.stash[MANAGER_KEY] = manager
         _terminate_like_ctrl_c()

@@ -49,7 +49,7 @@ def revert_log(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Re
     return RevertLog(path)
 
 
-def guest_domain_xml(name: str, disk_format: str = "qcow2", pflash: bool = False) -> str:
+def guest_domain_xml(name: str, disk_format: str = "qcow2", pflash: bool = False, extra: str = "") -> str:
     dom = ET.Element("domain", type="test")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory").text = "65536"
@@ -62,6 +62,8 @@ def guest_domain_xml(name: str, disk_format: str = "qcow2", pflash: bool = False
     ET.SubElement(disk, "driver", name="qemu", type=disk_format)
     ET.SubElement(disk, "source", file=f"/guest/{uuid.uuid4().hex}.img")
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    if extra:  # raw device XML, for devices the preflight must refuse
+        devices.append(ET.fromstring(extra))
     return ET.tostring(dom, encoding="unicode")
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import RealGuest, run_inner
+from pytest_kvmsnap.locking import GuestLock, default_lock_dir
+from tests.integration.conftest import URI, RealGuest, run_inner
 
 WRITE = "echo {v} > /data/marker; echo {v} > /tmp/marker"
 CLEAN = "! ls /data/marker /tmp/marker 2>/dev/null"  # exit 0 only when neither exists
@@ -21,18 +22,27 @@ def three_dirty_tests(guest: str, marker: str = "") -> str:
     """
 
 
+LOCK_DIR = default_lock_dir()  # read now: some tests point XDG_RUNTIME_DIR elsewhere
+
+
 def assert_as_found(guest: RealGuest, snapshots: list[str] | None = None) -> None:
+    """Running, clean disk and RAM, the snapshots it had, no run record, lock free."""
     assert guest.snapshots() == (snapshots or [])
     assert guest.state() == 1  # running
     assert guest.console.run(CLEAN).status == 0
+    if LOCK_DIR.is_dir():
+        assert [r for r in GuestLock.records(LOCK_DIR) if r.domain == guest.name] == []
+        lock = GuestLock(LOCK_DIR, URI, guest.name)
+        lock.acquire(0, print)  # raises if anyone still holds it
+        lock.release()
 
 
-@pytest.mark.parametrize("method", ["auto", "libvirt"])
+@pytest.mark.parametrize("method", ["auto", "inplace", "libvirt"])
 def test_disk_and_memory_restored_between_tests(inner, guest_a: RealGuest, method: str) -> None:
     inner.makepyfile(three_dirty_tests(guest_a.name))
     result = run_inner(inner, f"--kvm-revert-method={method}")
     result.assert_outcomes(passed=3)
-    expected = "inplace (QEMU loadvm)" if method == "auto" else "libvirt*"
+    expected = "libvirt*" if method == "libvirt" else "inplace (QEMU loadvm)"
     result.stdout.fnmatch_lines([f"{guest_a.name}: baseline kvmsnap-* 3 revert(s)*",
                                  f"*revert method for kvmsnap-*: {expected}"])
     assert_as_found(guest_a)
@@ -141,6 +151,27 @@ def test_existing_snapshot_used_and_kept(inner, guest_a: RealGuest) -> None:
         dom.snapshotLookupByName("it-user").delete(0)
 
 
+def test_strict_inplace_refuses_what_needs_a_qemu_restart(inner, guest_a: RealGuest) -> None:
+    """A user snapshot this QEMU never loaded can only be reached by libvirt's revert."""
+    dom = guest_a.domain()
+    dom.snapshotCreateXML("<domainsnapshot><name>it-user</name></domainsnapshot>", 0)
+    try:
+        inner.makepyfile(f"""
+            import pytest
+            @pytest.mark.kvm_snapshot("{guest_a.name}", snapshot="it-user")
+            def test_from_user_snapshot(sh):
+                sh.check("echo changed > /data/marker")
+        """)
+        result = run_inner(inner, "--kvm-revert-method=inplace")
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines(["*kvm_revert_method=inplace: cannot revert * to 'it-user' in place: "
+                                     "this QEMU process has not taken or loaded 'it-user'*--kvm-revert-method=auto*"])
+        assert guest_a.snapshots() == ["it-user"]
+        assert guest_a.console.run(CLEAN).status == 0
+    finally:
+        dom.snapshotLookupByName("it-user").delete(0)
+
+
 def test_unknown_domain_and_snapshot_on_real_libvirt(inner, guest_a: RealGuest) -> None:
     inner.makepyfile(f"""
         import pytest
@@ -152,7 +183,7 @@ def test_unknown_domain_and_snapshot_on_real_libvirt(inner, guest_a: RealGuest) 
     result = run_inner(inner)
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines([
-        f"*no domain named 'no-such-guest' at qemu:///system. Domains there: *{guest_a.name}*",
+        f"*no domain named 'no-such-guest' at {URI}. Domains there: *{guest_a.name}*",
         f"*'{guest_a.name}' has no snapshot named 'no-such-snapshot'. Its snapshots: none*",
     ])
     assert_as_found(guest_a)

@@ -49,6 +49,21 @@ def test_pflash_guest_is_refused_on_old_libvirt(pytester: pytest.Pytester, testd
     result.stdout.fnmatch_lines(["*boots UEFI from pflash*"])
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0' bus='1' slot='0' "
+     "function='0'/></source></hostdev>", "a passed-through host device (<hostdev type='pci'>)"),
+    ("<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='srv'/></filesystem>",
+     "a virtiofs filesystem*"),
+])
+def test_savevm_blocking_device_is_refused(pytester: pytest.Pytester, testdriver: TestDriver,
+                                           device: str, message: str) -> None:
+    name = testdriver.define(extra=device)
+    result = run_one(pytester, f"'{name}'")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*guest '{name}' has {message}, which QEMU cannot save into a snapshot*"])
+    assert testdriver.snapshots(name) == []
+
+
 @pytest.mark.parametrize("uri", ["qemu+unix:///system?socket=/nonexistent/libvirt-sock"])
 def test_unreachable_uri_says_daemon_down(pytester: pytest.Pytester, uri: str) -> None:
     pytester.makepyfile("""
@@ -74,4 +89,21 @@ def test_special_names_are_data(pytester: pytest.Pytester, testdriver: TestDrive
             assert kvm_guest.name == {name!r}
     """)
     pytester.runpytest("--kvm-uri=test:///default").assert_outcomes(passed=1)
+    assert testdriver.snapshots(name) == []
+
+
+def test_strict_inplace_refuses_a_libvirt_revert(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    """inplace is strict between tests; the end-of-session restore may still use libvirt."""
+    name = testdriver.define()
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({name!r}, revert="before")
+        @pytest.mark.parametrize("i", [1, 2])
+        def test_one(i, kvm_guest):
+            pass
+    """)
+    result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-revert-method=inplace")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*kvm_revert_method=inplace: cannot revert * in place: the TEST driver "
+                                 "has no QEMU monitor. Use --kvm-revert-method=auto*"])
     assert testdriver.snapshots(name) == []

@@ -1,0 +1,54 @@
+"""``pytest --kvm-cleanup [--kvm-dry-run]``: repair what dead runs left, run no tests.
+
+A run killed with ``kill -9`` leaves its baseline snapshot (the guest is then
+in whatever state its last test left) and its run record.  The next run that
+uses the guest repairs it anyway; this command does it on demand, for the
+configured guests (``--kvm-domain`` / ``kvm_domains``) or every guest at the URI.
+Only snapshots whose ownership record names a dead run of this plugin are
+touched; everything else is listed at most.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_kvmsnap import backend
+from pytest_kvmsnap.config import resolve
+from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.manager import GuestManager
+from pytest_kvmsnap.state import lock_dir, run_id
+
+CLEANUP_HELP = ("list and repair what killed runs left (orphan snapshots of dead runs: the guest "
+                "is restored to the oldest and they are deleted; stale run records), then exit "
+                "without running tests.")
+DRY_RUN_HELP = "with --kvm-cleanup: only list what would be repaired."
+
+
+def add_cleanup_options(group: pytest.OptionGroup) -> None:
+    group.addoption("--kvm-cleanup", action="store_true", dest="kvm_cleanup", help=CLEANUP_HELP)
+    group.addoption("--kvm-dry-run", action="store_true", dest="kvm_dry_run", help=DRY_RUN_HELP)
+
+
+def run_cleanup(config: pytest.Config) -> int:
+    """Print one line per guest and per stale record; exit 1 if anything could not be done."""
+    dry_run = bool(config.getoption("kvm_dry_run"))
+    try:
+        settings = resolve(config)
+        manager = GuestManager(settings, run_id(config), lock_dir(settings))
+        names = settings.domains or sorted(d.name() for d in manager.connection().listAllDomains())
+    except KvmSnapError as exc:
+        print(f"kvmsnap: {exc}")
+        return pytest.ExitCode.USAGE_ERROR
+    print(f"kvmsnap cleanup at {settings.uri}{' (dry run: nothing is changed)' if dry_run else ''}")
+    failed = False
+    for name in names:
+        try:
+            lines = manager.cleanup(name, dry_run)
+        except (KvmSnapError, backend.lib().libvirtError) as exc:
+            lines, failed = [f"{name}: could not clean: {exc}"], True
+        for line in lines:
+            print(f"  {line}")
+    for line in manager.stale_records(dry_run):
+        print(f"  {line}")
+    manager.finish()
+    return pytest.ExitCode.TESTS_FAILED if failed else pytest.ExitCode.OK

@@ -1,0 +1,74 @@
+"""--kvm-clones on a real guest: workers run at the same time, each on its own clone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from tests.integration.conftest import RealGuest, run_inner
+from tests.integration.test_parallel import next_run_finds_it_clean, start_run_stuck_mid_test
+from tests.integration.test_semantics import CLEAN, assert_as_found
+
+CLONE_TESTS = """
+    import json, os, time, pytest
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range(4))
+    def test_on_a_clone(i, sh, kvm_guest):
+        start = time.time()
+        assert sh.check("cat /tmp/orig") == "kept", "the clone lacks the original's memory state"
+        assert sh.run("{clean}").status == 0, "clone not at the baseline"
+        sh.check(f"echo {{i}} > /tmp/marker; echo {{i}} > /data/marker")
+        time.sleep(1.5)
+        assert sh.check("cat /tmp/marker") == str(i)
+        with open(f"ran-{{i}}.json", "w") as f:
+            json.dump({{"guest": kvm_guest.name, "start": start, "end": time.time(),
+                        "worker": os.environ.get("PYTEST_XDIST_WORKER")}}, f)
+"""
+
+
+def leftovers(guest: RealGuest) -> list[str]:
+    """Clone domains or copy directories of this guest that outlived the run."""
+    import libvirt
+
+    conn = libvirt.open(guest.domain().connect().getURI())
+    names = [d.name() for d in conn.listAllDomains() if d.name().startswith(f"{guest.name}-kvmsnap-")]
+    return names + [str(p) for p in guest.image.disk_for(guest.name).parent.glob("kvmsnap-*") if p.is_dir()]
+
+
+def test_two_workers_run_at_once_on_their_own_clones(inner, guest_a: RealGuest) -> None:
+    guest_a.console.check("echo kept > /tmp/orig")  # RAM only: a clone must carry memory
+    inner.makepyfile(CLONE_TESTS.format(name=guest_a.name, clean=CLEAN))
+    result = run_inner(inner, "-n", "2", "--kvm-clones=auto")
+    result.assert_outcomes(passed=4)
+    runs = [json.loads(p.read_text()) for p in sorted(inner.path.glob("ran-*.json"))]
+    guests = {r["worker"]: r["guest"] for r in runs}
+    assert len(set(guests.values())) == 2 and all(g.startswith(f"{guest_a.name}-kvmsnap-") for g in guests.values())
+    by_guest = {g: [r for r in runs if r["guest"] == g] for g in set(guests.values())}
+    one, two = by_guest.values()
+    overlap = min(max(r["end"] for r in one), max(r["end"] for r in two)) - max(
+        min(r["start"] for r in one), min(r["start"] for r in two))
+    assert overlap > 1.0, f"the clones did not run at the same time: {runs}"
+    assert guest_a.console.check("cat /tmp/orig") == "kept"  # the original was not reverted
+    guest_a.console.check("rm /tmp/orig")
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)
+
+
+def test_clone_mode_refuses_a_user_snapshot(inner, guest_a: RealGuest) -> None:
+    inner.makepyfile("def test_x(): pass")
+    result = run_inner(inner, "--kvm-clones=2", "--kvm-snapshot=golden")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*kvm_clones and kvm_snapshot do not go together*"])
+
+
+def test_killed_clone_run_is_cleaned_by_the_next_run(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
+    victim = start_run_stuck_mid_test(inner, spawn, guest_a, "victim", "--kvm-clones=1")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert len(leftovers(guest_a)) == 2, "expected the dead run's clone and its copies"
+    result = next_run_finds_it_clean(inner, guest_a)
+    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 1 clone(s) and 1 copy director(ies) "
+                                 "left by dead runs"])
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)

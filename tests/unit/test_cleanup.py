@@ -1,0 +1,90 @@
+"""--kvm-cleanup: orphans of dead runs are repaired; live runs' and users' snapshots are not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_kvmsnap import backend
+from pytest_kvmsnap.locking import GuestLock, RunRecord
+from tests.conftest import TestDriver
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plugin_snapshot(testdriver: TestDriver, name: str, run: str, pid: int) -> None:
+    owner = backend.Owner(run, pid, os.uname().nodename, time.time())
+    backend.create_baseline(testdriver.conn.lookupByName(name), f"kvmsnap-{run}", owner)
+
+
+@pytest.fixture
+def guest(testdriver: TestDriver) -> str:
+    name = testdriver.define()
+    testdriver.conn.lookupByName(name).snapshotCreateXML("<domainsnapshot><name>mine</name></domainsnapshot>")
+    plugin_snapshot(testdriver, name, "deadrun", dead_pid())
+    plugin_snapshot(testdriver, name, "liverun", os.getpid())
+    return name
+
+
+def cleanup(pytester: pytest.Pytester, guest: str, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("--kvm-uri=test:///default", f"--kvm-domain={guest}",
+                              f"--kvm-lock-dir={pytester.path / 'locks'}", "--kvm-cleanup", *args)
+
+
+def test_dry_run_lists_and_changes_nothing(pytester: pytest.Pytester, testdriver: TestDriver, guest: str) -> None:
+    result = cleanup(pytester, guest, "--kvm-dry-run")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines([
+        "kvmsnap cleanup at test:///default (dry run: nothing is changed)",
+        f"  {guest}: kvmsnap-liverun belongs to live run liverun (pid {os.getpid()} *); left alone",
+        f"  {guest}: would restore the guest to kvmsnap-deadrun and delete orphan snapshot(s) kvmsnap-deadrun",
+    ])
+    assert testdriver.snapshots(guest) == ["kvmsnap-deadrun", "kvmsnap-liverun", "mine"]
+
+
+def test_cleanup_removes_only_dead_runs_snapshots(pytester: pytest.Pytester, testdriver: TestDriver,
+                                                  guest: str) -> None:
+    result = cleanup(pytester, guest)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines([f"*{guest}: restored to kvmsnap-deadrun left by dead run deadrun*"
+                                 "deleted 1 orphan snapshot(s)"])
+    assert testdriver.snapshots(guest) == ["kvmsnap-liverun", "mine"]
+    assert "collected" not in result.stdout.str()  # no tests ran
+
+
+def test_cleanup_removes_a_dead_runs_record(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define()
+    locks = pytester.path / "locks"
+    locks.mkdir(mode=0o700)
+    lock = GuestLock(locks, "test:///default", name)
+    lock.acquire(1, print)
+    lock.write(RunRecord("test:///default", name, "deadrun", dead_pid(), os.uname().nodename, 1.0,
+                         "kvmsnap-deadrun", None))
+    lock.release()
+    cleanup(pytester, name, "--kvm-dry-run").stdout.fnmatch_lines(
+        [f"  {name}: would remove the record of dead run deadrun*"])
+    assert lock.read() is not None
+    cleanup(pytester, name).stdout.fnmatch_lines([f"  {name}: removed the record of dead run deadrun*"])
+    assert lock.read() is None
+
+
+def test_dry_run_alone_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--kvm-dry-run")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--kvm-dry-run only goes with --kvm-cleanup*"])
+
+
+def test_unreachable_uri_is_one_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    result = pytester.runpytest("--kvm-uri=qemu+unix:///system?socket=/nonexistent/sock", "--kvm-cleanup",
+                                f"--kvm-lock-dir={tmp_path}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["kvmsnap: cannot open libvirt connection*libvirtd does not seem*"])
