@@ -66,3 +66,16 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
 def test_marker_is_registered_with_signature(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["*kvm_snapshot(*domains, revert=None, scope=None, snapshot=None)*"])
+
+
+@pytest.mark.parametrize(("value", "expected", "workers"), [("auto", "auto", 3), ("2", "2", 2), ("0", "0", 0)])
+def test_clones_setting(pytester: pytest.Pytester, value: str, expected: str, workers: int) -> None:
+    got = settings(pytester, ini=f"kvm_clones = {value}")
+    assert got.clones == expected and got.clone_count(3) == workers
+
+
+def test_bad_clones_value_is_refused(pytester: pytest.Pytester) -> None:
+    from pytest_kvmsnap.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="is not 'auto' or a number of clones"):
+        settings(pytester, "--kvm-clones=many")

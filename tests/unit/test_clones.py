@@ -1,0 +1,42 @@
+"""The clone's domain XML: new name, no UUID, own disk copies and sockets, ownership record."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pytest_kvmsnap import backend
+from pytest_kvmsnap.clones import _clone_xml, clone_name
+
+ORIGINAL = """
+<domain type='qemu'>
+  <name>web</name><uuid>c96d224f-be81-4de4-b99a-67cc90194d0d</uuid>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/images/web.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+      <source file='/images/iso.img'/><target dev='vdb' bus='virtio'/><readonly/></disk>
+    <serial type='unix'><source mode='bind' path='/run/sock/web.sock'/><target port='0'/></serial>
+    <channel type='unix'><source mode='bind' path='/run/sock/agent'/><target type='virtio'/></channel>
+  </devices>
+</domain>
+"""
+
+
+def test_clone_xml(tmp_path: Path) -> None:
+    (tmp_path / "vda.qcow2").write_bytes(b"image")
+    source = {"directory": str(tmp_path), "disks": {"vda": str(tmp_path / "vda.qcow2")},
+              "domain_xml": ORIGINAL, "snapshot_xml": "<domainsnapshot/>"}
+    owner = backend.Owner("run1", 123, "host", time.time())
+    name = clone_name("web", "run1", 0)
+    root = _clone_xml(source, "web", name, owner)
+    assert name == "web-kvmsnap-run1-0"
+    assert root.findtext("name") == name and root.find("uuid") is None
+    assert backend.Owner.from_description(root.findtext("description")) == owner
+    sources = [d.find("source").get("file") for d in root.iterfind("devices/disk")]  # type: ignore[union-attr]
+    assert sources == [str(tmp_path / f"{name}-vda.qcow2"), "/images/iso.img"]  # read-only: shared
+    assert (tmp_path / f"{name}-vda.qcow2").read_bytes() == b"image"
+    paths = [s.get("path") for s in root.iterfind("devices/*/source[@mode='bind']")]
+    assert paths == [f"/run/sock/{name}.sock", f"/run/sock/agent.{name}"]
+    assert ET.tostring(root, encoding="unicode").count("web.sock") == 0
