@@ -69,8 +69,10 @@ class GuestManager:
             if not backend.is_alive(conn):
                 self._drop_connection(uri)
                 self.connection(uri)
+                # Into a held guest's record, if any: xdist's controller prints those.
+                held = [state.record for state in self._states.values() if state.lock.held]
                 self._note(f"kvmsnap: reconnected to {uri}: the libvirt connection was lost "
-                           "(libvirtd restarted?)")
+                           "(libvirtd restarted?)", held[0] if held else None)
 
     def _drop_connection(self, uri: str) -> None:
         with contextlib.suppress(Exception):  # already broken; nothing to release

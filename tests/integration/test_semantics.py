@@ -146,6 +146,7 @@ def test_existing_snapshot_used_and_kept(inner, guest_a: RealGuest) -> None:
         """)
         run_inner(inner).assert_outcomes(passed=2)
         assert guest_a.snapshots() == ["it-user"]
+        assert dom.snapshotCurrent().getName() == "it-user"  # libvirt's "current" pointer is back
         assert guest_a.console.run(CLEAN).status == 0  # back as found, not as the snapshot
     finally:
         dom.snapshotLookupByName("it-user").delete(0)
