@@ -24,13 +24,14 @@ from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, RevertFailed, UnsupportedGuest
 from pytest_kvmsnap.guest import Guest, GuestState
-from pytest_kvmsnap.locking import GuestLock, RunRecord, pid_alive
+from pytest_kvmsnap.locking import GuestLock, LeaseTimeout, RunRecord, pid_alive
 from pytest_kvmsnap.markers import Spec
 
 if TYPE_CHECKING:
     import libvirt
 
 T = TypeVar("T")
+RIVAL_POLL = 2.0  # seconds between looks at a guest another lock directory's run holds
 # (kind, domain, snapshot, seconds, method, reason): how the plugin's hooks are fed.
 Listener = Callable[[str, str, str, float, str, str], None]
 
@@ -135,10 +136,9 @@ class GuestManager:
         return record is None or record.run_id == self.run_id or not record.owner_alive()
 
     def _acquire(self, state: GuestState, holder: str) -> None:
-        record = state.lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
-        if record is None or record.run_id != self.run_id:
-            record = self._take_baseline(state)
-        elif record.holder:
+        record = self._lease(state.lock, state.name, lambda: self._take_baseline(state),
+                             rivals=not state.clone_of)  # a clone is this run's alone
+        if record.holder:
             # Our run's last holder never released: it died mid-unit (an xdist
             # worker crash), and the guest is in whatever state it left.
             state.holder_died = True
@@ -146,6 +146,59 @@ class GuestManager:
         record.holder, record.since = holder, time.time()
         state.record = record
         state.lock.write(record)
+
+    def _lease(self, lock: GuestLock, name: str, take: Callable[[], RunRecord],
+               rivals: bool = True) -> RunRecord:
+        """Hold ``lock`` with this run's record in it, calling ``take`` for a new run.
+
+        Runs that share this lock directory are kept out by the lock and the run
+        record.  Runs that do not (another user's lock directory, another host
+        on a remote hypervisor) are kept out by what they leave on the guest
+        itself: a live run's baseline snapshot.
+        """
+        deadline = time.monotonic() + self.settings.lock_timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            record = lock.acquire(remaining, self.progress, admit=self._may_use)
+            if record is not None and record.run_id == self.run_id:
+                return record
+            rival = self._rival(name) if rivals else None
+            if rival is None:
+                try:
+                    return take()
+                except _Outraced as exc:
+                    rival = exc.rival
+            lock.release()
+            self._wait_for_rival(name, rival, deadline)
+
+    def _rival(self, name: str) -> tuple[backend.Owner, str] | None:
+        """The oldest other live run whose baseline snapshot is on the guest."""
+        rivals = [(owner, snap.getName()) for owner, snap in backend.owned_snapshots(self._domain(name))
+                  if owner.run_id != self.run_id and _alive(owner)]
+        return min(rivals, key=lambda r: (r[0].started, r[0].run_id), default=None)
+
+    def _wait_for_rival(self, name: str, rival: tuple[backend.Owner, str], deadline: float) -> None:
+        owner, snapshot = rival
+        who = (f"run {owner.run_id} (pid {owner.pid} on {owner.host}, which keeps its locks elsewhere; "
+               f"seen by its baseline snapshot {snapshot!r} on the guest)")
+        if time.monotonic() >= deadline:
+            raise LeaseTimeout(
+                f"gave up after {self.settings.lock_timeout:.0f} s waiting for guest {name!r}: held by {who}. "
+                f"If that run is gone, run pytest --kvm-cleanup on {owner.host} or delete the snapshot "
+                f"(virsh snapshot-delete {name} {snapshot}); else raise --kvm-lock-timeout"
+            )
+        self.progress(f"kvmsnap: guest {name!r} is in use by {who}; waiting")
+        time.sleep(min(RIVAL_POLL, max(0.0, deadline - time.monotonic())))
+
+    def _create_baseline(self, name: str, dom: libvirt.virDomain) -> libvirt.virDomainSnapshot:
+        snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
+        rival = self._rival(name)
+        if rival is not None and (rival[0].started, rival[0].run_id) < (self.owner.started, self.run_id):
+            # Two runs that share no lock directory took baselines at once: the
+            # older run keeps the guest, this one backs off and waits for it.
+            backend.delete_snapshot(snap)
+            raise _Outraced(rival)
+        return snap
 
     def _release(self, state: GuestState) -> None:
         if not state.lock.held:
@@ -186,7 +239,7 @@ class GuestManager:
         dom = self._domain(state.name)
         for repaired in self._recover_orphans(state.name, dom):
             self._note(repaired, record)
-        return dom, backend.create_baseline(dom, record.baseline, self.owner)
+        return dom, self._create_baseline(state.name, dom)
 
     # --- clone mode (see clones.py) ------------------------------------------
 
@@ -199,23 +252,25 @@ class GuestManager:
         dom = self._domain(name)
         clones.check_local(self.connection())
         lock = GuestLock(self.lock_dir, self.settings.uri, name)
-        record = lock.acquire(self.settings.lock_timeout, self.progress, admit=self._may_use)
         try:
-            if record is None or record.run_id != self.run_id:
-                record = RunRecord(self.settings.uri, name, self.run_id, self.owner.pid, self.owner.host,
-                                   self.owner.started, "", None)
-                lock.write(record)
-                try:
-                    start = time.perf_counter()
-                    self._copy_original(name, dom, record)
-                    record.baseline_seconds = time.perf_counter() - start
-                except BaseException:
-                    lock.remove()
-                    raise
-                lock.write(record)
+            self._lease(lock, name, lambda: self._new_clone_source(name, dom, lock))
         finally:
             lock.release()
         return clones.clone_name(name, self.run_id, self.clone_slot or 0)
+
+    def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
+        record = RunRecord(self.settings.uri, name, self.run_id, self.owner.pid, self.owner.host,
+                           self.owner.started, "", None)
+        lock.write(record)
+        try:
+            start = time.perf_counter()
+            self._copy_original(name, dom, record)
+            record.baseline_seconds = time.perf_counter() - start
+        except BaseException:
+            lock.remove()
+            raise
+        lock.write(record)
+        return record
 
     def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
         for repaired in self._recover_orphans(name, dom):
@@ -223,7 +278,7 @@ class GuestManager:
         if not dom.isActive():
             raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
                                    "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
-        snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
+        snap = self._create_baseline(name, dom)
         try:
             record.clone_source = clones.make_source(dom, snap, self.owner)
         finally:
@@ -495,6 +550,14 @@ class GuestManager:
             clones.destroy(self.connection(record.uri), record.domain)
         if record.clone_source:
             clones.remove_source(record.clone_source)
+
+
+class _Outraced(Exception):
+    """Another run took a baseline of the guest at the same moment, and is older."""
+
+    def __init__(self, rival: tuple[backend.Owner, str]) -> None:
+        super().__init__(rival[1])
+        self.rival = rival
 
 
 def _alive(owner: backend.Owner) -> bool:

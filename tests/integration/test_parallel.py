@@ -59,6 +59,19 @@ def test_second_run_waits_for_the_first(inner, guest_a: RealGuest, spawn) -> Non
     assert_as_found(guest_a)
 
 
+def test_runs_with_different_lock_dirs_still_take_turns(inner, guest_a: RealGuest, spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two users (or hosts) that share no lock directory: the guest's own snapshot is the lease."""
+    inner.makepyfile(exclusive_tests(guest_a.name, n=3, pause=1.0))
+    first = spawn("first", f"--kvm-lock-dir={tmp_path / 'a'}")
+    time.sleep(1.5)  # let the first run take the guest
+    second = spawn("second", f"--kvm-lock-dir={tmp_path / 'b'}")
+    assert first.wait(120) == 0, (inner.path / "first.out").read_text()
+    assert second.wait(120) == 0, (inner.path / "second.out").read_text()
+    out = (inner.path / "second.out").read_text()
+    assert f"guest '{guest_a.name}' is in use by run" in out and "seen by its baseline snapshot" in out
+    assert_as_found(guest_a)
+
+
 def test_lock_timeout_zero_fails_fast(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
     inner.makepyfile(exclusive_tests(guest_a.name, n=2, pause=3.0))
     first = spawn("first")

@@ -88,3 +88,22 @@ def test_unreachable_uri_is_one_line(pytester: pytest.Pytester, tmp_path: Path) 
                                 f"--kvm-lock-dir={tmp_path}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stdout.fnmatch_lines(["kvmsnap: cannot open libvirt connection*libvirtd does not seem*"])
+
+
+def test_live_run_of_another_lock_dir_keeps_the_guest(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    """A live run's baseline on the guest is a lease even without a shared lock directory."""
+    name = testdriver.define()
+    plugin_snapshot(testdriver, name, "otherrun", os.getpid())
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({name!r})
+        def test_one(kvm_guest):
+            pass
+    """)
+    result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-lock-timeout=0",
+                                f"--kvm-lock-dir={pytester.path / 'locks'}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*gave up after 0 s waiting for guest '{name}': held by run otherrun "
+                                 f"(pid {os.getpid()} on *, which keeps its locks elsewhere; seen by its "
+                                 "baseline snapshot 'kvmsnap-otherrun' on the guest). If that run is gone*"])
+    assert testdriver.snapshots(name) == ["kvmsnap-otherrun"]
