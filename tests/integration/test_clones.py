@@ -72,3 +72,12 @@ def test_killed_clone_run_is_cleaned_by_the_next_run(inner, guest_a: RealGuest, 
                                  "left by dead runs"])
     assert leftovers(guest_a) == []
     assert_as_found(guest_a)
+
+
+def test_interrupted_clone_run_leaves_no_clone(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
+    run = start_run_stuck_mid_test(inner, spawn, guest_a, "run", "--kvm-clones=1")
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(60) != 0
+    assert "= kvmsnap =" in (inner.path / "run.out").read_text()
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)

@@ -54,6 +54,8 @@ def test_pflash_guest_is_refused_on_old_libvirt(pytester: pytest.Pytester, testd
      "function='0'/></source></hostdev>", "a passed-through host device (<hostdev type='pci'>)"),
     ("<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='srv'/></filesystem>",
      "a virtiofs filesystem*"),
+    ("<shmem name='ivshmem0'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>",
+     "shared memory 'ivshmem0' without <role>master</role>"),
 ])
 def test_savevm_blocking_device_is_refused(pytester: pytest.Pytester, testdriver: TestDriver,
                                            device: str, message: str) -> None:
