@@ -107,3 +107,30 @@ def test_live_run_of_another_lock_dir_keeps_the_guest(pytester: pytest.Pytester,
                                  f"(pid {os.getpid()} on *, which keeps its locks elsewhere; seen by its "
                                  "baseline snapshot 'kvmsnap-otherrun' on the guest). If that run is gone*"])
     assert testdriver.snapshots(name) == ["kvmsnap-otherrun"]
+
+
+def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
+        pytester: pytest.Pytester, testdriver: TestDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: another lock directory's run takes its baseline just as this one does."""
+    name = testdriver.define()
+    real = backend.create_baseline
+
+    def racing(dom, snapshot, owner):  # type: ignore[no-untyped-def]
+        # An older live run snapshots the guest a moment before this run does,
+        # through the real test driver, after this run looked and saw no one.
+        if not dom.listAllSnapshots():
+            real(dom, "kvmsnap-olderrun", backend.Owner("olderrun", os.getpid(), owner.host, 1.0))
+        return real(dom, snapshot, owner)
+
+    monkeypatch.setattr(backend, "create_baseline", racing)  # the inner run is in this process
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({name!r})
+        def test_one(kvm_guest):
+            pass
+    """)
+    result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-lock-timeout=0",
+                                f"--kvm-lock-dir={pytester.path / 'locks'}")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*held by run olderrun*seen by its baseline snapshot 'kvmsnap-olderrun'*"])
+    assert testdriver.snapshots(name) == ["kvmsnap-olderrun"]  # this run backed off and deleted its own
