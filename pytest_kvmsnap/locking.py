@@ -184,8 +184,16 @@ class GuestLock:
                 f"{exc.strerror or exc}. Free space there or point --kvm-lock-dir elsewhere."
             ) from None
 
-    def remove(self) -> None:
+    def remove(self, lock_file: bool = False) -> None:
+        """Drop the run record; with ``lock_file``, the lock file too.
+
+        Only for names no process will lock again (a clone's, which holds its
+        run's id): deleting a lock file someone may still wait on would let two
+        processes hold "the" lock at once, on two different files.
+        """
         self.record_path.unlink(missing_ok=True)
+        if lock_file:
+            Path(self._lock.lock_file).unlink(missing_ok=True)
 
     @staticmethod
     def records(directory: Path) -> list[RunRecord]:

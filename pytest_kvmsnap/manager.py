@@ -304,6 +304,8 @@ class GuestManager:
         dead_clones, directories = self._orphan_clones(dom)
         for clone in dead_clones:
             clones.destroy(self.connection(), clone)
+            # Its name holds the dead run's id: no one will lock it again.
+            GuestLock(self.lock_dir, self.settings.uri, clone).remove(lock_file=True)
         for directory in directories:
             shutil.rmtree(directory, ignore_errors=True)
         if dead_clones or directories:
@@ -527,7 +529,7 @@ class GuestManager:
             record = lock.acquire(self.settings.lock_timeout, self.progress) or record
             if record.clone_of or record.clone_source:
                 self._finish_clone_mode(record)
-                lock.remove()
+                lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
                 return []
             dom = self._domain(record.domain, record.uri)
             if record.at != record.baseline:

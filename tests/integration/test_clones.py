@@ -8,7 +8,7 @@ import signal
 
 from tests.integration.conftest import RealGuest, run_inner
 from tests.integration.test_parallel import next_run_finds_it_clean, start_run_stuck_mid_test
-from tests.integration.test_semantics import CLEAN, assert_as_found
+from tests.integration.test_semantics import CLEAN, LOCK_DIR, assert_as_found
 
 CLONE_TESTS = """
     import json, os, time, pytest
@@ -38,6 +38,7 @@ def leftovers(guest: RealGuest) -> list[str]:
 
 def test_two_workers_run_at_once_on_their_own_clones(inner, guest_a: RealGuest) -> None:
     guest_a.console.check("echo kept > /tmp/orig")  # RAM only: a clone must carry memory
+    lock_files = set(LOCK_DIR.glob(f"{guest_a.name}-kvmsnap-*"))
     inner.makepyfile(CLONE_TESTS.format(name=guest_a.name, clean=CLEAN))
     result = run_inner(inner, "-n", "2", "--kvm-clones=auto")
     result.assert_outcomes(passed=4)
@@ -52,6 +53,7 @@ def test_two_workers_run_at_once_on_their_own_clones(inner, guest_a: RealGuest) 
     assert guest_a.console.check("cat /tmp/orig") == "kept"  # the original was not reverted
     guest_a.console.check("rm /tmp/orig")
     assert leftovers(guest_a) == []
+    assert set(LOCK_DIR.glob(f"{guest_a.name}-kvmsnap-*")) == lock_files, "a clone's lock file outlived the run"
     assert_as_found(guest_a)
 
 
