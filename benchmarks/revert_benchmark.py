@@ -92,16 +92,17 @@ def snapshot_load(dom, tag: str) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.001)
 
 
-def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "") -> float:
+def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "", work: float = 0.0) -> float:
+    """Wall time of one run of bench_suite.py (also used by throughput_benchmark.py)."""
     no_reverts = "--kvm-revert=never" in args or handwritten == "none"
     env = dict(os.environ, KVMSNAP_BENCH_TESTS=str(tests), KVMSNAP_BENCH_GUEST=guest,
                KVMSNAP_BENCH_HANDWRITTEN=handwritten, KVMSNAP_BENCH_EXPECT_CLEAN="0" if no_reverts else "1",
-               LIBVIRT_DEFAULT_URI=URI)
+               KVMSNAP_BENCH_WORK=str(work), LIBVIRT_DEFAULT_URI=URI)
     plugin = ["-p", "no:kvmsnap", "-W", "ignore::pytest.PytestUnknownMarkWarning"] if handwritten else [
         f"--kvm-uri={URI}", f"--kvm-domain={guest}"]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                    "-p", "no:xdist", str(HERE / "bench_suite.py"), *plugin, *args],
+                    str(HERE / "bench_suite.py"), *plugin, *args],
                    env=env, check=True, stdout=subprocess.DEVNULL, cwd=HERE)
     return time.perf_counter() - start
 
@@ -109,7 +110,8 @@ def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "") -> 
 def suite_costs(guest: str, tests: int, rounds: int) -> dict[str, float]:
     """Per-test cost of each way of reverting, the same suite without reverts subtracted."""
     def suite(*args: str, handwritten: str = "") -> float:
-        return median_of(lambda: suite_seconds(guest, tests, *args, handwritten=handwritten), rounds)
+        return median_of(lambda: suite_seconds(guest, tests, "-p", "no:xdist", *args, handwritten=handwritten),
+                         rounds)
 
     hand_none, never = suite(handwritten="none"), suite("--kvm-revert=never")
     costs = {f"hand-written {m}": suite(handwritten=m) - hand_none for m in ("revertToSnapshot", "loadvm")}

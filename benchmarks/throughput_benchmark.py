@@ -20,30 +20,16 @@ restore.  It prints medians and the speed-up over one process.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import libvirt
+from revert_benchmark import URI, suite_seconds  # benchmarks/ is on sys.path when run as a script
 
 from pytest_kvmsnap.testing import Console, build_image, define_guest, remove_guest
 
-HERE = Path(__file__).resolve().parent
-URI = os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")
 MODES = {"1 process": ["-p", "no:xdist"], "2 workers, one guest": ["-n", "2"],
          "2 workers, clones": ["-n", "2", "--kvm-clones=auto"]}
-
-
-def suite_seconds(guest: str, tests: int, work: float, args: list[str]) -> float:
-    env = dict(os.environ, KVMSNAP_BENCH_TESTS=str(tests), KVMSNAP_BENCH_WORK=str(work))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "bench_suite.py"),
-                    f"--kvm-uri={URI}", f"--kvm-domain={guest}", *args],
-                   env=env, check=True, stdout=subprocess.DEVNULL, cwd=HERE)
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -59,7 +45,7 @@ def main() -> int:
     define_guest(conn, name, image)
     try:
         Console(str(image.console_for(name))).wait_ready()
-        seconds = {mode: statistics.median(suite_seconds(name, args.tests, args.work, extra)
+        seconds = {mode: statistics.median(suite_seconds(name, args.tests, *extra, work=args.work)
                                            for _ in range(args.rounds)) for mode, extra in MODES.items()}
     finally:
         remove_guest(conn, name, image)

@@ -175,7 +175,7 @@ def delete_snapshot(snap: libvirt.virDomainSnapshot) -> None:
 def preflight(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
     """Refuse guests that would fail halfway through, with the reason and the fix."""
     root = ET.fromstring(dom.XMLDesc(0))
-    for disk in root.iterfind("devices/disk"):
+    for disk in writable_disks(root):
         _check_disk(dom.name(), disk)
     loader = root.find("os/loader")
     if loader is not None and loader.get("type") == "pflash":
@@ -207,9 +207,13 @@ def _savevm_blocker(root: ET.Element) -> str | None:
     return None
 
 
+def writable_disks(root: ET.Element) -> list[ET.Element]:
+    """The disks of a domain's XML that the guest writes to (what a snapshot must hold)."""
+    return [disk for disk in root.iterfind("devices/disk")
+            if disk.get("device", "disk") == "disk" and disk.find("readonly") is None]
+
+
 def _check_disk(domain: str, disk: ET.Element) -> None:
-    if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
-        return
     driver = disk.find("driver")
     fmt = (driver.get("type") if driver is not None else None) or "raw"
     if fmt != "qcow2":

@@ -64,9 +64,8 @@ def _xml_flags() -> int:
 
 
 def _writable_disks(root: ET.Element) -> list[ET.Element]:
-    return [d for d in root.iterfind("devices/disk")
-            if d.get("device", "disk") == "disk" and d.find("readonly") is None
-            and d.find("source") is not None]
+    """The disks to copy: those the guest writes to (see backend) that have a source."""
+    return [d for d in backend.writable_disks(root) if d.find("source") is not None]
 
 
 def _copy(source: str | Path, target: Path) -> None:

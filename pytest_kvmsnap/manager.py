@@ -215,17 +215,8 @@ class GuestManager:
         name = f"{backend.PREFIX}{self.run_id}"
         record = RunRecord(state.uri, state.name, self.run_id, self.owner.pid, self.owner.host,
                            self.owner.started, name, None, clone_of=state.clone_of)
-        # Written before anything changes: a lock directory that cannot hold the
-        # record (full, read-only) stops the run here, with the guest untouched
-        # and no snapshot that no record names.
-        state.lock.write(record)
-        try:
-            start = time.perf_counter()
-            dom, snap = self._start_clone(state) if state.clone_of else self._snapshot(state, record)
-        except BaseException:
-            state.lock.remove()
-            raise
-        record.baseline_seconds = time.perf_counter() - start
+        dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
+                                   if state.clone_of else self._snapshot(state, record))
         record.at = name
         identity = backend.process_identity(dom)
         if identity is not None and backend.snapshot_state(snap) == "running":
@@ -233,6 +224,23 @@ class GuestManager:
         if self.listener:
             self.listener("baseline", state.name, name, record.baseline_seconds, "", "")
         return record
+
+    def _recorded(self, lock: GuestLock, record: RunRecord, step: Callable[[], T]) -> T:
+        """Write ``record``, then run ``step`` (timed into it); drop the record if it fails.
+
+        Written before anything changes: a lock directory that cannot hold the
+        record (full, read-only) stops the run here, with the guest untouched and
+        no snapshot or copy that no record names.
+        """
+        lock.write(record)
+        start = time.perf_counter()
+        try:
+            result = step()
+        except BaseException:
+            lock.remove()
+            raise
+        record.baseline_seconds = time.perf_counter() - start
+        return result
 
     def _snapshot(self, state: GuestState,
                   record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
@@ -261,15 +269,8 @@ class GuestManager:
     def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
         record = RunRecord(self.settings.uri, name, self.run_id, self.owner.pid, self.owner.host,
                            self.owner.started, "", None)
-        lock.write(record)
-        try:
-            start = time.perf_counter()
-            self._copy_original(name, dom, record)
-            record.baseline_seconds = time.perf_counter() - start
-        except BaseException:
-            lock.remove()
-            raise
-        lock.write(record)
+        self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
+        lock.write(record)  # now with the copies' whereabouts
         return record
 
     def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
@@ -313,14 +314,16 @@ class GuestManager:
                         "copy director(ies) left by dead runs")
         return done
 
+    def _dead_other(self, owner: backend.Owner) -> bool:
+        """Was ``owner`` another run, now dead (so what it left is an orphan)?"""
+        return owner.run_id != self.run_id and not _alive(owner)
+
     def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[Path]]:
-        return clones.orphans(self.connection(), dom, lambda owner: owner.run_id != self.run_id
-                              and not _alive(owner))
+        return clones.orphans(self.connection(), dom, self._dead_other)
 
     def orphans(self, dom: libvirt.virDomain) -> list[tuple[backend.Owner, libvirt.virDomainSnapshot]]:
         """The guest's snapshots that dead runs of this plugin left, oldest first."""
-        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom)
-                 if owner.run_id != self.run_id and not _alive(owner)]
+        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom) if self._dead_other(owner)]
         return sorted(found, key=lambda pair: pair[0].started)
 
     def cleanup(self, name: str, dry_run: bool) -> list[str]:

@@ -90,18 +90,23 @@ def test_unreachable_uri_is_one_line(pytester: pytest.Pytester, tmp_path: Path) 
     result.stdout.fnmatch_lines(["kvmsnap: cannot open libvirt connection*libvirtd does not seem*"])
 
 
+def run_without_waiting(pytester: pytest.Pytester, guest: str) -> pytest.RunResult:
+    """One test on ``guest``, from a lock directory of its own, that will not wait for it."""
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot({guest!r})
+        def test_one(kvm_guest):
+            pass
+    """)
+    return pytester.runpytest("--kvm-uri=test:///default", "--kvm-lock-timeout=0",
+                              f"--kvm-lock-dir={pytester.path / 'locks'}")
+
+
 def test_live_run_of_another_lock_dir_keeps_the_guest(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
     """A live run's baseline on the guest is a lease even without a shared lock directory."""
     name = testdriver.define()
     plugin_snapshot(testdriver, name, "otherrun", os.getpid())
-    pytester.makepyfile(f"""
-        import pytest
-        @pytest.mark.kvm_snapshot({name!r})
-        def test_one(kvm_guest):
-            pass
-    """)
-    result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-lock-timeout=0",
-                                f"--kvm-lock-dir={pytester.path / 'locks'}")
+    result = run_without_waiting(pytester, name)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([f"*gave up after 0 s waiting for guest '{name}': held by run otherrun "
                                  f"(pid {os.getpid()} on *, which keeps its locks elsewhere; seen by its "
@@ -123,14 +128,7 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
         return real(dom, snapshot, owner)
 
     monkeypatch.setattr(backend, "create_baseline", racing)  # the inner run is in this process
-    pytester.makepyfile(f"""
-        import pytest
-        @pytest.mark.kvm_snapshot({name!r})
-        def test_one(kvm_guest):
-            pass
-    """)
-    result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-lock-timeout=0",
-                                f"--kvm-lock-dir={pytester.path / 'locks'}")
+    result = run_without_waiting(pytester, name)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*held by run olderrun*seen by its baseline snapshot 'kvmsnap-olderrun'*"])
     assert testdriver.snapshots(name) == ["kvmsnap-olderrun"]  # this run backed off and deleted its own
