@@ -8,17 +8,21 @@ QEMU's monitor only after a strict character check.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
+    ConnectionLost,
     DomainNotFound,
+    KvmSnapError,
     RevertFailed,
     SnapshotNotFound,
     UnsupportedGuest,
@@ -60,6 +64,35 @@ def open_connection(uri: str) -> libvirt.virConnect:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise ConnectionFailed.from_libvirt(uri, str(exc)) from None
+
+
+def is_lost_connection(exc: Exception) -> bool:
+    """Did this libvirt error come from the connection dropping, not from the request?
+
+    Every RPC-layer error means that ("End of file while reading data", "client
+    socket is closed", "Cannot write data"); so does using a closed connection.
+    """
+    libvirt = lib()
+    if not isinstance(exc, libvirt.libvirtError):
+        return False
+    return bool(exc.get_error_domain() == libvirt.VIR_FROM_RPC
+                or exc.get_error_code() in (libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_NO_CONNECT))
+
+
+@contextlib.contextmanager
+def libvirt_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn libvirt's exceptions inside into the plugin's one-line errors.
+
+    A dropped connection becomes :class:`ConnectionLost` (the caller may
+    reconnect and retry); any other refusal names the step that failed.
+    """
+    libvirt = lib()
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if is_lost_connection(exc):
+            raise ConnectionLost(uri, action, str(exc)) from None
+        raise KvmSnapError(f"libvirt failed while {action}: {exc}") from None
 
 
 def is_alive(conn: libvirt.virConnect) -> bool:
@@ -158,11 +191,58 @@ def create_baseline(dom: libvirt.virDomain, name: str, owner: Owner) -> libvirt.
     try:
         return dom.snapshotCreateXML(xml, 0)
     except libvirt.libvirtError as exc:
-        raise UnsupportedGuest(
-            f"cannot take a baseline snapshot of {dom.name()!r}: {exc}. "
-            "pytest-kvmsnap needs internal snapshots: qcow2 disks, and no pflash firmware "
-            "on libvirt older than 10.10."
-        ) from None
+        if is_lost_connection(exc):
+            raise ConnectionLost(dom.connect().getURI(), f"taking the baseline snapshot of {dom.name()!r}",
+                                 str(exc)) from None
+        # The qcow2/pflash advice is for libvirt's refusals of internal
+        # snapshots, not for every failure (a busy or lost daemon is not one).
+        if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+                                    libvirt.VIR_ERR_NO_SUPPORT):
+            raise UnsupportedGuest(
+                f"cannot take a baseline snapshot of {dom.name()!r}: {exc}. "
+                "pytest-kvmsnap needs internal snapshots: qcow2 disks, and no pflash firmware "
+                "on libvirt older than 10.10."
+            ) from None
+        raise KvmSnapError(f"cannot take a baseline snapshot of {dom.name()!r}: {exc}") from None
+
+
+def find_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
+    """The snapshot called ``name``, or None (no listing of the user's snapshots)."""
+    libvirt = lib()
+    try:
+        return dom.snapshotLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            raise
+        return None
+
+
+def resume_if_paused_by_snapshot(dom: libvirt.virDomain) -> None:
+    """Resume a guest libvirt paused for a snapshot job that was cut off mid-way."""
+    libvirt = lib()
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT:
+        dom.resume()
+
+
+def qemu_holds_vm_state(dom: libvirt.virDomain, name: str) -> bool:
+    """Does the running QEMU list internal snapshot ``name`` with saved VM state?
+
+    libvirt lists a snapshot from its own metadata; this asks QEMU itself, so
+    a snapshot whose savevm was cut short is not mistaken for a complete one.
+    """
+    if not dom.connect().getType().upper().startswith("QEMU"):
+        return True  # no monitor to ask: libvirt's listing is all there is
+    import libvirt_qemu
+
+    command = json.dumps({"execute": "human-monitor-command", "arguments": {"command-line": "info snapshots"}})
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+    for line in str(reply.get("return", "")).splitlines():
+        fields = line.split()
+        # ID TAG VM-SIZE UNIT DATE TIME VM-CLOCK [ICOUNT]; a disk-only one has VM SIZE 0 B.
+        if len(fields) >= 4 and fields[1] == name:
+            return fields[2] not in ("0", "0.0")
+    return False
 
 
 def delete_snapshot(snap: libvirt.virDomainSnapshot) -> None:
@@ -278,6 +358,9 @@ def revert_libvirt(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot) -> N
     try:
         dom.revertToSnapshot(snap, 0)
     except libvirt.libvirtError as exc:
+        if is_lost_connection(exc):
+            raise ConnectionLost(dom.connect().getURI(), f"reverting {dom.name()!r} to {snap.getName()!r}",
+                                 str(exc)) from None
         raise RevertFailed(f"reverting {dom.name()!r} to {snap.getName()!r} failed: {exc}") from None
 
 
@@ -304,6 +387,8 @@ def revert_inplace(dom: libvirt.virDomain, snapshot: str) -> None:
     try:
         reply: dict[str, Any] = json.loads(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
     except libvirt.libvirtError as exc:
+        if is_lost_connection(exc):
+            raise ConnectionLost(dom.connect().getURI(), f"loading {snapshot!r} in place", str(exc)) from None
         raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {exc}") from None
     # HMP reports errors as text in a successful QMP reply.
     text = str(reply.get("return", "")).strip()

@@ -37,6 +37,21 @@ class ConnectionFailed(KvmSnapError):
         return cls(f"cannot open libvirt connection {uri!r}: {hint}.\nlibvirt said: {detail}")
 
 
+class ConnectionLost(KvmSnapError):
+    """libvirtd stopped answering mid-call (restarted, stopped or killed).
+
+    Transient: the plugin reconnects and retries the step once; it is never
+    cached as a guest's permanent failure.
+    """
+
+    def __init__(self, uri: str, action: str, detail: str) -> None:
+        super().__init__(
+            f"lost the connection to libvirtd at {uri} while {action} ({detail}): "
+            "libvirtd was restarted or stopped"
+        )
+        self.uri = uri
+
+
 class DomainNotFound(KvmSnapError):
     def __init__(self, name: str, uri: str, existing: Iterable[str]) -> None:
         names = ", ".join(sorted(existing)) or "none"

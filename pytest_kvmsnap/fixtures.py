@@ -10,7 +10,7 @@ import pytest
 
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import Guest
-from pytest_kvmsnap.state import SPEC_KEY, manager_for
+from pytest_kvmsnap.state import PREPARED_KEY, manager_for
 
 if TYPE_CHECKING:
     import libvirt
@@ -28,8 +28,8 @@ def kvm_connection(request: pytest.FixtureRequest) -> libvirt.virConnect:
 @pytest.fixture
 def kvm_guests(request: pytest.FixtureRequest) -> Mapping[str, Guest]:
     """Read-only mapping of domain name to :class:`Guest` for all the test's guests."""
-    spec = request.node.stash.get(SPEC_KEY, None)
-    assert spec is not None, "kvmsnap: spec missing; was the plugin disabled?"
+    spec = request.node.stash.get(PREPARED_KEY, None)
+    assert spec is not None, "kvmsnap: the test's guests were not prepared; was the plugin disabled?"
     manager = manager_for(request.config)
     try:
         return MappingProxyType({name: manager.guest(name) for name in spec.domains})

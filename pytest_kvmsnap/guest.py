@@ -25,25 +25,32 @@ class GuestState:
     name: str
     uri: str
     lock: GuestLock
-    record: RunRecord
+    # None until this process holds the guest with the run's baseline recorded
+    record: RunRecord | None = None
     unit: str | None = None
     unit_baseline: str | None = None
     unit_revert: str = "after"
     unit_failed: bool = False
     broken: str | None = None
-    holder_died: bool = False
     clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
 
     @property
     def at(self) -> str | None:
         """The snapshot the guest is known to be exactly at; None once a test used it."""
-        return self.record.at
+        return self.record.at if self.record is not None else None
 
     @at.setter
     def at(self, value: str | None) -> None:
+        if self.record is None:
+            return
         self.record.at = value
         if self.lock.held:
             self.lock.write(self.record)
+
+    @property
+    def baseline(self) -> str:
+        """The snapshot the current unit reverts to ('' before the guest is held)."""
+        return self.unit_baseline or (self.record.baseline if self.record is not None else "")
 
 
 def summary(record: RunRecord) -> str:
@@ -80,7 +87,7 @@ class Guest:
 
     @property
     def baseline(self) -> str:
-        return self._state.unit_baseline or self._state.record.baseline
+        return self._state.baseline
 
     @property
     def is_dirty(self) -> bool:

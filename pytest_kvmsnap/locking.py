@@ -61,6 +61,9 @@ class RunRecord:
     notes: dict[str, str] = field(default_factory=dict)
     # one-line events any process of the run saw (orphans repaired, holder died)
     events: list[str] = field(default_factory=list)
+    # the last holder owed a revert it could not make (it died mid-unit, or its
+    # end-of-unit revert failed): the next unit reverts first, whatever its mode
+    revert_owed: bool = False
     # clone mode: on a clone's record, the original it was cloned from; on the
     # original's record, where the run's source images are (see clones.py)
     clone_of: str = ""
@@ -173,6 +176,9 @@ class GuestLock:
 
     def write(self, record: RunRecord) -> None:
         assert self.held, "the run record is only written under the lock"
+        # A record is a promise that its baseline exists (or is being taken):
+        # one without a baseline would let a test use the guest unprotected.
+        assert record.baseline, "a run record always names its baseline"
         tmp = self.record_path.with_suffix(f".{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(asdict(record)))

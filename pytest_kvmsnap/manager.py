@@ -22,16 +22,28 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.config import Settings
-from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, RevertFailed, UnsupportedGuest
+from pytest_kvmsnap.exceptions import (
+    ConfigError,
+    ConnectionFailed,
+    ConnectionLost,
+    KvmSnapError,
+    RevertFailed,
+    UnsupportedGuest,
+)
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.locking import GuestLock, LeaseTimeout, RunRecord, pid_alive
 from pytest_kvmsnap.markers import Spec
+from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
 
 if TYPE_CHECKING:
     import libvirt
 
 T = TypeVar("T")
 RIVAL_POLL = 2.0  # seconds between looks at a guest another lock directory's run holds
+RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted libvirtd to answer again
+RECONNECT_POLL = 0.5
+# Failures that say nothing lasting about a guest: never cached as its verdict.
+TRANSIENT = (ConnectionLost, ConnectionFailed)
 # (kind, domain, snapshot, seconds, method, reason): how the plugin's hooks are fed.
 Listener = Callable[[str, str, str, float, str, str], None]
 
@@ -54,6 +66,9 @@ class GuestManager:
         self._domains: dict[tuple[str, str], libvirt.virDomain] = {}
         self._states: dict[str, GuestState] = {}
         self._failures: dict[str, KvmSnapError] = {}
+        # (uri, domain) whose baseline step failed here: this run's snapshot may
+        # still be on it (libvirt finished it after the call failed); see finish()
+        self._failed_baselines: set[tuple[str, str]] = set()
 
     # --- lookups -------------------------------------------------------------
 
@@ -68,12 +83,42 @@ class GuestManager:
         processes do: notice it (one cheap round trip) and open a new one."""
         for uri, conn in list(self._connections.items()):
             if not backend.is_alive(conn):
-                self._drop_connection(uri)
+                self._reconnect(uri)
+
+    def _reconnect(self, uri: str) -> None:
+        """Drop the connection to ``uri`` and open a new one, waiting for libvirtd to answer."""
+        self._drop_connection(uri)
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        while True:
+            try:
                 self.connection(uri)
-                # Into a held guest's record, if any: xdist's controller prints those.
-                held = [state.record for state in self._states.values() if state.lock.held]
-                self._note(f"kvmsnap: reconnected to {uri}: the libvirt connection was lost "
-                           "(libvirtd restarted?)", held[0] if held else None)
+                break
+            except ConnectionFailed as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionFailed(f"the libvirt connection to {uri} was lost and libvirtd did not "
+                                           f"answer again within {RECONNECT_TIMEOUT:.0f} s: {exc}") from None
+                self.progress(f"kvmsnap: waiting for libvirtd at {uri} to answer again")
+                time.sleep(RECONNECT_POLL)
+        # Into a held guest's record, if any: xdist's controller prints those.
+        held = [state.record for state in self._states.values() if state.lock.held and state.record]
+        self._note(f"kvmsnap: reconnected to {uri}: the libvirt connection was lost "
+                   "(libvirtd restarted?)", held[0] if held else None)
+
+    def _retrying(self, action: str, step: Callable[[], T], uri: str | None = None) -> T:
+        """Run ``step``; if libvirtd dropped the connection, reconnect and run it once more.
+
+        ``step`` must be safe to run again: each caller looks up what it needs
+        afresh, since objects from the lost connection are dead.
+        """
+        uri = uri or self.settings.uri
+        try:
+            with backend.libvirt_errors(uri, action):
+                return step()
+        except ConnectionLost as exc:
+            self.progress(f"kvmsnap: {exc}; reconnecting and trying once more")
+        self._reconnect(uri)
+        with backend.libvirt_errors(uri, action):
+            return step()
 
     def _drop_connection(self, uri: str) -> None:
         with contextlib.suppress(Exception):  # already broken; nothing to release
@@ -95,11 +140,17 @@ class GuestManager:
         return Guest(state, self.connection(state.uri), self._domain(state.name), self._manual_revert)
 
     def _check(self, name: str, step: Callable[[], T]) -> T:
-        """Run a first-use step; a guest that failed one fails every later test fast."""
+        """Run a first-use step; a guest that failed one fails every later test fast.
+
+        A lost or refused connection is not the guest's fault and may be over by
+        the next test: it is not cached.
+        """
         if name in self._failures:
             raise self._failures[name]
         try:
             return step()
+        except TRANSIENT:
+            raise
         except KvmSnapError as exc:
             self._failures[name] = exc
             raise
@@ -124,8 +175,7 @@ class GuestManager:
             if self.clone_slot is not None:
                 real = self._check(name, lambda: self._clone_source(name))
             uri = self.settings.uri
-            placeholder = RunRecord(uri, real, self.run_id, self.owner.pid, self.owner.host, 0.0, "", None)
-            self._states[name] = GuestState(real, uri, GuestLock(self.lock_dir, uri, real), placeholder,
+            self._states[name] = GuestState(real, uri, GuestLock(self.lock_dir, uri, real),
                                             clone_of=name if real != name else "")
         return self._states[name]
 
@@ -141,11 +191,15 @@ class GuestManager:
         if record.holder:
             # Our run's last holder never released: it died mid-unit (an xdist
             # worker crash), and the guest is in whatever state it left.
-            state.holder_died = True
+            record.revert_owed = True
             self._note(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
         record.holder, record.since = holder, time.time()
+        try:
+            state.lock.write(record)
+        except BaseException:
+            state.lock.release()
+            raise
         state.record = record
-        state.lock.write(record)
 
     def _lease(self, lock: GuestLock, name: str, take: Callable[[], RunRecord],
                rivals: bool = True) -> RunRecord:
@@ -162,12 +216,15 @@ class GuestManager:
             record = lock.acquire(remaining, self.progress, admit=self._may_use)
             if record is not None and record.run_id == self.run_id:
                 return record
-            rival = self._rival(name) if rivals else None
-            if rival is None:
-                try:
+            try:
+                rival = self._rival(name) if rivals else None
+                if rival is None:
                     return take()
-                except _Outraced as exc:
-                    rival = exc.rival
+            except _Outraced as exc:
+                rival = exc.rival
+            except BaseException:
+                lock.release()  # nothing is held on a failed path
+                raise
             lock.release()
             self._wait_for_rival(name, rival, deadline)
 
@@ -190,8 +247,14 @@ class GuestManager:
         self.progress(f"kvmsnap: guest {name!r} is in use by {who}; waiting")
         time.sleep(min(RIVAL_POLL, max(0.0, deadline - time.monotonic())))
 
-    def _create_baseline(self, name: str, dom: libvirt.virDomain) -> libvirt.virDomainSnapshot:
-        snap = backend.create_baseline(dom, f"{backend.PREFIX}{self.run_id}", self.owner)
+    def _create_baseline(self, name: str) -> libvirt.virDomainSnapshot:
+        """Take this run's baseline of ``name``, or adopt the one an interrupted call left."""
+        dom = self._domain(name)
+        snapshot = f"{backend.PREFIX}{self.run_id}"
+        left = backend.find_snapshot(dom, snapshot)
+        snap = self._adopt(name, dom, left) if left is not None else None
+        if snap is None:
+            snap = backend.create_baseline(dom, snapshot, self.owner)
         rival = self._rival(name)
         if rival is not None and (rival[0].started, rival[0].run_id) < (self.owner.started, self.run_id):
             # Two runs that share no lock directory took baselines at once: the
@@ -200,12 +263,31 @@ class GuestManager:
             raise _Outraced(rival)
         return snap
 
+    def _adopt(self, name: str, dom: libvirt.virDomain,
+               snap: libvirt.virDomainSnapshot) -> libvirt.virDomainSnapshot | None:
+        """This run's snapshot is already there: an earlier call lost its connection
+        while libvirt went on and finished it.  Nothing used the guest since (that
+        test errored in setup), so a complete one is the baseline; else retake it.
+        """
+        owner = backend.snapshot_owner(snap)
+        if owner is None or owner.run_id != self.run_id:
+            raise KvmSnapError(f"guest {name!r} has a snapshot {snap.getName()!r} that this run did not "
+                               "create; rename or delete it (virsh snapshot-delete)")
+        backend.resume_if_paused_by_snapshot(dom)
+        if not dom.isActive() or backend.qemu_holds_vm_state(dom, snap.getName()):
+            self.progress(f"kvmsnap: {name}: using baseline {snap.getName()} that libvirt finished "
+                          "after the connection was lost")
+            return snap
+        backend.delete_snapshot(snap)
+        return None
+
     def _release(self, state: GuestState) -> None:
         if not state.lock.held:
             return
-        state.record.holder = ""
         try:
-            state.lock.write(state.record)
+            if state.record is not None:
+                state.record.holder = ""
+                state.lock.write(state.record)
         except KvmSnapError:
             pass  # the lock dir filled up; the test that hit it already reported it
         finally:
@@ -215,8 +297,13 @@ class GuestManager:
         name = f"{backend.PREFIX}{self.run_id}"
         record = RunRecord(state.uri, state.name, self.run_id, self.owner.pid, self.owner.host,
                            self.owner.started, name, None, clone_of=state.clone_of)
-        dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
-                                   if state.clone_of else self._snapshot(state, record))
+        try:
+            dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
+                                       if state.clone_of else self._snapshot(state, record))
+        except BaseException:
+            if not state.clone_of:  # a clone that failed to start is destroyed on the spot
+                self._failed_baselines.add((state.uri, state.name))
+            raise
         record.at = name
         identity = backend.process_identity(dom)
         if identity is not None and backend.snapshot_state(snap) == "running":
@@ -244,10 +331,13 @@ class GuestManager:
 
     def _snapshot(self, state: GuestState,
                   record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
-        dom = self._domain(state.name)
-        for repaired in self._recover_orphans(state.name, dom):
-            self._note(repaired, record)
-        return dom, self._create_baseline(state.name, dom)
+        def repair_and_take() -> libvirt.virDomainSnapshot:  # both steps are safe to repeat
+            for repaired in self._recover_orphans(state.name, self._domain(state.name)):
+                self._note(repaired, record)
+            return self._create_baseline(state.name)
+
+        snap = self._retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take)
+        return self._domain(state.name), snap
 
     # --- clone mode (see clones.py) ------------------------------------------
 
@@ -267,8 +357,9 @@ class GuestManager:
         return clones.clone_name(name, self.run_id, self.clone_slot or 0)
 
     def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
+        # Its baseline is the snapshot inside the copies; the original keeps none.
         record = RunRecord(self.settings.uri, name, self.run_id, self.owner.pid, self.owner.host,
-                           self.owner.started, "", None)
+                           self.owner.started, f"{backend.PREFIX}{self.run_id}", None)
         self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
         lock.write(record)  # now with the copies' whereabouts
         return record
@@ -279,7 +370,7 @@ class GuestManager:
         if not dom.isActive():
             raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
                                    "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
-        snap = self._create_baseline(name, dom)
+        snap = self._create_baseline(name)
         try:
             record.clone_source = clones.make_source(dom, snap, self.owner)
         finally:
@@ -368,35 +459,63 @@ class GuestManager:
     # --- units ---------------------------------------------------------------
 
     def start_test(self, spec: Spec, unit: str, nodeid: str) -> None:
-        """Before a test's fixtures: begin its unit on each guest, revert if due."""
+        """Before a test's fixtures: begin its unit on each guest, revert if due.
+
+        Returns only with every guest protected (see :meth:`_check_protected`);
+        anything else raises, and the test errors instead of running.
+        """
         self._reconnect_if_lost()
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
-            state = self._state(name)
-            if spec.snapshot and self.clone_slot is not None:
-                raise ConfigError(f"snapshot={spec.snapshot!r} cannot be used with --kvm-clones: "
-                                  "clones start from the state the guest is found in")
-            if spec.snapshot and not state.lock.held:
-                # Checked first, so the error lists only the user's snapshots.
-                backend.lookup_snapshot(self._domain(name), spec.snapshot)
-            if state.broken:
-                raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
-            if not state.lock.held:
-                self._check(name, lambda: self._acquire(state, nodeid))  # noqa: B023
-            if state.unit != unit:
-                self._begin_unit(state, spec, unit)
-            state.at = None  # dirty from the moment a test that uses it starts
+            with backend.libvirt_errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
+                state = self._state(name)
+                self._start_guest(state, spec, unit, nodeid)
+            self._check_protected(state, unit)
+
+    def _start_guest(self, state: GuestState, spec: Spec, unit: str, nodeid: str) -> None:
+        name = state.clone_of or state.name
+        if spec.snapshot and self.clone_slot is not None:
+            raise ConfigError(f"snapshot={spec.snapshot!r} cannot be used with --kvm-clones: "
+                              "clones start from the state the guest is found in")
+        if spec.snapshot and not state.lock.held:
+            # Checked first, so the error lists only the user's snapshots.
+            backend.lookup_snapshot(self._domain(name), spec.snapshot)
+        if state.broken:
+            raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
+        if not state.lock.held:
+            self._check(name, lambda: self._acquire(state, nodeid))
+        if state.unit != unit:
+            self._begin_unit(state, spec, unit)
+        state.at = None  # dirty from the moment a test that uses it starts
+
+    def _check_protected(self, state: GuestState, unit: str) -> None:
+        """The promise, checked where every marked test starts.
+
+        The guest is held by this process, the run's baseline is recorded, and
+        the test's unit has begun (its start-of-unit revert done).  Anything else
+        errors the test rather than let it run on an unprotected guest.
+        """
+        record = state.record
+        if not state.lock.held:
+            why = "this process does not hold its lock"
+        elif record is None or not record.baseline or record.run_id != self.run_id:
+            why = "this run has no baseline recorded for it"
+        elif state.unit != unit or not state.unit_baseline:
+            why = "its unit did not begin"
+        else:
+            return
+        raise RevertFailed(f"guest {state.name!r} is not protected for this test ({why}); "
+                           "the test is not run on it")
 
     def _begin_unit(self, state: GuestState, spec: Spec, unit: str) -> None:
+        assert state.record is not None, "a unit begins on a held guest"
         baseline = spec.snapshot or state.record.baseline
+        if reverts_at_start(spec.revert, state.at, baseline, owed=state.record.revert_owed):
+            self._revert(state, baseline, f"before {unit}")
+        state.record.revert_owed = False
+        # Only now: a unit whose first revert failed has not begun, and its next
+        # test must not find it begun (it would run on the unreverted guest).
         state.unit, state.unit_baseline, state.unit_revert = unit, baseline, spec.revert
         state.unit_failed = False
-        # "before"/"both" revert a dirty guest. A guest clean at another baseline
-        # (the test asked for snapshot=), or left dirty by a process that died
-        # mid-unit, is moved whatever the mode.
-        before = spec.revert in ("before", "both") or state.holder_died
-        if state.at != baseline and (before or state.at is not None):
-            self._revert(state, baseline, f"before {unit}")
-        state.holder_died = False
 
     def record_failure(self, domains: tuple[str, ...]) -> None:
         for name in domains:
@@ -407,49 +526,74 @@ class GuestManager:
         """After a test's fixtures are torn down: close the unit if it ends here.
 
         ``next_units`` maps each guest to the unit of the next test that uses it
-        in this process (None when the next test does not use it).
+        in this process (None when the next test does not use it).  Every guest
+        whose unit ends is released, whatever fails on the way.
         """
-        self._reconnect_if_lost()
         errors = []
+        try:
+            self._reconnect_if_lost()
+        except KvmSnapError as exc:
+            errors.append(str(exc))
         for name in spec.domains:
             state = self._states.get(name)
-            if state is None or not state.lock.held:
-                continue
-            died = backend.crash_reason(self._domain(state.name))
-            if died:  # the test errors; the guest is restored now, whatever the unit or mode
-                errors.append(f"guest {name!r} went down during the test: {died}; "
-                              "it is being restored to its baseline for the next test")
-            elif next_units.get(name) == state.unit:
-                continue
-            try:
-                self._end_unit(state, force=bool(died))
-            except KvmSnapError as exc:
-                errors.append(str(exc))
-            finally:
-                self._release(state)
+            if state is not None and state.lock.held:
+                errors.extend(self._end_guest(state, next_units.get(name)))
         if errors:
-            raise RevertFailed("; ".join(errors))
+            raise RevertFailed("; ".join(dict.fromkeys(errors)))
+
+    def _end_guest(self, state: GuestState, next_unit: str | None) -> list[str]:
+        """End the guest's unit if it ends here (or the guest went down); the errors."""
+        errors = []
+        try:
+            with backend.libvirt_errors(state.uri, f"checking guest {state.name!r} after the test"):
+                died = backend.crash_reason(self._domain(state.name))
+                if died:  # the test errors; the guest is restored now, whatever the unit or mode
+                    errors.append(f"guest {state.clone_of or state.name!r} went down during the test: {died}; "
+                                  "it is being restored to its baseline for the next test")
+                elif next_unit == state.unit:
+                    return []  # the unit goes on: keep holding the guest
+                self._end_unit(state, force=bool(died))
+        except KvmSnapError as exc:
+            # Whatever failed, the guest may be dirty: the unit is over, and the
+            # record says a revert is owed, so the next unit reverts first.
+            state.unit = None
+            if state.record is not None:
+                state.record.revert_owed = True
+            errors.append(str(exc))
+        finally:
+            if state.unit is None:
+                self._release(state)
+        return errors
 
     def _end_unit(self, state: GuestState, force: bool = False) -> None:
-        mode, unit = state.unit_revert, state.unit
+        unit, baseline = state.unit, state.baseline
         state.unit = None
-        due = force or mode in ("after", "both") or (mode == "on-failure" and state.unit_failed)
-        if due and not state.broken and state.unit_baseline and state.at != state.unit_baseline:
-            self._revert(state, state.unit_baseline, f"after {unit}")
+        if state.broken or not reverts_at_end(state.unit_revert, failed=state.unit_failed, forced=force):
+            return
+        if state.at != baseline:
+            self._revert(state, baseline, f"after {unit}")
 
     # --- reverting -----------------------------------------------------------
 
     def _manual_revert(self, state: GuestState, reason: str) -> None:
-        self._revert(state, state.unit_baseline or state.record.baseline, reason)
+        self._revert(state, state.baseline, reason)
         state.at = None  # the test goes on using it
 
     def _revert(self, state: GuestState, target: str, reason: str) -> None:
+        """Revert, retrying once after a lost connection; on failure the record owes a revert."""
+        record = state.record
+        assert record is not None, "only a held guest is reverted"
         try:
-            self._revert_record(state.record, self._domain(state.name), target, reason)
-        except RevertFailed as exc:
-            state.broken = str(exc)
+            self._retrying(f"reverting {state.name!r} to {target!r}",
+                           lambda: self._revert_record(record, self._domain(state.name), target, reason),
+                           state.uri)
+        except BaseException as exc:
+            if isinstance(exc, RevertFailed):
+                state.broken = str(exc)
+            record.revert_owed = True
             state.at = None
             raise
+        record.revert_owed = False
         state.at = target
 
     def _revert_record(self, record: RunRecord, dom: libvirt.virDomain, target: str, reason: str,
@@ -515,6 +659,7 @@ class GuestManager:
         problems = []
         with contextlib.suppress(KvmSnapError):  # if it cannot, each guest says why below
             self._reconnect_if_lost()
+        problems.extend(self._drop_failed_baselines())
         if self.finisher and self.lock_dir.is_dir():
             # Clones first: they run from the copies the originals' records name.
             for record in sorted(GuestLock.records(self.lock_dir), key=lambda r: not r.clone_of):
@@ -524,6 +669,29 @@ class GuestManager:
             with contextlib.suppress(Exception):  # the daemon may be gone; nothing to release
                 conn.close()
         self._connections.clear()
+        return problems
+
+    def _drop_failed_baselines(self) -> list[str]:
+        """Delete this run's snapshots that failed baseline steps left, found by run id.
+
+        Unless a later step of this run took the guest (its record is then this
+        run's, and the finisher restores the guest and deletes the snapshot).
+        """
+        problems = []
+        for uri, name in sorted(self._failed_baselines):
+            lock = GuestLock(self.lock_dir, uri, name)
+            try:
+                record = lock.acquire(self.settings.lock_timeout, self.progress)
+                if record is not None and record.run_id == self.run_id:
+                    continue
+                with backend.libvirt_errors(uri, f"removing this run's snapshot of {name!r}"):
+                    for owner, snap in backend.owned_snapshots(self._domain(name, uri)):
+                        if owner.run_id == self.run_id:
+                            backend.delete_snapshot(snap)
+            except KvmSnapError as exc:
+                problems.append(f"{name}: {exc}")
+            finally:
+                lock.release()
         return problems
 
     def _finish_guest(self, record: RunRecord) -> list[str]:

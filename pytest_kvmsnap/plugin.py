@@ -15,19 +15,19 @@ import pytest
 
 from pytest_kvmsnap import hookspecs
 from pytest_kvmsnap.cleanup import run_cleanup
-from pytest_kvmsnap.config import add_options, resolve
+from pytest_kvmsnap.config import Settings, add_options, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.manager import GuestManager
-from pytest_kvmsnap.markers import MARKER_HELP, Spec, spec_for, unit_key
+from pytest_kvmsnap.markers import MARKER, MARKER_HELP, Spec, spec_for, unit_key
 from pytest_kvmsnap.state import (
     MANAGER_KEY,
+    PREPARED_KEY,
     PROBLEMS_KEY,
-    REFUSED_KEY,
+    PROTECTED_KEY,
     SETTINGS_KEY,
-    SPEC_KEY,
     WORKER_DIST,
     WORKER_OWNER,
     WORKER_RUN,
@@ -36,6 +36,7 @@ from pytest_kvmsnap.state import (
     lock_dir_path,
     manager_for,
     run_id,
+    worker_dist,
 )
 
 __all__ = ["kvm_connection", "kvm_guest", "kvm_guests"]
@@ -65,64 +66,39 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"kvmsnap: {exc}") from None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Resolve every test's spec now, so bad marker arguments stop the run at once."""
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Generator[None]:
+    """Group units for xdist first; check every marker last, however it was added.
+
+    Before the other implementations run, the units known from decorators and
+    ``pytestmark`` get their ``xdist_group`` (xdist's worker reads those in its
+    own implementation).  After all of them -- a conftest's plain hook is
+    pytest's documented way to mark a directory -- every test's spec is
+    resolved, so bad marker arguments from anywhere stop the run at once.
+    """
     settings = config.stash[SETTINGS_KEY]
+    for item in items:
+        spec = _spec_or_none(item, settings)
+        if spec is not None and spec.scope != "function":
+            # Under --dist loadgroup this puts a whole unit on one worker.
+            item.add_marker(pytest.mark.xdist_group(name=f"kvmsnap-{unit_key(item, spec.scope)}"))
+    result = yield
     errors = []
     for item in items:
         try:
-            item.stash[SPEC_KEY] = spec_for(item, settings)
+            spec_for(item, settings)
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
         raise pytest.UsageError("kvmsnap: invalid kvm_snapshot usage:\n  " + "\n  ".join(errors))
-    _check_distribution(config, items)
+    return result
 
 
-# xdist modes that keep every test of one module (and class) on one worker.
-_KEEPS_MODULES = ("loadscope", "loadfile", "loadgroup", "no")
-
-
-def _check_distribution(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Units larger than one test must run on one worker: group them, or refuse them.
-
-    A refused test errors at setup with the reason: raising here, on an xdist
-    worker, would only crash the worker.
-    """
-    # xdist resets a worker's own --dist to "no"; the controller passes the real one.
-    dist = str(getattr(config, "workerinput", {}).get(WORKER_DIST, "no"))
-    for item in items:
-        spec = item.stash.get(SPEC_KEY, None)
-        if spec is None or spec.scope == "function":
-            continue
-        # Under --dist loadgroup this puts a whole unit on one worker.
-        item.add_marker(pytest.mark.xdist_group(name=f"kvmsnap-{unit_key(item, spec.scope)}"))
-        if dist == "loadgroup" or (dist in _KEEPS_MODULES and spec.scope in ("class", "module")):
-            continue
-        item.stash[REFUSED_KEY] = (
-            f"{item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
-            f"worker, but --dist {dist} spreads them. Use --dist loadscope or loadfile for class "
-            "and module scopes, or --dist loadgroup (pytest-kvmsnap groups each unit)."
-        )
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Check that xdist's loadgroup really grouped the units (it marks node ids with '@').
-
-    With pytest 9.2 and pytest-xdist 3.8 it silently does not (pytest-xdist
-    issue 1386); a unit split over workers would see other units' changes.
-    """
-    if getattr(session.config, "workerinput", {}).get(WORKER_DIST) != "loadgroup":
-        return
-    for item in session.items:
-        spec = _spec(item)
-        if spec is not None and spec.scope != "function" and "@" not in item.nodeid:
-            item.stash[REFUSED_KEY] = (
-                f"{item.nodeid} uses scope={spec.scope!r}, but this pytest-xdist's --dist loadgroup "
-                "does not group tests with this pytest (pytest-xdist issue 1386). Use --dist "
-                "loadscope or loadfile for class and module scopes, or run without xdist."
-            )
+def _spec_or_none(item: pytest.Item, settings: Settings) -> Spec | None:
+    try:
+        return spec_for(item, settings)
+    except ConfigError:
+        return None  # reported with all the others once collection is done
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -134,20 +110,73 @@ def pytest_configure_node(node: object) -> None:
     workerinput[WORKER_DIST] = node.config.getoption("dist", "no")  # type: ignore[attr-defined]
 
 
-def _spec(item: pytest.Item) -> Spec | None:
-    return item.stash.get(SPEC_KEY, None)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Protect the test's guests before any of its fixtures set up, or error it.
+
+    The spec is read from the test's markers *now*, so a marker added after
+    collection counts too.  Not ``tryfirst``: a conftest's own setup hook may
+    still add the marker, and pytest's fixture setup (which ours must precede)
+    is an older, plain implementation that runs after ours.
+    """
+    config = item.config
+    try:
+        spec = spec_for(item, config.stash[SETTINGS_KEY])
+    except ConfigError as exc:
+        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+    if spec is None:
+        return
+    refused = distribution_refusal(item, spec, worker_dist(config))
+    if refused:
+        pytest.fail(f"kvmsnap: {refused}", pytrace=False)
+    manager = manager_for(config)
+    item.stash[PREPARED_KEY] = spec  # from here on, teardown ends what setup began
+    _or_fail(lambda: manager.start_test(spec, unit_key(item, spec.scope), item.nodeid))
+    item.stash[PROTECTED_KEY] = True
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    spec = _spec(item)
-    if spec is None:
-        return
-    refused = item.stash.get(REFUSED_KEY, None)
-    if refused:
-        pytest.fail(f"kvmsnap: {refused}", pytrace=False)
-    manager = manager_for(item.config)
-    _or_fail(lambda: manager.start_test(spec, unit_key(item, spec.scope), item.nodeid))
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """The last check before the test body: a marker added during setup (a fixture's
+    ``request.applymarker``, a late hook) that asks for guests, or for other
+    terms, than setup prepared would run the test unprotected, so error."""
+    try:
+        spec = spec_for(item, item.config.stash[SETTINGS_KEY])
+    except ConfigError as exc:
+        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+    prepared = item.stash.get(PREPARED_KEY, None) if item.stash.get(PROTECTED_KEY, False) else None
+    if spec is not None and spec != prepared:
+        pytest.fail(f"kvmsnap: {item.nodeid} was marked {MARKER} after its setup began (by a fixture or "
+                    "a late hook), so its guests were not prepared; mark it at collection instead "
+                    "(a decorator, pytestmark, or a conftest's pytest_collection_modifyitems)", pytrace=False)
+
+
+# xdist modes that keep every test of one module (and class) on one worker.
+_KEEPS_MODULES = ("loadscope", "loadfile")
+
+
+def distribution_refusal(item: pytest.Item, spec: Spec, dist: str | None) -> str | None:
+    """Why a test of a unit larger than itself may not run under xdist's ``dist``.
+
+    ``dist`` is None outside xdist's workers: one process spreads nothing.
+    """
+    if dist is None or spec.scope == "function":
+        return None
+    if dist == "loadgroup":
+        # xdist marks a grouped test's node id with '@'.  With pytest 9.2 and
+        # pytest-xdist 3.8 it silently does not (pytest-xdist issue 1386), nor
+        # for a marker added after collection; a split unit would see other
+        # units' changes.
+        if "@" in item.nodeid:
+            return None
+        return (f"{item.nodeid} uses scope={spec.scope!r}, but this pytest-xdist's --dist loadgroup "
+                "does not group tests with this pytest (pytest-xdist issue 1386), or the marker was added "
+                "after xdist grouped the tests. Use --dist loadscope or loadfile for class and module "
+                "scopes, or run without xdist.")
+    if dist in _KEEPS_MODULES and spec.scope in ("class", "module"):
+        return None
+    return (f"{item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
+            f"worker, but --dist {dist} spreads them. Use --dist loadscope or loadfile for class "
+            "and module scopes, or --dist loadgroup (pytest-kvmsnap groups each unit).")
 
 
 def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:
@@ -170,7 +199,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    spec = _spec(item)
+    spec = item.stash.get(PREPARED_KEY, None)
     if spec is not None and report.failed and MANAGER_KEY in item.config.stash:
         item.config.stash[MANAGER_KEY].record_failure(spec.domains)
     return report
@@ -178,7 +207,7 @@ def pytest_runtest_makereport(
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
-    spec = _spec(item)
+    spec = item.stash.get(PREPARED_KEY, None)
     if spec is None or MANAGER_KEY not in item.config.stash:
         return (yield)
     manager = item.config.stash[MANAGER_KEY]
@@ -193,11 +222,12 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _end_test(manager: GuestManager, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
-    _or_fail(lambda: manager.end_test(spec, _next_units(nextitem)), quiet)
+    _or_fail(lambda: manager.end_test(spec, _next_units(manager.settings, nextitem)), quiet)
 
 
-def _next_units(nextitem: pytest.Item | None) -> dict[str, str | None]:
-    spec = _spec(nextitem) if nextitem is not None else None
+def _next_units(settings: Settings, nextitem: pytest.Item | None) -> dict[str, str | None]:
+    """The next test's unit per guest, from its markers now (they may change until its setup)."""
+    spec = _spec_or_none(nextitem, settings) if nextitem is not None else None
     if nextitem is None or spec is None:
         return {}
     key = unit_key(nextitem, spec.scope)

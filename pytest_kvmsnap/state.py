@@ -20,8 +20,9 @@ SETTINGS_KEY = pytest.StashKey[Settings]()
 RUN_ID_KEY = pytest.StashKey[str]()
 MANAGER_KEY = pytest.StashKey[GuestManager]()
 PROBLEMS_KEY = pytest.StashKey[list[str]]()
-SPEC_KEY = pytest.StashKey[Spec | None]()
-REFUSED_KEY = pytest.StashKey[str]()  # why a test may not run under this xdist distribution
+# The spec a test's setup began protecting its guests for: its teardown ends those.
+PREPARED_KEY = pytest.StashKey[Spec]()
+PROTECTED_KEY = pytest.StashKey[bool]()  # setup finished protecting them
 # What xdist's controller tells its workers (through node.workerinput).
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"
@@ -31,6 +32,12 @@ PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
 
 def is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def worker_dist(config: pytest.Config) -> str | None:
+    """xdist's --dist on a worker (the controller passes it: xdist resets the worker's own), else None."""
+    workerinput = getattr(config, "workerinput", None)
+    return None if workerinput is None else str(workerinput.get(WORKER_DIST, "no"))
 
 
 def run_id(config: pytest.Config) -> str:

@@ -101,14 +101,25 @@ def _guests(libvirt_conn, image) -> Iterator[dict[str, RealGuest]]:  # type: ign
     guests = {name: _fresh(libvirt_conn, name, image) for name in GUESTS}
     yield guests
     for name in GUESTS:
-        remove_guest(libvirt_conn, name, image)
+        remove_guest(_live(libvirt_conn), name, image)
 
 
 def _pristine(guests: dict[str, RealGuest], name: str, conn) -> RealGuest:  # type: ignore[no-untyped-def]
     # A test that failed may have left its guest changed: start the next one clean.
     if not guests[name].is_pristine():
-        guests[name] = _fresh(conn, name, guests[name].image)
+        guests[name] = _fresh(_live(conn), name, guests[name].image)
     return guests[name]
+
+
+def _live(conn):  # type: ignore[no-untyped-def]
+    """``conn``, or a new connection if a fault test restarted libvirtd under it."""
+    import libvirt
+
+    try:
+        conn.getLibVersion()
+        return conn
+    except libvirt.libvirtError:
+        return libvirt.open(URI)
 
 
 @pytest.fixture

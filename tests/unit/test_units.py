@@ -9,22 +9,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import RevertLog, TestDriver
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest("--kvm-uri=test:///default", "-p", "no:randomly", *args)
-
-
-def three_tests(name: str, **marker: str) -> str:
-    kwargs = "".join(f", {k}={v!r}" for k, v in marker.items())
-    return f"""
-        import pytest
-        @pytest.mark.kvm_snapshot("{name}"{kwargs})
-        @pytest.mark.parametrize("i", [1, 2, 3])
-        def test_t(i, kvm_guest):
-            assert kvm_guest.is_dirty
-            assert i != {marker.get("fail_at", 0)}
-    """
+from tests.unit.helpers import run_unit as run
+from tests.unit.helpers import three_tests
 
 
 @pytest.fixture
