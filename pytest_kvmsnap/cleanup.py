@@ -14,9 +14,9 @@ import pytest
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import resolve
+from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.manager import GuestManager
-from pytest_kvmsnap.state import lock_dir, run_id
+from pytest_kvmsnap.session import lock_dir, run_id
 
 CLEANUP_HELP = ("list and repair what killed runs left (orphan snapshots of dead runs: the guest "
                 "is restored to the oldest and they are deleted; stale run records), then exit "
@@ -34,8 +34,8 @@ def run_cleanup(config: pytest.Config) -> int:
     dry_run = bool(config.getoption("kvm_dry_run"))
     try:
         settings = resolve(config)
-        manager = GuestManager(settings, run_id(config), lock_dir(settings))
-        names = settings.domains or sorted(d.name() for d in manager.connection().listAllDomains())
+        coordinator = Coordinator(settings, run_id(config), lock_dir(settings))
+        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains())
     except KvmSnapError as exc:
         print(f"kvmsnap: {exc}")
         return pytest.ExitCode.USAGE_ERROR
@@ -43,12 +43,12 @@ def run_cleanup(config: pytest.Config) -> int:
     failed = False
     for name in names:
         try:
-            lines = manager.cleanup(name, dry_run)
+            lines = coordinator.recovery.cleanup(name, dry_run)
         except (KvmSnapError, backend.lib().libvirtError) as exc:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:
             print(f"  {line}")
-    for line in manager.stale_records(dry_run):
+    for line in coordinator.recovery.stale_records(dry_run):
         print(f"  {line}")
-    manager.finish()
+    coordinator.finish()
     return pytest.ExitCode.TESTS_FAILED if failed else pytest.ExitCode.OK

@@ -33,10 +33,11 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.exceptions import UnsupportedGuest
+from pytest_kvmsnap.locking import CloneSource
 
 if TYPE_CHECKING:
     import libvirt
@@ -77,7 +78,7 @@ def _copy(source: str | Path, target: Path) -> None:
 # --- once per run: the source images --------------------------------------
 
 
-def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: backend.Owner) -> dict[str, Any]:
+def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: backend.Owner) -> CloneSource:
     """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
     libvirt = backend.lib()
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
@@ -91,32 +92,31 @@ def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: 
     try:
         copies = {}
         for disk in disks:
-            target = disk.find("target").get("dev")  # type: ignore[union-attr]
+            target = disk.find("target").get("dev", "")  # type: ignore[union-attr]
             copies[target] = str(directory / f"{target}.qcow2")
             _copy(disk.find("source").get("file", ""), Path(copies[target]))  # type: ignore[union-attr]
     finally:
         if pause:
             dom.resume()
-    return {"directory": str(directory), "disks": copies,
-            "snapshot_xml": snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
-            "domain_xml": ET.tostring(root, encoding="unicode")}
+    return CloneSource(str(directory), copies, snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
+                       ET.tostring(root, encoding="unicode"))
 
 
-def remove_source(source: dict[str, Any]) -> None:
-    shutil.rmtree(source["directory"], ignore_errors=True)
+def remove_source(source: CloneSource) -> None:
+    shutil.rmtree(source.directory, ignore_errors=True)
 
 
 # --- per clone ---------------------------------------------------------------
 
 
-def make_clone(conn: libvirt.virConnect, source: dict[str, Any], original: str, name: str,
+def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, name: str,
                owner: backend.Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
     """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
     libvirt = backend.lib()
     root = _clone_xml(source, original, name, owner)
     dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
     try:
-        snap_root = ET.fromstring(source["snapshot_xml"])
+        snap_root = ET.fromstring(source.snapshot_xml)
         for tag in ("domain", "inactiveDomain", "parent"):
             for element in snap_root.findall(tag):
                 snap_root.remove(element)
@@ -130,8 +130,8 @@ def make_clone(conn: libvirt.virConnect, source: dict[str, Any], original: str, 
     return dom, snap
 
 
-def _clone_xml(source: dict[str, Any], original: str, name: str, owner: backend.Owner) -> ET.Element:
-    root = ET.fromstring(source["domain_xml"])
+def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Owner) -> ET.Element:
+    root = ET.fromstring(source.domain_xml)
     root.find("name").text = name  # type: ignore[union-attr]
     for element in root.findall("uuid"):
         root.remove(element)  # libvirt picks a new one
@@ -139,11 +139,11 @@ def _clone_xml(source: dict[str, Any], original: str, name: str, owner: backend.
     if description is None:
         description = ET.SubElement(root, "description")
     description.text = backend.owner_description(owner)
-    directory = Path(source["directory"])
+    directory = Path(source.directory)
     for disk in _writable_disks(root):
-        target = disk.find("target").get("dev")  # type: ignore[union-attr]
+        target = disk.find("target").get("dev", "")  # type: ignore[union-attr]
         copy = directory / f"{name}-{target}.qcow2"
-        _copy(source["disks"][target], copy)
+        _copy(source.disks[target], copy)
         disk.find("source").set("file", str(copy))  # type: ignore[union-attr]
     for sock in root.iterfind("devices/*/source[@mode='bind']"):
         # Unix sockets QEMU listens on (serial consoles, channels) must differ

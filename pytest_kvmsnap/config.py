@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
+from pytest_kvmsnap.exceptions import ConfigError
+
+if TYPE_CHECKING:  # the pytest glue passes these in; this module needs no pytest to import
+    import pytest
 
 REVERT_MODES = ("after", "before", "both", "on-failure", "never")
 SCOPES = ("function", "class", "module", "package", "session")
@@ -88,6 +91,19 @@ class Settings:
         return workers if self.clones == "auto" else int(self.clones)
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What one test needs: which guests, when to revert, its unit and baseline.
+
+    Made from the test's ``kvm_snapshot`` marker and the settings (markers.py).
+    """
+
+    domains: tuple[str, ...]
+    revert: str
+    scope: str
+    snapshot: str | None
+
+
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("kvmsnap", "clean libvirt guests per test (pytest-kvmsnap)")
     for s in SETTINGS:
@@ -99,9 +115,6 @@ def add_options(parser: pytest.Parser) -> None:
                             help=s.help)
         if s.ini:
             parser.addini(s.dest, s.help, type=s.ini_type, default=None)  # type: ignore[arg-type]
-    from pytest_kvmsnap.cleanup import add_cleanup_options  # actions, not settings
-
-    add_cleanup_options(group)
 
 
 def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Settings:
@@ -116,16 +129,12 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     values["lock_timeout"] = _seconds(values["lock_timeout"])
     values["clones"] = _clones(values["clones"])
     if values["clones"] != "0" and values["snapshot"]:
-        from pytest_kvmsnap.exceptions import ConfigError
-
         raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
                           "state each guest is found in. Drop one of them.")
     return validate(Settings(**values), source="ini file")
 
 
 def _seconds(value: object) -> float:
-    from pytest_kvmsnap.exceptions import ConfigError
-
     try:
         seconds = float(str(value))
     except ValueError:
@@ -136,8 +145,6 @@ def _seconds(value: object) -> float:
 
 
 def _clones(value: object) -> str:
-    from pytest_kvmsnap.exceptions import ConfigError
-
     text = str(value).strip().lower()
     if text == "auto" or (text.isdigit() and int(text) >= 0):
         return str(int(text)) if text.isdigit() else text
@@ -155,8 +162,6 @@ def _value(config: pytest.Config, s: Setting) -> Any:
 
 
 def validate(settings: Settings, source: str) -> Settings:
-    from pytest_kvmsnap.exceptions import ConfigError
-
     for s in SETTINGS:
         value = getattr(settings, s.name)
         if s.choices and value not in s.choices:

@@ -78,6 +78,14 @@ class RevertFailed(KvmSnapError):
     """Going back to the baseline failed; the guest is not used again in this run."""
 
 
+class LeaseTimeout(KvmSnapError):
+    """Another run kept the guest longer than ``kvm_lock_timeout``."""
+
+
+class LockDirError(KvmSnapError):
+    """The lock directory cannot hold a lock or record (full, read-only, gone)."""
+
+
 class NoDomainConfigured(ConfigError):
     def __init__(self, nodeid: str) -> None:
         super().__init__(

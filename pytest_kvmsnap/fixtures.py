@@ -10,7 +10,7 @@ import pytest
 
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import Guest
-from pytest_kvmsnap.state import PREPARED_KEY, manager_for
+from pytest_kvmsnap.session import PREPARED_KEY, coordinator_for
 
 if TYPE_CHECKING:
     import libvirt
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def kvm_connection(request: pytest.FixtureRequest) -> libvirt.virConnect:
     """The libvirt connection to the configured URI (one per process, closed at the end)."""
     try:
-        return manager_for(request.config).connection()
+        return coordinator_for(request.config).connection()
     except KvmSnapError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -30,9 +30,9 @@ def kvm_guests(request: pytest.FixtureRequest) -> Mapping[str, Guest]:
     """Read-only mapping of domain name to :class:`Guest` for all the test's guests."""
     spec = request.node.stash.get(PREPARED_KEY, None)
     assert spec is not None, "kvmsnap: the test's guests were not prepared; was the plugin disabled?"
-    manager = manager_for(request.config)
+    coordinator = coordinator_for(request.config)
     try:
-        return MappingProxyType({name: manager.guest(name) for name in spec.domains})
+        return MappingProxyType({name: coordinator.guest(name) for name in spec.domains})
     except KvmSnapError as exc:
         pytest.fail(str(exc), pytrace=False)
 

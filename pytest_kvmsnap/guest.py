@@ -35,15 +35,15 @@ class GuestState:
     clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
 
     @property
-    def at(self) -> str | None:
+    def clean_at(self) -> str | None:
         """The snapshot the guest is known to be exactly at; None once a test used it."""
-        return self.record.at if self.record is not None else None
+        return self.record.clean_at if self.record is not None else None
 
-    @at.setter
-    def at(self, value: str | None) -> None:
+    @clean_at.setter
+    def clean_at(self, value: str | None) -> None:
         if self.record is None:
             return
-        self.record.at = value
+        self.record.clean_at = value
         if self.lock.held:
             self.lock.write(self.record)
 
@@ -91,7 +91,7 @@ class Guest:
 
     @property
     def is_dirty(self) -> bool:
-        return self._state.at != self.baseline
+        return self._state.clean_at != self.baseline
 
     def revert(self) -> None:
         """Go back to the baseline now (the test goes on, so the guest stays in use)."""

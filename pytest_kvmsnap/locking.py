@@ -1,4 +1,4 @@
-"""Who may use a guest now: file locks and the run record beside them.
+"""Who may use a guest now: file locks and the run records beside them.
 
 Per guest (URI + domain) the lock directory holds:
 
@@ -7,8 +7,8 @@ Per guest (URI + domain) the lock directory holds:
   drops it when the holder dies, so a crashed worker never leaves it held.
 * ``<key>.json`` -- the run record, read and written only under the lock: which
   run owns the guest (its id, owner pid, host, start), the baseline snapshot,
-  which snapshot the guest is exactly at (``null`` = dirty), who holds the lock
-  and on which test.  Workers of one run share the baseline and the dirty state
+  which snapshot the guest is exactly at (``clean_at``; ``null`` = dirty), who
+  holds the lock and on which test.  Workers of one run share the baseline and the dirty state
   through it; another run waits until the owner's record is gone (the *lease*),
   or takes over when the owner is dead (orphan).
 """
@@ -30,15 +30,20 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
+from pytest_kvmsnap.events import Reporter, Waiting
+from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
+
+__all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
 
 
-class LeaseTimeout(KvmSnapError):
-    """Another run kept the guest longer than ``kvm_lock_timeout``."""
+@dataclass
+class CloneSource:
+    """Clone mode, on the original's record: the run's copies of its disks (see clones.py)."""
 
-
-class LockDirError(KvmSnapError):
-    """The lock directory cannot hold a lock or record (full, read-only, gone)."""
+    directory: str
+    disks: dict[str, str]  # target device -> copy with the baseline inside
+    snapshot_xml: str
+    domain_xml: str
 
 
 @dataclass
@@ -50,7 +55,7 @@ class RunRecord:
     host: str
     started: float
     baseline: str
-    at: str | None
+    clean_at: str | None  # the snapshot the guest is exactly at; None once a test used it
     baseline_seconds: float = 0.0
     holder: str = ""
     since: float = 0.0
@@ -58,7 +63,8 @@ class RunRecord:
     inplace_ok: dict[str, list[object]] = field(default_factory=dict)
     # (seconds, method, target, reason) of every revert in this run, all workers
     reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
-    notes: dict[str, str] = field(default_factory=dict)
+    # snapshot -> how it is reverted and why ("inplace (QEMU loadvm)", "libvirt (...)")
+    revert_methods: dict[str, str] = field(default_factory=dict)
     # one-line events any process of the run saw (orphans repaired, holder died)
     events: list[str] = field(default_factory=list)
     # the last holder owed a revert it could not make (it died mid-unit, or its
@@ -67,7 +73,7 @@ class RunRecord:
     # clone mode: on a clone's record, the original it was cloned from; on the
     # original's record, where the run's source images are (see clones.py)
     clone_of: str = ""
-    clone_source: dict[str, Any] | None = None
+    clone_source: CloneSource | None = None
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]
@@ -136,7 +142,7 @@ class GuestLock:
     def held(self) -> bool:
         return self._lock.is_locked
 
-    def acquire(self, timeout: float, progress: Callable[[str], None],
+    def acquire(self, timeout: float, report: Reporter,
                 admit: Callable[[RunRecord | None], bool] = lambda _record: True) -> RunRecord | None:
         """Take the lock once ``admit`` accepts the run record; return that record.
 
@@ -165,7 +171,7 @@ class GuestLock:
             if time.monotonic() >= deadline:
                 raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; held by "
                                    f"{holder}; raise --kvm-lock-timeout or try later") from None
-            progress(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting")
+            report(Waiting(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting"))
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -206,9 +212,25 @@ class GuestLock:
         return [r for r in map(_load, sorted(directory.glob("*.json"))) if r is not None]
 
 
+class RecordStore:
+    """One lock directory: a guest's lock and record by (URI, domain), and all records."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def lock(self, uri: str, domain: str) -> GuestLock:
+        return GuestLock(self.directory, uri, domain)
+
+    def records(self) -> list[RunRecord]:
+        return GuestLock.records(self.directory) if self.directory.is_dir() else []
+
+
 def _load(path: Path) -> RunRecord | None:
     """The record at ``path``; None when missing, torn or foreign (the guest counts as unowned)."""
     try:
-        return RunRecord(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+        data: dict[str, Any] = json.loads(path.read_text())
+        if data.get("clone_source") is not None:
+            data["clone_source"] = CloneSource(**data["clone_source"])
+        return RunRecord(**data)
+    except (OSError, ValueError, TypeError, AttributeError):
         return None

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from pytest_kvmsnap.config import REVERT_MODES, SCOPES, Settings
+from pytest_kvmsnap.config import REVERT_MODES, SCOPES, Settings, Spec
 from pytest_kvmsnap.exceptions import ConfigError, NoDomainConfigured
+
+__all__ = ["MARKER", "Spec", "kvm_snapshot", "spec_for", "unit_key"]
 
 MARKER = "kvm_snapshot"
 FIXTURES = ("kvm_guest", "kvm_guests")
@@ -45,16 +47,6 @@ def kvm_snapshot(
 def _check_choice(name: str, value: str | None, allowed: tuple[str, ...]) -> None:
     if value is not None and value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What one test needs: which guests, when to revert, its unit and baseline."""
-
-    domains: tuple[str, ...]
-    revert: str
-    scope: str
-    snapshot: str | None
 
 
 def marker_args(item: pytest.Item) -> MarkerArgs | None:

@@ -14,16 +14,16 @@ from collections.abc import Callable, Generator
 import pytest
 
 from pytest_kvmsnap import hookspecs
-from pytest_kvmsnap.cleanup import run_cleanup
+from pytest_kvmsnap.cleanup import add_cleanup_options, run_cleanup
 from pytest_kvmsnap.config import Settings, add_options, resolve
+from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
 from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.locking import GuestLock
-from pytest_kvmsnap.manager import GuestManager
 from pytest_kvmsnap.markers import MARKER, MARKER_HELP, Spec, spec_for, unit_key
-from pytest_kvmsnap.state import (
-    MANAGER_KEY,
+from pytest_kvmsnap.session import (
+    COORDINATOR_KEY,
     PREPARED_KEY,
     PROBLEMS_KEY,
     PROTECTED_KEY,
@@ -31,10 +31,10 @@ from pytest_kvmsnap.state import (
     WORKER_DIST,
     WORKER_OWNER,
     WORKER_RUN,
+    coordinator_for,
     is_worker,
     lock_dir,
     lock_dir_path,
-    manager_for,
     run_id,
     worker_dist,
 )
@@ -43,7 +43,9 @@ __all__ = ["kvm_connection", "kvm_guest", "kvm_guests"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option: the settings table's, and the cleanup command's actions."""
     add_options(parser)
+    add_cleanup_options(parser.getgroup("kvmsnap"))
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -128,9 +130,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     refused = distribution_refusal(item, spec, worker_dist(config))
     if refused:
         pytest.fail(f"kvmsnap: {refused}", pytrace=False)
-    manager = manager_for(config)
+    coordinator = coordinator_for(config)
     item.stash[PREPARED_KEY] = spec  # from here on, teardown ends what setup began
-    _or_fail(lambda: manager.start_test(spec, unit_key(item, spec.scope), item.nodeid))
+    _or_fail(lambda: coordinator.start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
 
 
@@ -180,7 +182,7 @@ def distribution_refusal(item: pytest.Item, spec: Spec, dist: str | None) -> str
 
 
 def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:
-    """Run a manager step; its error fails the test as one line.
+    """Run a coordinator step; its error fails the test as one line.
 
     pytest.fail is called outside the ``except`` block so that the report does
     not chain "During handling of the above exception" onto the message.
@@ -200,29 +202,29 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     spec = item.stash.get(PREPARED_KEY, None)
-    if spec is not None and report.failed and MANAGER_KEY in item.config.stash:
-        item.config.stash[MANAGER_KEY].record_failure(spec.domains)
+    if spec is not None and report.failed and COORDINATOR_KEY in item.config.stash:
+        item.config.stash[COORDINATOR_KEY].record_failure(spec.domains)
     return report
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
     spec = item.stash.get(PREPARED_KEY, None)
-    if spec is None or MANAGER_KEY not in item.config.stash:
+    if spec is None or COORDINATOR_KEY not in item.config.stash:
         return (yield)
-    manager = item.config.stash[MANAGER_KEY]
+    coordinator = item.config.stash[COORDINATOR_KEY]
     try:
         result = yield
     except BaseException:
-        manager.record_failure(spec.domains)  # a fixture's teardown failed
-        _end_test(manager, spec, nextitem, quiet=True)
+        coordinator.record_failure(spec.domains)  # a fixture's teardown failed
+        _end_test(coordinator, spec, nextitem, quiet=True)
         raise
-    _end_test(manager, spec, nextitem, quiet=False)
+    _end_test(coordinator, spec, nextitem, quiet=False)
     return result
 
 
-def _end_test(manager: GuestManager, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
-    _or_fail(lambda: manager.end_test(spec, _next_units(manager.settings, nextitem)), quiet)
+def _end_test(coordinator: Coordinator, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
+    _or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem)), quiet)
 
 
 def _next_units(settings: Settings, nextitem: pytest.Item | None) -> dict[str, str | None]:
@@ -241,37 +243,37 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     then is the run's last user of each guest known.
     """
     config = session.config
-    manager = config.stash.get(MANAGER_KEY, None)
-    if manager is None and not is_worker(config) and _run_has_records(config):
-        manager = manager_for(config)
-    if manager is None:
+    coordinator = config.stash.get(COORDINATOR_KEY, None)
+    if coordinator is None and not is_worker(config) and _run_has_records(config):
+        coordinator = coordinator_for(config)
+    if coordinator is None:
         return
-    problems = manager.finish()
+    problems = coordinator.finish()
     session.config.stash[PROBLEMS_KEY] = problems
     if problems and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    manager = config.stash.get(MANAGER_KEY, None)
-    if manager is None or is_worker(config):
+    coordinator = config.stash.get(COORDINATOR_KEY, None)
+    if coordinator is None or is_worker(config):
         return
     tr = terminalreporter
     tr.section("kvmsnap")
     verbose = config.get_verbosity() > 0
-    for note in manager.notes:
-        tr.write_line(note)
-    for record in manager.finished:
+    for event in coordinator.run_events:
+        tr.write_line(event)
+    for record in coordinator.finished:
         for event in record.events:
             tr.write_line(event)
         tr.write_line(summary(record))
-        for snapshot, how in sorted(record.notes.items()):
+        for snapshot, how in sorted(record.revert_methods.items()):
             tr.write_line(f"  revert method for {snapshot}: {how}")
         for seconds, method, target, reason in record.reverts if verbose else ():
             tr.write_line(f"  {float(seconds):7.3f} s  {method:16} -> {target}  ({reason})")
     for problem in config.stash.get(PROBLEMS_KEY, []):
         tr.write_line(f"kvmsnap: could not restore {problem}", red=True, bold=True)
-    all_times = [t for record in manager.finished for t in record.revert_times()]
+    all_times = [t for record in coordinator.finished for t in record.revert_times()]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
 

@@ -8,7 +8,7 @@ ensure_venv
 ensure_guest_image
 cd "$ROOT"
 "$VENV/bin/ruff" check pytest_kvmsnap tests examples benchmarks
-"$VENV/bin/mypy" pytest_kvmsnap
+"$VENV/bin/mypy" pytest_kvmsnap tests
 set +e
 "$PY" -m pytest -ra -p no:cacheprovider "$@"
 status=$?

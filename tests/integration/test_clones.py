@@ -6,6 +6,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from tests.integration.conftest import RealGuest, run_inner
 from tests.integration.test_parallel import next_run_finds_it_clean, start_run_stuck_mid_test
 from tests.integration.test_semantics import CLEAN, LOCK_DIR, assert_as_found
@@ -36,7 +38,7 @@ def leftovers(guest: RealGuest) -> list[str]:
     return names + [str(p) for p in guest.image.disk_for(guest.name).parent.glob("kvmsnap-*") if p.is_dir()]
 
 
-def test_two_workers_run_at_once_on_their_own_clones(inner, guest_a: RealGuest) -> None:
+def test_two_workers_run_at_once_on_their_own_clones(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     guest_a.console.check("echo kept > /tmp/orig")  # RAM only: a clone must carry memory
     lock_files = set(LOCK_DIR.glob(f"{guest_a.name}-kvmsnap-*"))
     inner.makepyfile(CLONE_TESTS.format(name=guest_a.name, clean=CLEAN))
@@ -57,7 +59,7 @@ def test_two_workers_run_at_once_on_their_own_clones(inner, guest_a: RealGuest) 
     assert_as_found(guest_a)
 
 
-def test_clone_mode_refuses_a_user_snapshot(inner, guest_a: RealGuest) -> None:
+def test_clone_mode_refuses_a_user_snapshot(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile("def test_x(): pass")
     result = run_inner(inner, "--kvm-clones=2", "--kvm-snapshot=golden")
     assert result.ret == 4

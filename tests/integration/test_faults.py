@@ -32,7 +32,7 @@ def wait_for_state(dom, wanted, seconds=30):
 """
 
 
-def test_qemu_killed_mid_test(inner, guest_a: RealGuest) -> None:
+def test_qemu_killed_mid_test(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """The test errors with the reason; the next test gets the guest back at its baseline."""
     inner.makepyfile(WAIT_FOR_STATE + f"""
 import os, signal, libvirt, pytest
@@ -56,7 +56,7 @@ def test_2_same_unit_gets_it_back(sh):
     assert_as_found(guest_a)
 
 
-def test_libvirtd_restarted_mid_run(inner, guest_a: RealGuest) -> None:
+def test_libvirtd_restarted_mid_run(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """The plugin reconnects once and goes on; QEMU (and the guest's RAM) survive the restart."""
     inner.makepyfile(f"""
 import os, signal, subprocess, time, pytest
@@ -96,7 +96,7 @@ def full_lock_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_lock_dir_full(inner, guest_a: RealGuest, full_lock_dir: Path) -> None:
+def test_lock_dir_full(inner: pytest.Pytester, guest_a: RealGuest, full_lock_dir: Path) -> None:
     """One clear error, before anything changes on the guest."""
     inner.makepyfile(three_dirty_tests(guest_a.name))
     result = run_inner(inner, f"--kvm-lock-dir={full_lock_dir}")
@@ -153,7 +153,7 @@ def test_from_{state.lower()}(i, kvm_guest):
     assert kvm_guest.domain.state()[0] == libvirt.VIR_DOMAIN_{state}"""
 
 
-def test_guest_paused_at_start(inner, guest_a: RealGuest) -> None:
+def test_guest_paused_at_start(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """The baseline of a paused guest is paused: each test gets it paused, the run leaves it paused."""
     import libvirt
 
@@ -173,7 +173,7 @@ def test_guest_paused_at_start(inner, guest_a: RealGuest) -> None:
     assert_as_found(guest_a)
 
 
-def test_guest_shut_off_at_start(inner, guest_a: RealGuest) -> None:
+def test_guest_shut_off_at_start(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """The baseline of a shut-off guest is its disks: each test starts it from them."""
     import libvirt
 

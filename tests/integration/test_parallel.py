@@ -141,7 +141,7 @@ def test_killed_run_is_repaired_by_the_next(inner, guest_a: RealGuest, spawn) ->
     assert_as_found(guest_a)
 
 
-def test_crashed_xdist_worker_leaves_no_dirty_guest(inner, guest_a: RealGuest) -> None:
+def test_crashed_xdist_worker_leaves_no_dirty_guest(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile(f"""
         import os, pytest
         @pytest.mark.kvm_snapshot("{guest_a.name}")
@@ -159,7 +159,7 @@ def test_crashed_xdist_worker_leaves_no_dirty_guest(inner, guest_a: RealGuest) -
     assert_as_found(guest_a)
 
 
-def test_unit_scopes_need_grouped_distribution(inner, guest_a: RealGuest) -> None:
+def test_unit_scopes_need_grouped_distribution(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile(module_unit_tests(guest_a.name))
     refused = run_inner(inner, "-n", "2", "--dist", "load")
     refused.assert_outcomes(errors=4)
@@ -171,7 +171,7 @@ def test_unit_scopes_need_grouped_distribution(inner, guest_a: RealGuest) -> Non
     assert_as_found(guest_a)
 
 
-def test_unit_scopes_under_loadgroup_are_grouped_or_refused(inner, guest_a: RealGuest) -> None:
+def test_unit_scopes_under_loadgroup_are_grouped_or_refused(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """Grouped where xdist's loadgroup works; refused, never split, where it does not (xdist#1386)."""
     inner.makepyfile(module_unit_tests(guest_a.name))
     result = run_inner(inner, "-n", "2", "--dist", "loadgroup")

@@ -35,7 +35,7 @@ def test_each_starts_clean(i, sh):
     "def pytest_collection_modifyitems(items):\n    for item in items:\n        item.add_marker(MARK)",
     "def pytest_itemcollected(item):\n    item.add_marker(MARK)",
 ], ids=["collection_modifyitems", "itemcollected"])
-def test_marker_added_by_a_conftest_hook(inner, guest_a: RealGuest, hook: str) -> None:
+def test_marker_added_by_a_conftest_hook(inner: pytest.Pytester, guest_a: RealGuest, hook: str) -> None:
     inner.makeconftest(INNER_CONFTEST + f"\nMARK = pytest.mark.kvm_snapshot({guest_a.name!r})\n" + hook)
     inner.makepyfile(UNMARKED)
     result = run_inner(inner)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_kvmsnap.events import to_stdout
 from pytest_kvmsnap.locking import GuestLock, default_lock_dir
 from tests.integration.conftest import URI, RealGuest, run_inner
 
@@ -33,12 +34,12 @@ def assert_as_found(guest: RealGuest, snapshots: list[str] | None = None) -> Non
     if LOCK_DIR.is_dir():
         assert [r for r in GuestLock.records(LOCK_DIR) if r.domain == guest.name] == []
         lock = GuestLock(LOCK_DIR, URI, guest.name)
-        lock.acquire(0, print)  # raises if anyone still holds it
+        lock.acquire(0, to_stdout)  # raises if anyone still holds it
         lock.release()
 
 
 @pytest.mark.parametrize("method", ["auto", "inplace", "libvirt"])
-def test_disk_and_memory_restored_between_tests(inner, guest_a: RealGuest, method: str) -> None:
+def test_disk_and_memory_restored_between_tests(inner: pytest.Pytester, guest_a: RealGuest, method: str) -> None:
     inner.makepyfile(three_dirty_tests(guest_a.name))
     result = run_inner(inner, f"--kvm-revert-method={method}")
     result.assert_outcomes(passed=3)
@@ -48,7 +49,7 @@ def test_disk_and_memory_restored_between_tests(inner, guest_a: RealGuest, metho
     assert_as_found(guest_a)
 
 
-def test_class_and_module_units_share_state_inside(inner, guest_a: RealGuest) -> None:
+def test_class_and_module_units_share_state_inside(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     name = guest_a.name
     inner.makepyfile(test_a=f"""
         import pytest
@@ -81,7 +82,7 @@ def test_class_and_module_units_share_state_inside(inner, guest_a: RealGuest) ->
     assert_as_found(guest_a)
 
 
-def test_on_failure_and_never(inner, guest_a: RealGuest) -> None:
+def test_on_failure_and_never(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     name = guest_a.name
     inner.makepyfile(test_f=f"""
         import pytest
@@ -106,7 +107,7 @@ def test_on_failure_and_never(inner, guest_a: RealGuest) -> None:
     assert_as_found(guest_a)  # "never" still restores at the end of the session
 
 
-def test_before_mode(inner, guest_a: RealGuest) -> None:
+def test_before_mode(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile(three_dirty_tests(guest_a.name, ', revert="before"'))
     result = run_inner(inner)
     result.assert_outcomes(passed=3)
@@ -114,7 +115,7 @@ def test_before_mode(inner, guest_a: RealGuest) -> None:
     assert_as_found(guest_a)
 
 
-def test_several_guests_per_test(inner, guest_a: RealGuest, guest_b: RealGuest) -> None:
+def test_several_guests_per_test(inner: pytest.Pytester, guest_a: RealGuest, guest_b: RealGuest) -> None:
     inner.makepyfile(f"""
         import pytest
         @pytest.mark.kvm_snapshot("{guest_a.name}", "{guest_b.name}")
@@ -129,7 +130,7 @@ def test_several_guests_per_test(inner, guest_a: RealGuest, guest_b: RealGuest) 
     assert_as_found(guest_b)
 
 
-def test_existing_snapshot_used_and_kept(inner, guest_a: RealGuest) -> None:
+def test_existing_snapshot_used_and_kept(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     dom = guest_a.domain()
     guest_a.console.check("echo user > /data/marker; echo user > /tmp/marker")
     dom.snapshotCreateXML("<domainsnapshot><name>it-user</name></domainsnapshot>", 0)
@@ -152,7 +153,7 @@ def test_existing_snapshot_used_and_kept(inner, guest_a: RealGuest) -> None:
         dom.snapshotLookupByName("it-user").delete(0)
 
 
-def test_strict_inplace_refuses_what_needs_a_qemu_restart(inner, guest_a: RealGuest) -> None:
+def test_strict_inplace_refuses_what_needs_a_qemu_restart(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     """A user snapshot this QEMU never loaded can only be reached by libvirt's revert."""
     dom = guest_a.domain()
     dom.snapshotCreateXML("<domainsnapshot><name>it-user</name></domainsnapshot>", 0)
@@ -173,7 +174,7 @@ def test_strict_inplace_refuses_what_needs_a_qemu_restart(inner, guest_a: RealGu
         dom.snapshotLookupByName("it-user").delete(0)
 
 
-def test_unknown_domain_and_snapshot_on_real_libvirt(inner, guest_a: RealGuest) -> None:
+def test_unknown_domain_and_snapshot_on_real_libvirt(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile(f"""
         import pytest
         @pytest.mark.kvm_snapshot("no-such-guest")
@@ -190,7 +191,7 @@ def test_unknown_domain_and_snapshot_on_real_libvirt(inner, guest_a: RealGuest) 
     assert_as_found(guest_a)
 
 
-def test_daemon_not_running(inner) -> None:
+def test_daemon_not_running(inner: pytest.Pytester) -> None:
     inner.makepyfile("""
         import pytest
         @pytest.mark.kvm_snapshot("any")

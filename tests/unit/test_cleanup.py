@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvmsnap import backend
+from pytest_kvmsnap.events import to_stdout
 from pytest_kvmsnap.locking import GuestLock, RunRecord
 from tests.conftest import TestDriver
 
@@ -66,7 +67,7 @@ def test_cleanup_removes_a_dead_runs_record(pytester: pytest.Pytester, testdrive
     locks = pytester.path / "locks"
     locks.mkdir(mode=0o700)
     lock = GuestLock(locks, "test:///default", name)
-    lock.acquire(1, print)
+    lock.acquire(1, to_stdout)
     lock.write(RunRecord("test:///default", name, "deadrun", dead_pid(), os.uname().nodename, 1.0,
                          "kvmsnap-deadrun", None))
     lock.release()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.clones import _clone_xml, clone_name
+from pytest_kvmsnap.locking import CloneSource
 
 ORIGINAL = """
 <domain type='qemu'>
@@ -26,8 +27,8 @@ ORIGINAL = """
 
 def test_clone_xml(tmp_path: Path) -> None:
     (tmp_path / "vda.qcow2").write_bytes(b"image")
-    source = {"directory": str(tmp_path), "disks": {"vda": str(tmp_path / "vda.qcow2")},
-              "domain_xml": ORIGINAL, "snapshot_xml": "<domainsnapshot/>"}
+    source = CloneSource(directory=str(tmp_path), disks={"vda": str(tmp_path / "vda.qcow2")},
+                         domain_xml=ORIGINAL, snapshot_xml="<domainsnapshot/>")
     owner = backend.Owner("run1", 123, "host", time.time())
     name = clone_name("web", "run1", 0)
     root = _clone_xml(source, "web", name, owner)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kvmsnap.events import Event, to_stdout
 from pytest_kvmsnap.exceptions import ConfigError
 from pytest_kvmsnap.locking import GuestLock, RunRecord, lock_key, pid_alive, prepare_lock_dir
 
@@ -45,7 +46,7 @@ def test_unwritable_dir_is_refused(tmp_path: Path) -> None:
 
 def test_record_round_trip_and_listing(tmp_path: Path) -> None:
     lock = GuestLock(tmp_path, "test:///default", "g")
-    lock.acquire(1, print)
+    lock.acquire(1, to_stdout)
     record = RunRecord("test:///default", "g", "run1", os.getpid(), "h", 1.0, "kvmsnap-run1", None)
     lock.write(record)
     lock.release()
@@ -55,12 +56,12 @@ def test_record_round_trip_and_listing(tmp_path: Path) -> None:
 
 def test_lock_is_exclusive_across_processes_and_freed_by_death(tmp_path: Path) -> None:
     code = ("import sys, time; from pytest_kvmsnap.locking import GuestLock; "
-            "l = GuestLock(__import__('pathlib').Path(sys.argv[1]), 'u', 'g'); l.acquire(5, print); "
+            "l = GuestLock(__import__('pathlib').Path(sys.argv[1]), 'u', 'g'); l.acquire(5, to_stdout); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     lock = GuestLock(tmp_path, "u", "g")
-    waited: list[str] = []
+    waited: list[Event] = []
     with pytest.raises(Exception, match="gave up after 0 s"):
         lock.acquire(0, waited.append)
     holder.kill()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kvmsnap import backend, manager
+from pytest_kvmsnap import backend, hypervisor
 from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost, KvmSnapError
 from tests.conftest import RECORDER, RevertLog, TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -186,7 +186,7 @@ def test_a_revert_that_could_not_be_made_is_owed_by_the_next_unit(pytester, gues
 
 def test_teardown_with_libvirtd_gone_releases_the_guest(pytester, guest, revert_log, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """No reconnect possible after test 1: the lock is released and the next test reverts first."""
-    monkeypatch.setattr(manager, "RECONNECT_TIMEOUT", 0.2)
+    monkeypatch.setattr(hypervisor, "RECONNECT_TIMEOUT", 0.2)
     calls = {"alive": 0}
     real_alive, real_open = backend.is_alive, backend.open_connection
 

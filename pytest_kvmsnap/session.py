@@ -1,4 +1,6 @@
-"""Per-run objects kept in ``config.stash`` (pytest's public API for plugin state)."""
+"""The pytest session's wiring: per-run objects in ``config.stash`` (pytest's public
+API for plugin state), what xdist's controller tells its workers, SIGTERM, and
+how the coordinator's events reach the terminal and the plugin's hooks."""
 
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.config import Settings, Spec
+from pytest_kvmsnap.coordinator import Coordinator
+from pytest_kvmsnap.events import BaselineTaken, Event, Reverted, Waiting
 from pytest_kvmsnap.locking import default_lock_dir, prepare_lock_dir
-from pytest_kvmsnap.manager import GuestManager
-from pytest_kvmsnap.markers import Spec
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 RUN_ID_KEY = pytest.StashKey[str]()
-MANAGER_KEY = pytest.StashKey[GuestManager]()
+COORDINATOR_KEY = pytest.StashKey[Coordinator]()
 PROBLEMS_KEY = pytest.StashKey[list[str]]()
 # The spec a test's setup began protecting its guests for: its teardown ends those.
 PREPARED_KEY = pytest.StashKey[Spec]()
@@ -68,18 +70,17 @@ def clone_slot(config: pytest.Config, settings: Settings) -> int | None:
     return int(str(workerinput.get("workerid", "gw0")).removeprefix("gw") or 0) % count
 
 
-def manager_for(config: pytest.Config) -> GuestManager:
-    """The run's manager, created on first need so unused runs touch no hypervisor."""
-    if MANAGER_KEY not in config.stash:
+def coordinator_for(config: pytest.Config) -> Coordinator:
+    """The run's coordinator, created on first need so unused runs touch no hypervisor."""
+    if COORDINATOR_KEY not in config.stash:
         settings = config.stash[SETTINGS_KEY]
         workerinput = getattr(config, "workerinput", {})
-        manager = GuestManager(settings, run_id(config), lock_dir(settings),
-                               owner_pid=workerinput.get(WORKER_OWNER), finisher=not is_worker(config),
-                               progress=_progress(config), clone_slot=clone_slot(config, settings))
-        manager.listener = _hook_caller(config)
-        config.stash[MANAGER_KEY] = manager
+        config.stash[COORDINATOR_KEY] = Coordinator(
+            settings, run_id(config), lock_dir(settings), owner_pid=workerinput.get(WORKER_OWNER),
+            finisher=not is_worker(config), report=SessionReporter(config),
+            clone_slot=clone_slot(config, settings))
         _terminate_like_ctrl_c()
-    return config.stash[MANAGER_KEY]
+    return config.stash[COORDINATOR_KEY]
 
 
 def _terminate_like_ctrl_c() -> None:
@@ -99,39 +100,42 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _progress(config: pytest.Config):  # type: ignore[no-untyped-def]
-    """Progress lines on long waits: to the terminal, at most every few seconds."""
-    last = [0.0]
+class SessionReporter:
+    """The coordinator's events, for pytest: lines on the terminal, and the plugin's hooks."""
 
-    def write(message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] < PROGRESS_EVERY and "waiting" in message:
-            return
-        last[0] = now
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._last_wait = 0.0
+
+    def __call__(self, event: Event) -> None:
+        hook = self.config.hook
+        if isinstance(event, BaselineTaken):
+            hook.pytest_kvmsnap_baseline(config=self.config, domain=event.domain, snapshot=event.snapshot,
+                                         seconds=event.seconds)
+        elif isinstance(event, Reverted):
+            hook.pytest_kvmsnap_reverted(config=self.config, domain=event.domain, snapshot=event.snapshot,
+                                         seconds=event.seconds, method=event.method, reason=event.reason)
+        elif isinstance(event, Waiting):
+            now = time.monotonic()  # a long wait says so every few seconds, not every poll
+            if now - self._last_wait >= PROGRESS_EVERY:
+                self._last_wait = now
+                self._write(event.text)
+        else:
+            self._write(event.text)
+
+    def _write(self, text: str) -> None:
+        config = self.config
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capman = config.pluginmanager.get_plugin("capturemanager")
         if reporter is None or is_worker(config):
-            print(message, file=sys.stderr, flush=True)
+            print(text, file=sys.stderr, flush=True)
             return
         # Waits happen during test setup, while pytest captures output: step
         # out of the capture like pytest-timeout does, so the line is seen now.
         if capman is not None:
             capman.suspend_global_capture(in_=True)
         try:
-            reporter.write_line(message, yellow=True)
+            reporter.write_line(text, yellow=True)
         finally:
             if capman is not None:
                 capman.resume_global_capture()
-    return write
-
-
-def _hook_caller(config: pytest.Config):  # type: ignore[no-untyped-def]
-    def call(kind: str, domain: str, snapshot: str, seconds: float, method: str, reason: str) -> None:
-        if kind == "baseline":
-            config.hook.pytest_kvmsnap_baseline(config=config, domain=domain, snapshot=snapshot,
-                                                seconds=seconds)
-        else:
-            config.hook.pytest_kvmsnap_reverted(config=config, domain=domain, snapshot=snapshot,
-                                                seconds=seconds, method=method, reason=reason)
-    return call
-

@@ -1,0 +1,329 @@
+"""The run's guests, test by test: units, the promise, and the end of the run.
+
+A process holds a guest's lock for a whole unit (``units.py``); at the unit's
+edges it reverts the guest to the unit's baseline as ``revert`` says, skipping
+reverts of a guest known to be clean.  The run's *finisher* (the single pytest
+process, or xdist's controller once every worker is done) puts each guest
+back as it was found and deletes the run's snapshot.
+
+The work is delegated: ``hypervisor`` (connections), ``lease`` (who may use a
+guest), ``provisioning`` (the once-per-guest baseline or clone), ``revert``
+(how), ``recovery`` (what dead runs left).  This module only decides when.
+No pytest here: ``session.py`` and ``plugin.py`` are the glue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.config import Settings, Spec
+from pytest_kvmsnap.events import Incident, Reporter, to_stdout
+from pytest_kvmsnap.exceptions import ConfigError, ConnectionFailed, ConnectionLost, KvmSnapError, RevertFailed
+from pytest_kvmsnap.guest import Guest, GuestState
+from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.lease import Lease
+from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.provisioning import Provisioner
+from pytest_kvmsnap.recovery import Recovery
+from pytest_kvmsnap.revert import Reverter
+from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
+
+if TYPE_CHECKING:
+    import libvirt
+
+T = TypeVar("T")
+
+# Failures that say nothing lasting about a guest: never cached as its verdict.
+TRANSIENT = (ConnectionLost, ConnectionFailed)
+
+
+class Coordinator:
+    def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
+                 finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        self.finisher = finisher
+        self.report = report
+        self.clone_slot = clone_slot  # clone mode: which of the run's clones this process uses
+        self.store = RecordStore(lock_dir)
+        owner = backend.Owner(run_id, owner_pid or os.getpid(), socket.gethostname(), time.time())
+        self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected)
+        self.lease = Lease(self.hypervisor, owner, settings.lock_timeout)
+        self.recovery = Recovery(self.hypervisor, self.lease, self.store)
+        self.provisioner = Provisioner(self.hypervisor, self.lease, self.recovery, self.store, self._incident)
+        self.reverter = Reverter(settings, report)
+        self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
+        self.finished: list[RunRecord] = []  # the records the finisher closed, for the summary
+        self._states: dict[str, GuestState] = {}
+        self._failures: dict[str, KvmSnapError] = {}
+
+    def _incident(self, text: str, record: RunRecord | None = None) -> None:
+        """Shown at once and kept for the summary: in the guest's run record when there is
+        one (xdist's controller prints those, so workers' incidents reach it too)."""
+        (record.events if record is not None else self.run_events).append(text)
+        self.report(Incident(text))
+
+    def _reconnected(self, text: str) -> None:
+        held = [state.record for state in self._states.values() if state.lock.held and state.record]
+        self._incident(text, held[0] if held else None)
+
+    def connection(self) -> libvirt.virConnect:
+        return self.hypervisor.connection()
+
+    def guest(self, name: str) -> Guest:
+        state = self._states[name]
+        return Guest(state, self.hypervisor.connection(state.uri), self.hypervisor.domain(state.name),
+                     self._manual_revert)
+
+    # --- once per guest ------------------------------------------------------
+
+    def _first_use(self, name: str, step: Callable[[], T]) -> T:
+        """Run a once-per-guest step; a guest that failed one fails every later test fast.
+
+        A lost or refused connection is not the guest's fault and may be over by
+        the next test: it is not cached.
+        """
+        if name in self._failures:
+            raise self._failures[name]
+        try:
+            return step()
+        except TRANSIENT:
+            raise
+        except KvmSnapError as exc:
+            self._failures[name] = exc
+            raise
+
+    def _prepared(self, name: str) -> GuestState:
+        """This process's state for guest ``name``, prepared once: the domain looked up and
+        preflighted, and in clone mode the run's copies made and this process's clone named."""
+        if name not in self._states:
+            self._first_use(name, lambda: self.hypervisor.domain(name))
+            real, slot = name, self.clone_slot
+            if slot is not None:
+                real = self._first_use(name, lambda: self.provisioner.clone_source(name, slot))
+            uri = self.settings.uri
+            self._states[name] = GuestState(real, uri, self.store.lock(uri, real),
+                                            clone_of=name if real != name else "")
+        return self._states[name]
+
+    def _acquire(self, state: GuestState, holder: str) -> None:
+        """Hold the guest for this process; the run's first holder takes the baseline."""
+        record = self.lease.hold(state.lock, state.name, lambda: self.provisioner.take_baseline(state),
+                                 rivals=not state.clone_of)  # a clone is this run's alone
+        if record.holder:
+            # Our run's last holder never released: it died mid-unit (an xdist
+            # worker crash), and the guest is in whatever state it left.
+            record.revert_owed = True
+            self._incident(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
+        record.holder, record.since = holder, time.time()
+        try:
+            state.lock.write(record)
+        except BaseException:
+            state.lock.release()
+            raise
+        state.record = record
+
+    def _release(self, state: GuestState) -> None:
+        if not state.lock.held:
+            return
+        try:
+            if state.record is not None:
+                state.record.holder = ""
+                state.lock.write(state.record)
+        except KvmSnapError:
+            pass  # the lock dir filled up; the test that hit it already reported it
+        finally:
+            state.lock.release()
+
+    # --- test by test --------------------------------------------------------
+
+    def start_test(self, spec: Spec, unit: str, nodeid: str) -> None:
+        """Before a test's fixtures: begin its unit on each guest, revert if due.
+
+        Returns only with every guest protected (see :meth:`_check_protected`);
+        anything else raises, and the test errors instead of running.
+        """
+        self.hypervisor.reconnect_if_lost()
+        for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
+            with backend.libvirt_errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
+                state = self._prepared(name)
+                self._start_guest(state, name, spec, unit, nodeid)
+            self._check_protected(state, unit)
+
+    def _start_guest(self, state: GuestState, name: str, spec: Spec, unit: str, nodeid: str) -> None:
+        if spec.snapshot and self.clone_slot is not None:
+            raise ConfigError(f"snapshot={spec.snapshot!r} cannot be used with --kvm-clones: "
+                              "clones start from the state the guest is found in")
+        if spec.snapshot and not state.lock.held:
+            # Checked first, so the error lists only the user's snapshots.
+            backend.lookup_snapshot(self.hypervisor.domain(name), spec.snapshot)
+        if state.broken:
+            raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
+        if not state.lock.held:
+            self._first_use(name, lambda: self._acquire(state, nodeid))
+        if state.unit != unit:
+            self._begin_unit(state, spec, unit)
+        state.clean_at = None  # dirty from the moment a test that uses it starts
+
+    def _check_protected(self, state: GuestState, unit: str) -> None:
+        """The promise, checked where every marked test starts.
+
+        The guest is held by this process, the run's baseline is recorded, and
+        the test's unit has begun (its start-of-unit revert done).  Anything else
+        errors the test rather than let it run on an unprotected guest.
+        """
+        record = state.record
+        if not state.lock.held:
+            why = "this process does not hold its lock"
+        elif record is None or not record.baseline or record.run_id != self.run_id:
+            why = "this run has no baseline recorded for it"
+        elif state.unit != unit or not state.unit_baseline:
+            why = "its unit did not begin"
+        else:
+            return
+        raise RevertFailed(f"guest {state.name!r} is not protected for this test ({why}); "
+                           "the test is not run on it")
+
+    def _begin_unit(self, state: GuestState, spec: Spec, unit: str) -> None:
+        assert state.record is not None, "a unit begins on a held guest"
+        baseline = spec.snapshot or state.record.baseline
+        if reverts_at_start(spec.revert, state.clean_at, baseline, owed=state.record.revert_owed):
+            self._revert(state, baseline, f"before {unit}")
+        state.record.revert_owed = False
+        # Only now: a unit whose first revert failed has not begun, and its next
+        # test must not find it begun (it would run on the unreverted guest).
+        state.unit, state.unit_baseline, state.unit_revert = unit, baseline, spec.revert
+        state.unit_failed = False
+
+    def record_failure(self, domains: tuple[str, ...]) -> None:
+        for name in domains:
+            if name in self._states:
+                self._states[name].unit_failed = True
+
+    def end_test(self, spec: Spec, next_units: dict[str, str | None]) -> None:
+        """After a test's fixtures are torn down: close the unit if it ends here.
+
+        ``next_units`` maps each guest to the unit of the next test that uses it
+        in this process (None when the next test does not use it).  Every guest
+        whose unit ends is released, whatever fails on the way.
+        """
+        errors = []
+        try:
+            self.hypervisor.reconnect_if_lost()
+        except KvmSnapError as exc:
+            errors.append(str(exc))
+        for name in spec.domains:
+            state = self._states.get(name)
+            if state is not None and state.lock.held:
+                errors.extend(self._end_guest(state, name, next_units.get(name)))
+        if errors:
+            raise RevertFailed("; ".join(dict.fromkeys(errors)))
+
+    def _end_guest(self, state: GuestState, name: str, next_unit: str | None) -> list[str]:
+        """End the guest's unit if it ends here (or the guest went down); the errors."""
+        errors = []
+        try:
+            with backend.libvirt_errors(state.uri, f"checking guest {name!r} after the test"):
+                died = backend.crash_reason(self.hypervisor.domain(state.name))
+                if died:  # the test errors; the guest is restored now, whatever the unit or mode
+                    errors.append(f"guest {name!r} went down during the test: {died}; "
+                                  "it is being restored to its baseline for the next test")
+                elif next_unit == state.unit:
+                    return []  # the unit goes on: keep holding the guest
+                self._end_unit(state, force=bool(died))
+        except KvmSnapError as exc:
+            # Whatever failed, the guest may be dirty: the unit is over, and the
+            # record says a revert is owed, so the next unit reverts first.
+            state.unit = None
+            if state.record is not None:
+                state.record.revert_owed = True
+            errors.append(str(exc))
+        finally:
+            if state.unit is None:
+                self._release(state)
+        return errors
+
+    def _end_unit(self, state: GuestState, force: bool = False) -> None:
+        unit, baseline = state.unit, state.baseline
+        state.unit = None
+        if state.broken or not reverts_at_end(state.unit_revert, failed=state.unit_failed, forced=force):
+            return
+        if state.clean_at != baseline:
+            self._revert(state, baseline, f"after {unit}")
+
+    def _manual_revert(self, state: GuestState, reason: str) -> None:
+        self._revert(state, state.baseline, reason)
+        state.clean_at = None  # the test goes on using it
+
+    def _revert(self, state: GuestState, target: str, reason: str) -> None:
+        """Revert, retrying once after a lost connection; on failure the record owes a revert."""
+        record = state.record
+        assert record is not None, "only a held guest is reverted"
+        try:
+            self.hypervisor.retrying(
+                f"reverting {state.name!r} to {target!r}",
+                lambda: self.reverter.revert(record, self.hypervisor.domain(state.name), target, reason),
+                state.uri)
+        except BaseException as exc:
+            if isinstance(exc, RevertFailed):
+                state.broken = str(exc)
+            record.revert_owed = True
+            state.clean_at = None
+            raise
+        record.revert_owed = False
+        state.clean_at = target
+
+    # --- end of run ----------------------------------------------------------
+
+    def finish(self) -> list[str]:
+        """Release this process's locks; as the finisher, restore guests and drop snapshots."""
+        for state in self._states.values():
+            self._release(state)
+        problems = []
+        with contextlib.suppress(KvmSnapError):  # if it cannot, each guest says why below
+            self.hypervisor.reconnect_if_lost()
+        problems.extend(self.provisioner.drop_failed())
+        if self.finisher:
+            # Clones first: they run from the copies the originals' records name.
+            for record in sorted(self.store.records(), key=lambda r: not r.clone_of):
+                if record.run_id == self.run_id:
+                    problems.extend(self._finish_guest(record))
+        self.hypervisor.close()
+        return problems
+
+    def _finish_guest(self, record: RunRecord) -> list[str]:
+        lock = self.store.lock(record.uri, record.domain)
+        try:
+            record = lock.acquire(self.settings.lock_timeout, self.report) or record
+            if record.clone_of or record.clone_source:
+                self._finish_clone_mode(record)
+                lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
+                return []
+            dom = self.hypervisor.domain(record.domain, record.uri)
+            if record.clean_at != record.baseline:
+                self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
+                record.clean_at = record.baseline
+            if not self.settings.keep_snapshot:
+                backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
+            lock.remove()
+            return []
+        except Exception as exc:  # keep going: every other guest must be restored too
+            # The record stays: the next run sees a dead owner and restores the guest.
+            return [f"{record.domain}: {exc}"]
+        finally:
+            self.finished.append(record)
+            lock.release()
+
+    def _finish_clone_mode(self, record: RunRecord) -> None:
+        """A clone is destroyed, not restored; an original's copies are deleted."""
+        if record.clone_of:
+            clones.destroy(self.hypervisor.connection(record.uri), record.domain)
+        if record.clone_source:
+            clones.remove_source(record.clone_source)

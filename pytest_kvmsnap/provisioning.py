@@ -1,0 +1,186 @@
+"""Once per guest and run: the baseline snapshot, or in clone mode the copies and a clone.
+
+Each step writes the run record first and then changes the guest, so a lock
+directory that cannot hold the record stops the run with the guest untouched,
+and nothing is ever on a guest that no record or ownership record names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.events import BaselineTaken, Notice
+from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed, UnsupportedGuest
+from pytest_kvmsnap.guest import GuestState
+from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.lease import Lease
+from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord
+from pytest_kvmsnap.recovery import Recovery
+from pytest_kvmsnap.revert import remember_loaded
+
+if TYPE_CHECKING:
+    import libvirt
+
+T = TypeVar("T")
+Incident = Callable[[str, "RunRecord | None"], None]  # record an event of the run (in ``record``)
+
+
+class Provisioner:
+    def __init__(self, hypervisor: Hypervisor, lease: Lease, recovery: Recovery, store: RecordStore,
+                 incident: Incident) -> None:
+        self.hypervisor = hypervisor
+        self.lease = lease
+        self.recovery = recovery
+        self.store = store
+        self.owner = lease.owner
+        self.incident = incident
+        # (uri, domain) whose baseline step failed here: this run's snapshot may
+        # still be on it (libvirt finished it after the call failed); see drop_failed()
+        self.failed: set[tuple[str, str]] = set()
+
+    @property
+    def snapshot_name(self) -> str:
+        return f"{backend.PREFIX}{self.owner.run_id}"
+
+    # --- the baseline --------------------------------------------------------
+
+    def take_baseline(self, state: GuestState) -> RunRecord:
+        """The run's first use of the guest (under its lock): repair, snapshot, record."""
+        record = RunRecord(state.uri, state.name, self.owner.run_id, self.owner.pid, self.owner.host,
+                           self.owner.started, self.snapshot_name, None, clone_of=state.clone_of)
+        try:
+            dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
+                                       if state.clone_of else self._snapshot(state, record))
+        except BaseException:
+            if not state.clone_of:  # a clone that failed to start is destroyed on the spot
+                self.failed.add((state.uri, state.name))
+            raise
+        record.clean_at = record.baseline
+        remember_loaded(record, dom, snap)  # this QEMU process took it: it may load it in place
+        self.hypervisor.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
+        return record
+
+    def _recorded(self, lock: GuestLock, record: RunRecord, step: Callable[[], T]) -> T:
+        """Write ``record``, then run ``step`` (timed into it); drop the record if it fails.
+
+        Written before anything changes: a lock directory that cannot hold the
+        record (full, read-only) stops the run here, with the guest untouched and
+        no snapshot or copy that no record names.
+        """
+        lock.write(record)
+        start = time.perf_counter()
+        try:
+            result = step()
+        except BaseException:
+            lock.remove()
+            raise
+        record.baseline_seconds = time.perf_counter() - start
+        return result
+
+    def _snapshot(self, state: GuestState,
+                  record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+        def repair_and_take() -> libvirt.virDomainSnapshot:  # both steps are safe to repeat
+            for repaired in self.recovery.repair(state.name, self.hypervisor.domain(state.name)):
+                self.incident(repaired, record)
+            return self._create(state.name)
+
+        snap = self.hypervisor.retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take)
+        return self.hypervisor.domain(state.name), snap
+
+    def _create(self, name: str) -> libvirt.virDomainSnapshot:
+        """Take this run's baseline of ``name``, or adopt the one an interrupted call left."""
+        dom = self.hypervisor.domain(name)
+        left = backend.find_snapshot(dom, self.snapshot_name)
+        snap = self._adopt(name, dom, left) if left is not None else None
+        if snap is None:
+            snap = backend.create_baseline(dom, self.snapshot_name, self.owner)
+        self.lease.keep_or_back_off(name, snap)
+        return snap
+
+    def _adopt(self, name: str, dom: libvirt.virDomain,
+               snap: libvirt.virDomainSnapshot) -> libvirt.virDomainSnapshot | None:
+        """This run's snapshot is already there: an earlier call lost its connection
+        while libvirt went on and finished it.  Nothing used the guest since (that
+        test errored in setup), so a complete one is the baseline; else retake it.
+        """
+        owner = backend.snapshot_owner(snap)
+        if owner is None or owner.run_id != self.owner.run_id:
+            raise KvmSnapError(f"guest {name!r} has a snapshot {snap.getName()!r} that this run did not "
+                               "create; rename or delete it (virsh snapshot-delete)")
+        backend.resume_if_paused_by_snapshot(dom)
+        if not dom.isActive() or backend.qemu_holds_vm_state(dom, snap.getName()):
+            self.hypervisor.report(Notice(f"kvmsnap: {name}: using baseline {snap.getName()} that libvirt "
+                                          "finished after the connection was lost"))
+            return snap
+        backend.delete_snapshot(snap)
+        return None
+
+    def drop_failed(self) -> list[str]:
+        """Delete this run's snapshots that failed baseline steps left, found by run id.
+
+        Unless a later step of this run took the guest (its record is then this
+        run's, and the finisher restores the guest and deletes the snapshot).
+        """
+        problems = []
+        for uri, name in sorted(self.failed):
+            lock = self.store.lock(uri, name)
+            try:
+                record = lock.acquire(self.lease.lock_timeout, self.hypervisor.report)
+                if record is not None and record.run_id == self.owner.run_id:
+                    continue
+                with backend.libvirt_errors(uri, f"removing this run's snapshot of {name!r}"):
+                    for owner, snap in backend.owned_snapshots(self.hypervisor.domain(name, uri)):
+                        if owner.run_id == self.owner.run_id:
+                            backend.delete_snapshot(snap)
+            except KvmSnapError as exc:
+                problems.append(f"{name}: {exc}")
+            finally:
+                lock.release()
+        return problems
+
+    # --- clone mode (see clones.py) ------------------------------------------
+
+    def clone_source(self, name: str, slot: int) -> str:
+        """Copy guest ``name`` once per run, under its lock; return clone ``slot``'s name.
+
+        The original's record stays as the run's lease on it until the finisher
+        has removed the clones and the copies.
+        """
+        dom = self.hypervisor.domain(name)
+        clones.check_local(self.hypervisor.connection())
+        lock = self.store.lock(self.hypervisor.settings.uri, name)
+        try:
+            self.lease.hold(lock, name, lambda: self._new_clone_source(name, dom, lock))
+        finally:
+            lock.release()
+        return clones.clone_name(name, self.owner.run_id, slot)
+
+    def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
+        # Its baseline is the snapshot inside the copies; the original keeps none.
+        record = RunRecord(self.hypervisor.settings.uri, name, self.owner.run_id, self.owner.pid,
+                           self.owner.host, self.owner.started, self.snapshot_name, None)
+        self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
+        lock.write(record)  # now with the copies' whereabouts
+        return record
+
+    def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
+        for repaired in self.recovery.repair(name, dom):
+            self.incident(repaired, record)
+        if not dom.isActive():
+            raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
+                                   "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
+        snap = self._create(name)
+        try:
+            record.clone_source = clones.make_source(dom, snap, self.owner)
+        finally:
+            backend.delete_snapshot(snap)  # the copies hold it; the original is as found
+
+    def _start_clone(self, state: GuestState) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+        source = self.store.lock(state.uri, state.clone_of).read()
+        if source is None or source.clone_source is None:
+            raise RevertFailed(f"the run's copies of {state.clone_of!r} are gone; cannot clone it")
+        return clones.make_clone(self.hypervisor.connection(), source.clone_source, state.clone_of, state.name,
+                                 self.owner)

@@ -1,0 +1,103 @@
+"""What dead runs left: their snapshots, clones, disk copies and run records.
+
+Shared by a run's baseline step (which repairs a guest before taking it) and
+``pytest --kvm-cleanup``.  Only what carries this plugin's ownership record
+naming a dead run is touched; a live run's things are listed at most.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.lease import Lease, alive
+from pytest_kvmsnap.locking import RecordStore
+
+if TYPE_CHECKING:
+    import libvirt
+
+Orphan = tuple[backend.Owner, "libvirt.virDomainSnapshot"]
+
+
+class Recovery:
+    def __init__(self, hypervisor: Hypervisor, lease: Lease, store: RecordStore) -> None:
+        self.hypervisor = hypervisor
+        self.lease = lease
+        self.store = store
+
+    def _dead_other(self, owner: backend.Owner) -> bool:
+        """Was ``owner`` another run, now dead (so what it left is an orphan)?"""
+        return owner.run_id != self.lease.owner.run_id and not alive(owner)
+
+    def orphans(self, dom: libvirt.virDomain) -> list[Orphan]:
+        """The guest's snapshots that dead runs of this plugin left, oldest first."""
+        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom) if self._dead_other(owner)]
+        return sorted(found, key=lambda pair: pair[0].started)
+
+    def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[Path]]:
+        return clones.orphans(self.hypervisor.connection(), dom, self._dead_other)
+
+    def repair(self, name: str, dom: libvirt.virDomain) -> list[str]:
+        """Put the guest back, drop dead runs' snapshots, clones and copies; one line each."""
+        done = []
+        orphans = self.orphans(dom)
+        if orphans:
+            oldest, snap = orphans[0]
+            backend.revert_libvirt(dom, snap)  # the dead run left the guest mid-test
+            for _, orphan in orphans:
+                backend.delete_snapshot(orphan)
+            done.append(f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
+                        f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
+        dead_clones, directories = self._orphan_clones(dom)
+        for clone in dead_clones:
+            clones.destroy(self.hypervisor.connection(), clone)
+            # Its name holds the dead run's id: no one will lock it again.
+            self.store.lock(self.hypervisor.settings.uri, clone).remove(lock_file=True)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+        if dead_clones or directories:
+            done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(directories)} "
+                        "copy director(ies) left by dead runs")
+        return done
+
+    def cleanup(self, name: str, dry_run: bool) -> list[str]:
+        """``--kvm-cleanup``: repair one guest dead runs left, under its lock."""
+        dom = backend.lookup_domain(self.hypervisor.connection(), name)
+        lines = [f"{name}: {snap.getName()} belongs to live run {owner.run_id} "
+                 f"(pid {owner.pid} on {owner.host}); left alone"
+                 for owner, snap in backend.owned_snapshots(dom) if alive(owner)]
+        orphans = self.orphans(dom)
+        dead_clones, directories = self._orphan_clones(dom)
+        if dry_run:
+            if orphans:
+                names = ", ".join(snap.getName() for _, snap in orphans)
+                lines.append(f"{name}: would restore the guest to {orphans[0][1].getName()} "
+                             f"and delete orphan snapshot(s) {names}")
+            lines.extend(f"{name}: would remove clone {clone}" for clone in dead_clones)
+            lines.extend(f"{name}: would remove copies in {directory}" for directory in directories)
+        elif orphans or dead_clones or directories:
+            lock = self.store.lock(self.hypervisor.settings.uri, name)
+            lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
+            try:
+                lines.extend(self.repair(name, dom))
+            finally:
+                lock.release()
+        return lines or [f"{name}: nothing to clean"]
+
+    def stale_records(self, dry_run: bool) -> list[str]:
+        """Run records of dead runs whose guests had nothing left to repair."""
+        lines = []
+        for record in self.store.records():
+            if record.owner_alive():
+                continue
+            lines.append(f"{record.domain}: {'would remove' if dry_run else 'removed'} the record of "
+                         f"dead run {record.run_id} (pid {record.owner_pid})")
+            if not dry_run:
+                lock = self.store.lock(record.uri, record.domain)
+                lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
+                lock.remove()
+                lock.release()
+        return lines

@@ -1,0 +1,55 @@
+"""The package's map, enforced: each module imports only modules above it, and
+nothing below the pytest glue imports pytest (TYPE_CHECKING imports aside)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest_kvmsnap
+
+PACKAGE = Path(pytest_kvmsnap.__file__).parent
+# Top to bottom: a module may import only the modules listed before it.
+LAYERS = [
+    "exceptions", "config", "events", "backend", "locking", "clones", "units", "hypervisor",
+    "revert", "lease", "recovery", "guest", "provisioning", "coordinator",
+    # the pytest glue
+    "markers", "hookspecs", "session", "fixtures", "cleanup", "plugin",
+]
+PYTEST_FREE = LAYERS[:LAYERS.index("markers")]
+
+
+def runtime_imports(module: str) -> set[str]:
+    """Top-level names of everything ``module`` imports outside ``if TYPE_CHECKING:``."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for node in ast.walk(block)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "pytest_kvmsnap":  # from pytest_kvmsnap import backend, clones
+                names.update(f"pytest_kvmsnap.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_every_module_is_on_the_map() -> None:
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(LAYERS)
+
+
+def test_imports_go_one_way() -> None:
+    for position, module in enumerate(LAYERS):
+        own = {name.split(".")[1] for name in runtime_imports(module) if name.startswith("pytest_kvmsnap.")}
+        below = own - set(LAYERS[:position]) - {"testing"}
+        assert not below, f"{module} imports {sorted(below)}, which sit below it on the map"
+
+
+def test_lower_layers_do_not_import_pytest() -> None:
+    for module in PYTEST_FREE:
+        assert "pytest" not in runtime_imports(module), f"{module} imports pytest"
