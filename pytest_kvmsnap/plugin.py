@@ -130,9 +130,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     refused = distribution_refusal(item, spec, worker_dist(config))
     if refused:
         pytest.fail(f"kvmsnap: {refused}", pytrace=False)
-    coordinator = coordinator_for(config)
     item.stash[PREPARED_KEY] = spec  # from here on, teardown ends what setup began
-    _or_fail(lambda: coordinator.start_test(spec, unit_key(item, spec.scope), item.nodeid))
+    # Inside _or_fail: the first test creates the coordinator, whose lock
+    # directory may be refused; that is one line too, not a traceback.
+    _or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
 
 

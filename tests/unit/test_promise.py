@@ -208,3 +208,14 @@ def test_teardown_with_libvirtd_gone_releases_the_guest(pytester, guest, revert_
     result.stdout.fnmatch_lines(["*libvirtd did not answer again within 0 s*"])
     reasons = [r.split(" function:")[0] for r in revert_log.reasons()]
     assert reasons == ["before", "after", "after"]
+
+
+def test_a_refused_lock_directory_is_one_line(pytester, guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The first test creates the run's coordinator; its refusal is the test's one-line error."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    pytester.makepyfile(three_tests(guest))
+    result = run_unit(pytester, f"--kvm-lock-dir={tmp_path / 'link'}")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["kvmsnap: lock directory * is a symlink; point kvm_lock_dir at a real directory"])
+    assert "ConfigError" not in result.stdout.str()
