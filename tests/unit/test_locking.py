@@ -56,7 +56,7 @@ def test_record_round_trip_and_listing(tmp_path: Path) -> None:
 
 def test_lock_is_exclusive_across_processes_and_freed_by_death(tmp_path: Path) -> None:
     code = ("import sys, time; from pytest_kvmsnap.locking import GuestLock; "
-            "l = GuestLock(__import__('pathlib').Path(sys.argv[1]), 'u', 'g'); l.acquire(5, to_stdout); "
+            "l = GuestLock(__import__('pathlib').Path(sys.argv[1]), 'u', 'g'); l.acquire(5, print); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
