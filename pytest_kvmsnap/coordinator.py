@@ -8,7 +8,8 @@ back as it was found and deletes the run's snapshot.
 
 The work is delegated: ``hypervisor`` (connections), ``lease`` (who may use a
 guest), ``provisioning`` (the once-per-guest baseline or clone), ``revert``
-(how), ``recovery`` (what dead runs left).  This module only decides when.
+(how), ``recovery`` (what dead runs left), ``finishing`` (the run's end).
+This module only decides when.
 No pytest here: ``session.py`` and ``plugin.py`` are the glue.
 """
 
@@ -22,10 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings, Spec
 from pytest_kvmsnap.events import Incident, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import ConfigError, ConnectionFailed, ConnectionLost, KvmSnapError, RevertFailed
+from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
@@ -59,8 +61,8 @@ class Coordinator:
         self.recovery = Recovery(self.hypervisor, self.lease, self.store)
         self.provisioner = Provisioner(self.hypervisor, self.lease, self.recovery, self.store, self._incident)
         self.reverter = Reverter(settings, report)
+        self.finishing = Finisher(self.hypervisor, self.reverter, self.store)
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
-        self.finished: list[RunRecord] = []  # the records the finisher closed, for the summary
         self._states: dict[str, GuestState] = {}
         self._failures: dict[str, KvmSnapError] = {}
 
@@ -283,47 +285,14 @@ class Coordinator:
     # --- end of run ----------------------------------------------------------
 
     def finish(self) -> list[str]:
-        """Release this process's locks; as the finisher, restore guests and drop snapshots."""
+        """Release this process's locks and what its failed steps left; as the finisher,
+        restore the run's guests and drop its snapshots (``finishing.py``)."""
         for state in self._states.values():
             self._release(state)
-        problems = []
         with contextlib.suppress(KvmSnapError):  # if it cannot, each guest says why below
             self.hypervisor.reconnect_if_lost()
-        problems.extend(self.provisioner.drop_failed())
+        problems = self.provisioner.drop_failed()
         if self.finisher:
-            # Clones first: they run from the copies the originals' records name.
-            for record in sorted(self.store.records(), key=lambda r: not r.clone_of):
-                if record.run_id == self.run_id:
-                    problems.extend(self._finish_guest(record))
+            problems.extend(self.finishing.finish_run(self.run_id))
         self.hypervisor.close()
         return problems
-
-    def _finish_guest(self, record: RunRecord) -> list[str]:
-        lock = self.store.lock(record.uri, record.domain)
-        try:
-            record = lock.acquire(self.settings.lock_timeout, self.report) or record
-            if record.clone_of or record.clone_source:
-                self._finish_clone_mode(record)
-                lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
-                return []
-            dom = self.hypervisor.domain(record.domain, record.uri)
-            if record.clean_at != record.baseline:
-                self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
-                record.clean_at = record.baseline
-            if not self.settings.keep_snapshot:
-                backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
-            lock.remove()
-            return []
-        except Exception as exc:  # keep going: every other guest must be restored too
-            # The record stays: the next run sees a dead owner and restores the guest.
-            return [f"{record.domain}: {exc}"]
-        finally:
-            self.finished.append(record)
-            lock.release()
-
-    def _finish_clone_mode(self, record: RunRecord) -> None:
-        """A clone is destroyed, not restored; an original's copies are deleted."""
-        if record.clone_of:
-            clones.destroy(self.hypervisor.connection(record.uri), record.domain)
-        if record.clone_source:
-            clones.remove_source(record.clone_source)

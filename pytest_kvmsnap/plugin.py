@@ -264,7 +264,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     verbose = config.get_verbosity() > 0
     for event in coordinator.run_events:
         tr.write_line(event)
-    for record in coordinator.finished:
+    for record in coordinator.finishing.finished:
         for event in record.events:
             tr.write_line(event)
         tr.write_line(summary(record))
@@ -274,7 +274,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
             tr.write_line(f"  {float(seconds):7.3f} s  {method:16} -> {target}  ({reason})")
     for problem in config.stash.get(PROBLEMS_KEY, []):
         tr.write_line(f"kvmsnap: could not restore {problem}", red=True, bold=True)
-    all_times = [t for record in coordinator.finished for t in record.revert_times()]
+    all_times = [t for record in coordinator.finishing.finished for t in record.revert_times()]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
 

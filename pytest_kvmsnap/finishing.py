@@ -1,0 +1,62 @@
+"""The end of a run, for its finisher: every guest back as found, nothing of the run left.
+
+The finisher is the single pytest process, or xdist's controller once every
+worker is done: only then is the run's last user of each guest known.  It
+closes every record of the run: a guest is reverted to its baseline and the
+run's snapshot deleted; a clone is destroyed and an original's copies removed.
+"""
+
+from __future__ import annotations
+
+from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.revert import Reverter
+
+
+class Finisher:
+    def __init__(self, hypervisor: Hypervisor, reverter: Reverter, store: RecordStore) -> None:
+        self.hypervisor = hypervisor
+        self.reverter = reverter
+        self.store = store
+        self.finished: list[RunRecord] = []  # the records closed, for the summary
+
+    def finish_run(self, run_id: str) -> list[str]:
+        """Close every record of run ``run_id``; one line per guest that could not be restored."""
+        problems = []
+        # Clones first: they run from the copies the originals' records name.
+        for record in sorted(self.store.records(), key=lambda r: not r.clone_of):
+            if record.run_id == run_id:
+                problems.extend(self._finish_guest(record))
+        return problems
+
+    def _finish_guest(self, record: RunRecord) -> list[str]:
+        settings = self.hypervisor.settings
+        lock = self.store.lock(record.uri, record.domain)
+        try:
+            record = lock.acquire(settings.lock_timeout, self.hypervisor.report) or record
+            if record.clone_of or record.clone_source:
+                self._finish_clone_mode(record)
+                lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
+                return []
+            dom = self.hypervisor.domain(record.domain, record.uri)
+            if record.clean_at != record.baseline:
+                self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
+                record.clean_at = record.baseline
+            if not settings.keep_snapshot:
+                backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
+            lock.remove()
+            return []
+        except Exception as exc:  # keep going: every other guest must be restored too
+            # The record stays: the next run sees a dead owner and restores the guest.
+            return [f"{record.domain}: {exc}"]
+        finally:
+            self.finished.append(record)
+            lock.release()
+
+    def _finish_clone_mode(self, record: RunRecord) -> None:
+        """A clone is destroyed, not restored; an original's copies are deleted."""
+        if record.clone_of:
+            clones.destroy(self.hypervisor.connection(record.uri), record.domain)
+        if record.clone_source:
+            clones.remove_source(record.clone_source)
