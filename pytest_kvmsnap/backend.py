@@ -116,13 +116,11 @@ def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
 
 
 def lookup_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot:
-    libvirt = lib()
-    try:
-        return dom.snapshotLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-            raise
-        raise SnapshotNotFound(name, dom.name(), dom.snapshotListNames()) from None
+    """The snapshot called ``name``; if there is none, an error that lists the guest's snapshots."""
+    snap = find_snapshot(dom, name)
+    if snap is None:
+        raise SnapshotNotFound(name, dom.name(), dom.snapshotListNames())
+    return snap
 
 
 # --- ownership -------------------------------------------------------------
