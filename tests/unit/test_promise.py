@@ -219,3 +219,18 @@ def test_a_refused_lock_directory_is_one_line(pytester, guest, tmp_path) -> None
     result.assert_outcomes(errors=3)
     result.stdout.fnmatch_lines(["kvmsnap: lock directory * is a symlink; point kvm_lock_dir at a real directory"])
     assert "ConfigError" not in result.stdout.str()
+
+
+def test_a_unit_scope_added_by_a_conftest_hook_is_refused_where_xdist_spreads_it(pytester) -> None:  # type: ignore[no-untyped-def]
+    """The xdist check applies to late markers too: refused with the reason, before any libvirt call."""
+    pytester.makeconftest("""
+        import pytest
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                item.add_marker(pytest.mark.kvm_snapshot("no-such-guest", scope="module"))
+    """)
+    pytester.makepyfile(UNMARKED_TESTS)
+    result = run_unit(pytester, "-n", "2", "--dist", "load")
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["*uses scope='module', whose tests must run on one xdist worker, "
+                                 "but --dist load spreads them*"])
