@@ -17,3 +17,8 @@ ensure_venv() {
 ensure_guest_image() {
     "$PY" -m pytest_kvmsnap.testing build
 }
+
+ensure_debian_image() {
+    # Debian 12 from Debian's archive with mmdebstrap: about 45 s the first time, then cached.
+    "$PY" -m pytest_kvmsnap.testing build-debian
+}

@@ -15,8 +15,10 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# mmdebstrap and openssh-client build the Debian test guest (root disk, SSH key).
 PACKAGES=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev
-          pkg-config gcc python3-dev python3-venv busybox-static cpio e2fsprogs)
+          pkg-config gcc python3-dev python3-venv busybox-static cpio e2fsprogs
+          mmdebstrap openssh-client)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

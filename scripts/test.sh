@@ -6,6 +6,7 @@ source "$(dirname "$0")/common.sh"
 bash "$ROOT/scripts/setup-host.sh"
 ensure_venv
 ensure_guest_image
+ensure_debian_image
 cd "$ROOT"
 "$VENV/bin/ruff" check pytest_kvmsnap tests examples benchmarks
 "$VENV/bin/mypy" pytest_kvmsnap tests

@@ -8,17 +8,20 @@ import sys
 import time
 
 from pytest_kvmsnap.testing.console import Console
+from pytest_kvmsnap.testing.debian import build_debian, define_debian
 from pytest_kvmsnap.testing.guest import build_image, define_guest, remove_guest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_kvmsnap.testing")
-    parser.add_argument("action", choices=["build", "define", "remove", "run"])
+    parser.add_argument("action", choices=["build", "define", "remove", "run", "build-debian", "define-debian"])
     parser.add_argument("names", nargs="*", default=["kvmsnap-test"])
     parser.add_argument("--memory", type=int, default=256, help="MiB (default 256)")
     parser.add_argument("--uri", default=os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system"))
     parser.add_argument("--command", default="cat /data/hello.txt", help="for 'run'")
     args = parser.parse_args(argv)
+    if args.action.endswith("-debian"):
+        return _debian(args)
     image = build_image()
     if args.action == "build":
         print(f"guest image ready in {image.directory}")
@@ -37,6 +40,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"guest {name} removed")
         else:
             print(Console(str(image.console_for(name))).check(args.command))
+    return 0
+
+
+def _debian(args: argparse.Namespace) -> int:
+    """The Debian 12 guest (systemd, sshd, guest agent): build it, or define and boot it."""
+    start = time.monotonic()
+    image = build_debian()
+    print(f"debian guest image ready in {image.directory} ({time.monotonic() - start:.0f} s)")
+    if args.action == "build-debian":
+        return 0
+    import libvirt
+
+    conn = libvirt.open(args.uri)
+    for name in args.names:
+        start = time.monotonic()
+        define_debian(conn, name, image, max(args.memory, 512))
+        print(f"guest {name} defined and started; ssh -i {image.ssh_key} root@<kvm_guest.address()>, "
+              f"console log {image.console_log(name)} ({time.monotonic() - start:.1f} s)")
     return 0
 
 

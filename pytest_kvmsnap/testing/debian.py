@@ -1,0 +1,153 @@
+"""A real distribution to test on: Debian 12 with systemd, sshd and the QEMU guest agent.
+
+Built from Debian's archive only (``mmdebstrap``) into a cached qcow2 root
+disk, booted with the kernel and initramfs Debian installed in it.  It reaches
+the host over QEMU's user-mode network: no bridge, no dnsmasq, no firewall
+rules, which starts the same in a container and in CI.  A host port is
+forwarded to its sshd on demand (``Guest.address``).  Root logs in with a key
+made for these tests; the guest agent listens on libvirt's agent channel.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_kvmsnap.testing.guest import _socket_dir, guest_dir
+
+if TYPE_CHECKING:
+    import libvirt
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+PACKAGES = ["systemd-sysv", "udev", "dbus", "openssh-server", "qemu-guest-agent", "linux-image-cloud-amd64",
+            "initramfs-tools", "ifupdown", "iproute2", "kmod", "procps"]
+# systemd units a test guest has no use for, masked so that boot is shorter.
+MASKED = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
+          "man-db.timer", "dpkg-db-backup.timer", "systemd-timesyncd.service", "getty@tty1.service"]
+# User-mode networking: QEMU is the guest's gateway; the address is fixed, no DHCP wait.
+NETWORK = """auto lo
+iface lo inet loopback
+
+auto eth0
+iface eth0 inet static
+    address 10.0.2.15/24
+    gateway 10.0.2.2
+"""
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    directory: Path
+    kernel: Path
+    initrd: Path
+    disk_template: Path
+    ssh_key: Path  # private key root's authorized_keys accepts
+
+    def disk_for(self, name: str) -> Path:
+        return self.directory / f"{name}.qcow2"
+
+    def console_log(self, name: str) -> Path:
+        return self.directory / "console" / f"{name}.log"
+
+
+def build_debian(directory: Path | None = None) -> DebianImage:
+    """Build (or reuse) the Debian root disk, its kernel and initramfs, and the SSH key."""
+    directory = (directory or guest_dir()) / "debian"
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # QEMU runs as another user and must traverse it
+    _socket_dir(directory / "console")
+    image = DebianImage(directory, directory / "vmlinuz", directory / "initrd.img",
+                        directory / "root-template.qcow2", directory / "id_ed25519")
+    if not image.ssh_key.exists():
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pytest-kvmsnap test key", "-f", image.ssh_key)
+    if not image.disk_template.exists():
+        _build_root(image)
+    return image
+
+
+def _run(*argv: str | Path, cwd: Path | None = None) -> None:
+    subprocess.run([str(a) for a in argv], check=True, cwd=cwd, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+
+
+def _build_root(image: DebianImage) -> None:
+    with tempfile.TemporaryDirectory(dir=image.directory) as tmp:
+        work = Path(tmp)
+        root = work / "root"
+        _run("mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
+             "--aptopt=Acquire::Retries \"3\"", SUITE, root, f"deb {MIRROR} {SUITE} main")
+        _configure(root, image.ssh_key.with_suffix(".pub").read_text())
+        # The kernel and initramfs Debian installed: the guest is booted with them directly.
+        shutil.copyfile(next((root / "boot").glob("vmlinuz-*")), image.kernel)
+        shutil.copyfile(next((root / "boot").glob("initrd.img-*")), image.initrd)
+        raw = work / "root.raw"
+        _run("mkfs.ext4", "-q", "-F", "-L", "root", "-d", root, raw, "2G")
+        partial = work / "root.qcow2"
+        _run("qemu-img", "convert", "-O", "qcow2", raw, partial)
+        partial.rename(image.disk_template)
+
+
+def _configure(root: Path, public_key: str) -> None:
+    (root / "etc/hostname").write_text("kvmsnap-debian\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 kvmsnap-debian\n")
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
+    (root / "etc/network/interfaces").write_text(NETWORK)
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    (ssh / "authorized_keys").write_text(public_key)
+    (ssh / "authorized_keys").chmod(0o600)
+    # No reverse DNS lookups of the client: user-mode networking has no answer for them.
+    (root / "etc/ssh/sshd_config.d/kvmsnap.conf").write_text("UseDNS no\nPermitRootLogin prohibit-password\n")
+    for unit in MASKED:
+        link = root / "etc/systemd/system" / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+
+
+def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type: str = "qemu") -> str:
+    """The libvirt XML of a Debian test guest; every name goes in as data, escaped."""
+    dom = ET.Element("domain", type=domain_type)
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
+    ET.SubElement(os_, "kernel").text = str(image.kernel)
+    ET.SubElement(os_, "initrd").text = str(image.initrd)
+    ET.SubElement(os_, "cmdline").text = "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet"
+    devices = ET.SubElement(dom, "devices")
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+    ET.SubElement(disk, "source", file=str(image.disk_for(name)))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    interface = ET.SubElement(devices, "interface", type="user")
+    ET.SubElement(interface, "model", type="virtio")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "source", mode="bind")  # libvirt picks the socket's path
+    ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(image.console_log(name)))
+    ET.SubElement(serial, "target", port="0")
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def define_debian(conn: libvirt.virConnect, name: str, image: DebianImage, memory_mib: int = 512,
+                  start: bool = True) -> libvirt.virDomain:
+    """(Re)define Debian guest ``name`` on a fresh copy of the root disk and, by default, start it."""
+    from pytest_kvmsnap.testing.guest import remove_guest
+
+    remove_guest(conn, name)
+    image.disk_for(name).unlink(missing_ok=True)
+    _run("cp", "--reflink=auto", "--sparse=always", image.disk_template, image.disk_for(name))
+    dom = conn.defineXML(domain_xml(name, image, memory_mib))
+    if start:
+        dom.create()
+    return dom
