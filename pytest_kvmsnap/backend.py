@@ -8,10 +8,14 @@ QEMU's monitor only after a strict character check.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -231,11 +235,7 @@ def qemu_holds_vm_state(dom: libvirt.virDomain, name: str) -> bool:
     """
     if not dom.connect().getType().upper().startswith("QEMU"):
         return True  # no monitor to ask: libvirt's listing is all there is
-    import libvirt_qemu
-
-    command = json.dumps({"execute": "human-monitor-command", "arguments": {"command-line": "info snapshots"}})
-    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
-    for line in str(reply.get("return", "")).splitlines():
+    for line in hmp(dom, "info snapshots").splitlines():
         fields = line.split()
         # ID TAG VM-SIZE UNIT DATE TIME VM-CLOCK [ICOUNT]; a disk-only one has VM SIZE 0 B.
         if len(fields) >= 4 and fields[1] == name:
@@ -375,23 +375,171 @@ def inplace_possible(conn: libvirt.virConnect, snapshot: str) -> str | None:
     return None
 
 
-def revert_inplace(dom: libvirt.virDomain, snapshot: str) -> None:
-    """``loadvm`` in the running QEMU process, then check that the guest runs."""
+def hmp(dom: libvirt.virDomain, command_line: str) -> str:
+    """A human-monitor command through libvirt's QEMU monitor passthrough; its text reply.
+
+    Callers pass only fixed commands or names that passed ``_HMP_SAFE``.
+    """
     import libvirt_qemu
 
+    command = json.dumps({"execute": "human-monitor-command", "arguments": {"command-line": command_line}})
+    reply: dict[str, Any] = json.loads(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+    if "error" in reply:
+        raise KvmSnapError(f"QEMU refused {command_line.split()[0]!r}: {reply['error']}")
+    return str(reply.get("return", ""))
+
+
+def revert_inplace(dom: libvirt.virDomain, snapshot: str) -> None:
+    """``loadvm`` in the running QEMU process, then check that the guest runs."""
     libvirt = lib()
-    command = json.dumps({"execute": "human-monitor-command",
-                          "arguments": {"command-line": f"loadvm {snapshot}"}})
     try:
-        reply: dict[str, Any] = json.loads(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+        # HMP reports errors as text in a successful QMP reply.
+        text = hmp(dom, f"loadvm {snapshot}").strip()
     except libvirt.libvirtError as exc:
         if is_lost_connection(exc):
             raise ConnectionLost(dom.connect().getURI(), f"loading {snapshot!r} in place", str(exc)) from None
         raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {exc}") from None
-    # HMP reports errors as text in a successful QMP reply.
-    text = str(reply.get("return", "")).strip()
-    if "error" in reply or text:
-        raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {reply.get('error') or text}")
+    except KvmSnapError as exc:
+        raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {exc}") from None
+    if text:
+        raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {text}")
     state, _reason = dom.state()
     if state != libvirt.VIR_DOMAIN_RUNNING:
         raise RevertFailed(f"after in-place loadvm of {snapshot!r} the guest is not running (state {state})")
+
+
+# --- the guest agent and the guest's network ----------------------------------
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# Forces the guest kernel to mix in fresh bytes and reseed its random generator.
+# ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
+_RESEED_PERL = ('open(my $f, ">", "/dev/urandom") or die "open: $!"; my $d = pack("H*", $ARGV[0]); '
+                'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!"; '
+                'ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";')
+
+
+def has_agent_channel(dom: libvirt.virDomain) -> bool:
+    """Does the guest have libvirt's QEMU guest agent channel?"""
+    root = ET.fromstring(dom.XMLDesc(0))
+    return any(target.get("name") == AGENT_CHANNEL for target in root.iterfind("devices/channel/target"))
+
+
+def agent_command(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
+                  timeout: int = 5) -> Any:
+    """One guest agent command; its ``return`` value.  Raises libvirtError when it does not answer."""
+    import libvirt_qemu
+
+    message: dict[str, Any] = {"execute": command}
+    if arguments is not None:
+        message["arguments"] = arguments
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), timeout, 0)).get("return")
+
+
+def is_agent_unavailable(exc: Exception) -> bool:
+    """The agent is not (yet) there: after a revert its channel reconnects, and libvirt says
+    "not connected" or "not synced" for a second or two, sometimes after a first answer."""
+    libvirt = lib()
+    return isinstance(exc, libvirt.libvirtError) and exc.get_error_code() in (
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED)
+
+
+def agent_answers(dom: libvirt.virDomain, timeout: int = 2) -> bool:
+    try:
+        agent_command(dom, "guest-ping", timeout=timeout)
+        return True
+    except lib().libvirtError:
+        return False
+
+
+def sync_clock(dom: libvirt.virDomain) -> None:
+    """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
+    not replay the ticks the restored guest "missed" (as QEMU's own loadvm test does).
+
+    ``date -s`` through the agent, where the guest has it: the agent's own
+    guest-set-time (libvirt's ``setTime``, what Nova uses, and the fallback here)
+    also runs ``hwclock -w``, which waits for the next second boundary, 0.5-2.7 s
+    under TCG, measured.
+    """
+    import libvirt_qemu
+
+    try:
+        code, _err = agent_exec(dom, "/bin/date", ["-u", "-s", f"@{time.time():.6f}"])
+    except lib().libvirtError as exc:
+        if is_agent_unavailable(exc):
+            raise
+        code = -1  # no /bin/date in this guest
+    if code != 0:
+        now = time.time()
+        dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
+    with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
+        libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
+
+
+def agent_exec(dom: libvirt.virDomain, path: str, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run a program in the guest through the agent; its exit code and stderr."""
+    pid = agent_command(dom, "guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = agent_command(dom, "guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace").strip()
+            return int(status.get("exitcode", -1)), err
+        time.sleep(0.02)
+    raise KvmSnapError(f"{path} did not finish in the guest within {timeout:.0f} s")
+
+
+def reseed(dom: libvirt.virDomain) -> str | None:
+    """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""
+    entropy = os.urandom(64)
+    try:
+        code, err = agent_exec(dom, "/usr/bin/perl", ["-e", _RESEED_PERL, entropy.hex()])
+        if code == 0:
+            return None
+        why = f"the reseed helper failed: {err}"
+    except lib().libvirtError as exc:  # no perl in the guest, most likely
+        why = f"no perl in the guest to force a reseed ({exc})"
+    # Writing still mixes the bytes into the pool, without a forced reseed.
+    handle = agent_command(dom, "guest-file-open", {"path": "/dev/urandom", "mode": "w"})
+    try:
+        agent_command(dom, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(entropy).decode()})
+    finally:
+        agent_command(dom, "guest-file-close", {"handle": handle})
+    return why + "; fresh bytes were mixed in without it"
+
+
+def user_netdev(dom: libvirt.virDomain) -> str | None:
+    """QEMU's id for the guest's first user-mode (SLIRP) network backend, if it has one."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    for interface in root.iterfind("devices/interface"):
+        alias = interface.find("alias")
+        if interface.get("type") == "user" and alias is not None and alias.get("name"):
+            return f"host{alias.get('name')}"  # libvirt names the backend of device netN hostnetN
+    return None
+
+
+def forward_port(dom: libvirt.virDomain, netdev: str, guest_port: int) -> int:
+    """Forward a free port on the host's 127.0.0.1 to ``guest_port``; the host port."""
+    for _ in range(5):  # a port found free may be taken before QEMU binds it
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        reply = hmp(dom, f"hostfwd_add {netdev} tcp:127.0.0.1:{port}-:{int(guest_port)}").strip()
+        if not reply:
+            return port
+    raise KvmSnapError(f"QEMU could not forward a host port to {dom.name()!r}'s port {guest_port}: {reply}")
+
+
+def guest_ipv4(dom: libvirt.virDomain) -> str | None:
+    """The guest's IPv4 address: from libvirt's DHCP leases, else the agent, else the ARP table."""
+    libvirt = lib()
+    for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+                   libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+        try:
+            interfaces = dom.interfaceAddresses(source, 0) or {}
+        except libvirt.libvirtError:
+            continue
+        for info in interfaces.values():
+            for address in info.get("addrs") or []:
+                if address.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 and not address["addr"].startswith("127."):
+                    return str(address["addr"])
+    return None

@@ -9,6 +9,7 @@ Precedence, highest first: marker > command line > ini file > environment
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,9 @@ if TYPE_CHECKING:  # the pytest glue passes these in; this module needs no pytes
 REVERT_MODES = ("after", "before", "both", "on-failure", "never")
 SCOPES = ("function", "class", "module", "package", "session")
 REVERT_METHODS = ("auto", "libvirt", "inplace")
+AGENT_STEPS = ("auto", "on", "off")  # auto: on when the guest's agent answers
+# What "ready" means after a baseline or a revert (see readiness.py).
+WAIT_KINDS = re.compile(r"^(|agent|ssh|hook|tcp:\d{1,5})$")
 DEFAULT_URI = "qemu:///system"
 
 
@@ -67,6 +71,17 @@ SETTINGS = (
             "round-robin, 0 = off. The original is not used by tests. Default: 0.", default="0"),
     Setting("keep_snapshot", "keep the run's own baseline snapshot after the session.",
             default=False, flag=True, ini=False),
+    Setting("wait", "after the baseline and after each revert, wait until the guest is ready before the "
+            "next test: agent (the guest agent answers guest-ping), tcp:PORT (a connection to the "
+            "guest's PORT succeeds), ssh (an SSH banner is read from port 22), hook (your "
+            "pytest_kvmsnap_ready(guest) returns). Default: no wait.", default=""),
+    Setting("wait_timeout", "seconds --kvm-wait may take before the test errors. Default: 120.", default=120.0),
+    Setting("sync_clock", "after a revert, set the guest's clock from the host's (guest agent) and "
+            "reset QEMU's RTC reinjection: on, off, or auto (on when the guest has an agent channel "
+            "and the agent answers). Default: auto.", default="auto", choices=AGENT_STEPS),
+    Setting("reseed", "after a revert, mix fresh host randomness into the guest's entropy pool and force "
+            "its random generator to reseed (guest agent): on, off, or auto. Default: auto.",
+            default="auto", choices=AGENT_STEPS),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -85,6 +100,10 @@ class Settings:
     lock_dir: str | None = None
     clones: str = "0"
     keep_snapshot: bool = False
+    wait: str = ""
+    wait_timeout: float = 120.0
+    sync_clock: str = "auto"
+    reseed: str = "auto"
 
     def clone_count(self, workers: int) -> int:
         """How many clones per guest for a run with ``workers`` processes (0 = off)."""
@@ -126,7 +145,10 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     for name, value in list(values.items()):
         if value is None:
             values[name] = BY_NAME[name].default
-    values["lock_timeout"] = _seconds(values["lock_timeout"])
+    values["lock_timeout"] = _seconds("kvm_lock_timeout", values["lock_timeout"])
+    values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
+    if not WAIT_KINDS.match(str(values["wait"])):
+        raise ConfigError(f"kvm_wait = {values['wait']!r} is not one of agent, ssh, hook, tcp:PORT")
     values["clones"] = _clones(values["clones"])
     if values["clones"] != "0" and values["snapshot"]:
         raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
@@ -134,13 +156,13 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     return validate(Settings(**values), source="ini file")
 
 
-def _seconds(value: object) -> float:
+def _seconds(name: str, value: object) -> float:
     try:
         seconds = float(str(value))
     except ValueError:
-        raise ConfigError(f"kvm_lock_timeout = {value!r} is not a number of seconds") from None
+        raise ConfigError(f"{name} = {value!r} is not a number of seconds") from None
     if seconds < 0:
-        raise ConfigError(f"kvm_lock_timeout = {value!r} must be 0 or more")
+        raise ConfigError(f"{name} = {value!r} must be 0 or more")
     return seconds
 
 

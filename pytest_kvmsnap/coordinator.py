@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings, Spec
-from pytest_kvmsnap.events import Incident, Reporter, to_stdout
+from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import ConfigError, ConnectionFailed, ConnectionLost, KvmSnapError, RevertFailed
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
@@ -33,6 +33,7 @@ from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord
 from pytest_kvmsnap.provisioning import Provisioner
+from pytest_kvmsnap.readiness import Readiness
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import Reverter
 from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
@@ -48,7 +49,8 @@ TRANSIENT = (ConnectionLost, ConnectionFailed)
 
 class Coordinator:
     def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
-                 finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None) -> None:
+                 finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None,
+                 ready_hook: Callable[[Guest, float], None] | None = None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.finisher = finisher
@@ -61,6 +63,8 @@ class Coordinator:
         self.recovery = Recovery(self.hypervisor, self.lease, self.store)
         self.provisioner = Provisioner(self.hypervisor, self.lease, self.recovery, self.store, self._incident)
         self.reverter = Reverter(settings, report)
+        self.readiness = Readiness(settings, report, self._ready_hook)
+        self.ready_hook = ready_hook  # the user's pytest_kvmsnap_ready, for --kvm-wait=hook
         self.finishing = Finisher(self.hypervisor, self.reverter, self.store)
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
         self._states: dict[str, GuestState] = {}
@@ -82,7 +86,45 @@ class Coordinator:
     def guest(self, name: str) -> Guest:
         state = self._states[name]
         return Guest(state, self.hypervisor.connection(state.uri), self.hypervisor.domain(state.name),
-                     self._manual_revert)
+                     lambda reason: self._manual_revert(state, name, reason),
+                     lambda port: self._address(state, name, port))
+
+    def _ready_hook(self, name: str, timeout: float) -> None:
+        if self.ready_hook is None:
+            raise ConfigError("--kvm-wait=hook, but no pytest_kvmsnap_ready hook is implemented "
+                              "(in a conftest.py or a plugin)")
+        self.ready_hook(self.guest(name), timeout)
+
+    def _address(self, state: GuestState, name: str, port: int) -> tuple[str, int]:
+        """Where the host connects to the guest's ``port``.
+
+        On a user-mode network, a port on the host's 127.0.0.1 that QEMU forwards
+        (one per QEMU process: each clone has its own); else the guest's own
+        address as libvirt sees it (DHCP lease, guest agent, ARP).
+        """
+        record = state.record
+        assert record is not None, "a test's guest is held"
+        dom = self.hypervisor.domain(state.name)
+        netdev = backend.user_netdev(dom)
+        if netdev is None:
+            address = backend.guest_ipv4(dom)
+            if address is None:
+                raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
+                                   "libvirt network, no guest agent, no ARP entry)")
+            return address, port
+        hypervisor_host = self.hypervisor.connection(state.uri).getHostname()
+        if hypervisor_host != socket.gethostname():
+            raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {hypervisor_host}: a forwarded "
+                               f"port would listen on that host's 127.0.0.1, which this host cannot reach. Put "
+                               "the guest on a libvirt network (NAT or bridge) to test it from here.")
+        identity = backend.process_identity(dom)
+        process = identity[0] if identity else -1
+        forward = record.forwards.get(str(port))
+        if forward is None or forward[1] != process:  # a new QEMU process has no forwards yet
+            forward = [backend.forward_port(dom, netdev, port), process]
+            record.forwards[str(port)] = forward
+            state.lock.write(record)
+        return "127.0.0.1", forward[0]
 
     # --- once per guest ------------------------------------------------------
 
@@ -172,7 +214,27 @@ class Coordinator:
             self._first_use(name, lambda: self._acquire(state, nodeid))
         if state.unit != unit:
             self._begin_unit(state, spec, unit)
+        if state.record is not None and state.record.settle_pending:
+            self._settle(state, name)
         state.clean_at = None  # dirty from the moment a test that uses it starts
+
+    def _settle(self, state: GuestState, name: str) -> None:
+        """After the baseline or a revert: clock, entropy and the wait (readiness.py).
+
+        Until it succeeds the record keeps it pending, so a guest that did not
+        come ready is waited for again before the next test.
+        """
+        record = state.record
+        assert record is not None, "a held guest is settled"
+        start = time.perf_counter()
+        steps = self.readiness.settle(name, self.hypervisor.domain(state.name),
+                                      lambda port: self._address(state, name, port),
+                                      restored=record.settle_restored)
+        seconds = time.perf_counter() - start
+        record.settle_pending = record.settle_restored = False
+        if steps:
+            record.waits.append((seconds, "+".join(steps)))
+        self.report(Ready(name, record.generation, seconds, tuple(steps)))
 
     def _check_protected(self, state: GuestState, unit: str) -> None:
         """The promise, checked where every marked test starts.
@@ -260,9 +322,10 @@ class Coordinator:
         if state.clean_at != baseline:
             self._revert(state, baseline, f"after {unit}")
 
-    def _manual_revert(self, state: GuestState, reason: str) -> None:
+    def _manual_revert(self, state: GuestState, name: str, reason: str) -> None:
         self._revert(state, state.baseline, reason)
-        state.clean_at = None  # the test goes on using it
+        self._settle(state, name)  # the test goes on using it now
+        state.clean_at = None
 
     def _revert(self, state: GuestState, target: str, reason: str) -> None:
         """Revert, retrying once after a lost connection; on failure the record owes a revert."""
@@ -280,6 +343,8 @@ class Coordinator:
             state.clean_at = None
             raise
         record.revert_owed = False
+        record.generation += 1
+        record.settle_pending = record.settle_restored = True
         state.clean_at = target
 
     # --- end of run ----------------------------------------------------------

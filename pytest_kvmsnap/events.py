@@ -41,6 +41,25 @@ class BaselineTaken:
 
 
 @dataclass(frozen=True)
+class RevertStarting:
+    """About to revert: cached connections to the guest are about to go stale."""
+
+    domain: str
+    snapshot: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """After the baseline or a revert, the guest is usable again (clock, entropy, wait done)."""
+
+    domain: str
+    generation: int  # how many reverts this guest has had in this run
+    seconds: float
+    steps: tuple[str, ...]  # e.g. ("clock", "reseed", "ssh")
+
+
+@dataclass(frozen=True)
 class Reverted:
     domain: str
     snapshot: str
@@ -49,7 +68,7 @@ class Reverted:
     reason: str  # which unit edge or request caused it
 
 
-Event = Waiting | Notice | Incident | BaselineTaken | Reverted
+Event = Waiting | Notice | Incident | BaselineTaken | RevertStarting | Reverted | Ready
 
 
 class Reporter(Protocol):

@@ -8,10 +8,18 @@ run's snapshot deleted; a clone is destroyed and an original's copies removed.
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
 from pytest_kvmsnap.revert import Reverter
+
+if TYPE_CHECKING:
+    import libvirt
+
+AGENT_AFTER_FINAL = 5.0  # seconds the agent gets to answer after the end-of-session revert
 
 
 class Finisher:
@@ -40,9 +48,13 @@ class Finisher:
                 lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
                 return []
             dom = self.hypervisor.domain(record.domain, record.uri)
+            restored = record.settle_restored  # a last revert whose clock no next test fixed
             if record.clean_at != record.baseline:
                 self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
-                record.clean_at = record.baseline
+                record.clean_at, restored = record.baseline, True
+            if restored:
+                self._clock_as_found(dom)
+            self._remove_forwards(record, dom)
             if not settings.keep_snapshot:
                 backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
             lock.remove()
@@ -53,6 +65,25 @@ class Finisher:
         finally:
             self.finished.append(record)
             lock.release()
+
+    def _clock_as_found(self, dom: libvirt.virDomain) -> None:
+        """The baseline's clock is the run's start: set it to now, where the agent answers."""
+        if self.hypervisor.settings.sync_clock == "off" or not backend.has_agent_channel(dom):
+            return
+        deadline = time.monotonic() + AGENT_AFTER_FINAL
+        while not backend.agent_answers(dom, timeout=1):
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+        backend.sync_clock(dom)
+
+    def _remove_forwards(self, record: RunRecord, dom: libvirt.virDomain) -> None:
+        """The host ports the run forwarded to the guest (Guest.address) go with it."""
+        netdev = backend.user_netdev(dom)
+        identity = backend.process_identity(dom)
+        for host_port, process in record.forwards.values():
+            if netdev is not None and identity is not None and identity[0] == process:
+                backend.hmp(dom, f"hostfwd_remove {netdev} tcp:127.0.0.1:{int(host_port)}")
 
     def _finish_clone_mode(self, record: RunRecord) -> None:
         """A clone is destroyed, not restored; an original's copies are deleted."""

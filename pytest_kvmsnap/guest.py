@@ -59,8 +59,13 @@ def summary(record: RunRecord) -> str:
                 f"the clones in {record.baseline_seconds:.2f} s")
     times = record.revert_times()
     median = statistics.median(times) if times else 0.0
-    return (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
+    line = (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
             f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")
+    if record.waits:  # apart from the reverts: clock, entropy, --kvm-wait
+        waits = [float(seconds) for seconds, _ in record.waits]
+        steps = ", ".join(dict.fromkeys(step for _, steps in record.waits for step in steps.split("+")))
+        line += f"; ready after {len(waits)} of them in median {statistics.median(waits):.3f} s ({steps})"
+    return line
 
 
 class Guest:
@@ -70,10 +75,11 @@ class Guest:
     back to it now.  Inside a running test the guest always counts as dirty.
     """
 
-    def __init__(self, state: GuestState, connection: libvirt.virConnect,
-                 domain: libvirt.virDomain, revert: Callable[[GuestState, str], None]) -> None:
+    def __init__(self, state: GuestState, connection: libvirt.virConnect, domain: libvirt.virDomain,
+                 revert: Callable[[str], None], address: Callable[[int], tuple[str, int]]) -> None:
         self._state = state
         self._revert = revert
+        self._address = address
         self.connection = connection
         self.domain = domain
 
@@ -93,9 +99,27 @@ class Guest:
     def is_dirty(self) -> bool:
         return self._state.clean_at != self.baseline
 
+    @property
+    def generation(self) -> int:
+        """How many times this run has reverted the guest so far.
+
+        An in-place revert rewinds the guest's TCP state: a client cached across
+        tests (paramiko, testinfra, fabric) is stale once this changed.
+        """
+        return self._state.record.generation if self._state.record is not None else 0
+
+    def address(self, port: int = 22) -> tuple[str, int]:
+        """(host, port) where this machine reaches the guest's ``port``.
+
+        On QEMU's user-mode network a free port on 127.0.0.1 is forwarded to it
+        (each clone gets its own); on other networks, the guest's address from
+        libvirt (DHCP lease, guest agent, ARP) and ``port`` itself.
+        """
+        return self._address(port)
+
     def revert(self) -> None:
         """Go back to the baseline now (the test goes on, so the guest stays in use)."""
-        self._revert(self._state, "requested by the test")
+        self._revert("requested by the test")
 
     def __repr__(self) -> str:
         return f"<Guest {self.name!r} at {self.uri} baseline={self.baseline!r}>"

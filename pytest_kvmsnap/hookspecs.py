@@ -20,3 +20,29 @@ def pytest_kvmsnap_reverted(
     load failed and libvirt's revert was used); ``reason`` says which unit edge
     or request caused it.
     """
+
+
+@pytest.hookspec
+def pytest_kvmsnap_before_revert(config: pytest.Config, domain: str, snapshot: str, reason: str) -> None:
+    """Called just before guest ``domain`` goes back to ``snapshot``.
+
+    An in-place revert rewinds the guest's TCP state: drop cached SSH, testinfra
+    or paramiko connections here (or compare ``kvm_guest.generation``).
+    """
+
+
+@pytest.hookspec
+def pytest_kvmsnap_after_revert(config: pytest.Config, domain: str, generation: int, seconds: float,
+                                steps: tuple[str, ...]) -> None:
+    """Called when guest ``domain`` is usable again after the baseline or a revert.
+
+    ``generation`` counts the guest's reverts in this run; ``seconds`` is the time
+    the ``steps`` took after the revert itself ("clock", "reseed", and the
+    --kvm-wait kind), before the next test's fixtures.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_kvmsnap_ready(config: pytest.Config, guest: object, timeout: float) -> object:
+    """With --kvm-wait=hook: return once ``guest`` (a :class:`pytest_kvmsnap.Guest`) is
+    ready for the next test, or raise.  ``timeout`` is what is left of --kvm-wait-timeout."""

@@ -70,6 +70,16 @@ class RunRecord:
     # the last holder owed a revert it could not make (it died mid-unit, or its
     # end-of-unit revert failed): the next unit reverts first, whatever its mode
     revert_owed: bool = False
+    # reverts of the guest in this run, all workers: a cached connection is stale once it moved
+    generation: int = 0
+    # after the baseline or a revert, the guest is made usable before the next test
+    # (readiness.py); ``settle_restored``: its state came from a snapshot
+    settle_pending: bool = False
+    settle_restored: bool = False
+    # (seconds, steps) of each of those waits, all workers
+    waits: list[tuple[float, str]] = field(default_factory=list)
+    # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
+    forwards: dict[str, list[int]] = field(default_factory=dict)
     # clone mode: on a clone's record, the original it was cloned from; on the
     # original's record, where the run's source images are (see clones.py)
     clone_of: str = ""

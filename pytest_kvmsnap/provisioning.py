@@ -59,6 +59,8 @@ class Provisioner:
                 self.failed.add((state.uri, state.name))
             raise
         record.clean_at = record.baseline
+        record.settle_pending = True  # the first test waits for the guest like any later one
+        record.settle_restored = bool(state.clone_of)  # a clone was started from the snapshot
         remember_loaded(record, dom, snap)  # this QEMU process took it: it may load it in place
         self.hypervisor.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
-from pytest_kvmsnap.events import Reporter, Reverted
+from pytest_kvmsnap.events import Reporter, Reverted, RevertStarting
 from pytest_kvmsnap.exceptions import RevertFailed
 from pytest_kvmsnap.locking import RunRecord
 
@@ -99,6 +99,7 @@ class Reverter:
                                "to fall back to libvirt's revert there.")
         if why_not:
             record.revert_methods.setdefault(target, f"libvirt ({why_not})")
+        self.report(RevertStarting(record.domain, target, reason))
         start = time.perf_counter()
         method = self._revert(record, dom, snap, "libvirt" if why_not else "inplace")
         seconds = time.perf_counter() - start

@@ -9,13 +9,15 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pytest_kvmsnap.config import Settings, Spec
 from pytest_kvmsnap.coordinator import Coordinator
-from pytest_kvmsnap.events import BaselineTaken, Event, Reverted, Waiting
+from pytest_kvmsnap.events import BaselineTaken, Event, Ready, Reverted, RevertStarting, Waiting
+from pytest_kvmsnap.guest import Guest
 from pytest_kvmsnap.locking import default_lock_dir, prepare_lock_dir
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -78,7 +80,7 @@ def coordinator_for(config: pytest.Config) -> Coordinator:
         config.stash[COORDINATOR_KEY] = Coordinator(
             settings, run_id(config), lock_dir(settings), owner_pid=workerinput.get(WORKER_OWNER),
             finisher=not is_worker(config), report=SessionReporter(config),
-            clone_slot=clone_slot(config, settings))
+            clone_slot=clone_slot(config, settings), ready_hook=_ready_hook(config))
         _terminate_like_ctrl_c()
     return config.stash[COORDINATOR_KEY]
 
@@ -100,6 +102,13 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _ready_hook(config: pytest.Config) -> Callable[[Guest, float], None] | None:
+    """The users' pytest_kvmsnap_ready, for --kvm-wait=hook; None when nobody implements it."""
+    if not config.pluginmanager.hook.pytest_kvmsnap_ready.get_hookimpls():
+        return None
+    return lambda guest, timeout: config.hook.pytest_kvmsnap_ready(config=config, guest=guest, timeout=timeout)
+
+
 class SessionReporter:
     """The coordinator's events, for pytest: lines on the terminal, and the plugin's hooks."""
 
@@ -115,6 +124,12 @@ class SessionReporter:
         elif isinstance(event, Reverted):
             hook.pytest_kvmsnap_reverted(config=self.config, domain=event.domain, snapshot=event.snapshot,
                                          seconds=event.seconds, method=event.method, reason=event.reason)
+        elif isinstance(event, RevertStarting):
+            hook.pytest_kvmsnap_before_revert(config=self.config, domain=event.domain, snapshot=event.snapshot,
+                                              reason=event.reason)
+        elif isinstance(event, Ready):
+            hook.pytest_kvmsnap_after_revert(config=self.config, domain=event.domain, generation=event.generation,
+                                             seconds=event.seconds, steps=event.steps)
         elif isinstance(event, Waiting):
             now = time.monotonic()  # a long wait says so every few seconds, not every poll
             if now - self._last_wait >= PROGRESS_EVERY:

@@ -1,0 +1,145 @@
+"""Between a revert and the next test: the guest's clock, its entropy, and the wait.
+
+A restored guest runs from the snapshot's moment: its clock is behind, its
+random generator replays the saved state, and its services need a moment
+before they answer (more so under TCG, which flushes its translated code after
+``loadvm``).  So, after the baseline and after each revert, before the next
+test's fixtures:
+
+1. through the guest agent, if ``sync_clock`` / ``reseed`` apply: set the clock
+   from the host's and reset RTC reinjection; mix in host randomness and force
+   a reseed;
+2. wait as ``kvm_wait`` says: the agent answers, a TCP port accepts, sshd sends
+   its banner, or the user's ``pytest_kvmsnap_ready`` hook returns.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pytest_kvmsnap import backend
+from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.events import Notice, Reporter
+from pytest_kvmsnap.exceptions import KvmSnapError
+
+if TYPE_CHECKING:
+    import libvirt
+
+T = TypeVar("T")
+AGENT_GRACE = 15.0  # seconds an "auto" agent gets to answer before it counts as absent
+POLL = 0.2
+
+
+class NotReady(KvmSnapError):
+    """The guest did not come ready in time after a revert."""
+
+
+Address = Callable[[int], tuple[str, int]]  # guest port -> where the host connects to it
+
+
+class Readiness:
+    def __init__(self, settings: Settings, report: Reporter, ready_hook: Callable[[str, float], None]) -> None:
+        self.settings = settings
+        self.report = report
+        self.ready_hook = ready_hook  # (guest name, timeout): the user's pytest_kvmsnap_ready
+        self._agent: dict[str, bool] = {}  # guest -> whether its agent is used
+
+    def settle(self, name: str, dom: libvirt.virDomain, address: Address, *, restored: bool) -> list[str]:
+        """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot."""
+        deadline = time.monotonic() + self.settings.wait_timeout
+        steps = []
+        if restored and self._uses_agent(name, dom, deadline):
+            if self.settings.sync_clock != "off":
+                self._through_agent(dom, deadline, lambda: backend.sync_clock(dom))
+                steps.append("clock")
+            if self.settings.reseed != "off":
+                partial = self._through_agent(dom, deadline, lambda: backend.reseed(dom))
+                if partial:
+                    self.report(Notice(f"kvmsnap: {name}: reseed: {partial}"))
+                steps.append("reseed")
+        if self.settings.wait:
+            self._wait(name, dom, address, deadline)
+            steps.append(self.settings.wait)
+        return steps
+
+    def _uses_agent(self, name: str, dom: libvirt.virDomain, deadline: float) -> bool:
+        """Whether clock and entropy go through the agent: 'on' needs it; 'auto' uses it
+        when the guest has the channel and the agent answers (decided once per run)."""
+        wanted = {self.settings.sync_clock, self.settings.reseed} - {"off"}
+        if not wanted:
+            return False
+        if name not in self._agent:
+            required = "on" in wanted
+            present = required or backend.has_agent_channel(dom)
+            if present:
+                limit = deadline if required else min(deadline, time.monotonic() + AGENT_GRACE)
+                present = _poll(lambda: backend.agent_answers(dom), limit)
+                if not present and required:
+                    raise NotReady(f"guest {name!r}: its guest agent did not answer within "
+                                   f"{self.settings.wait_timeout:.0f} s, and --kvm-sync-clock/--kvm-reseed=on "
+                                   "need it. Install and start qemu-guest-agent in the guest, or set them to auto.")
+                if not present:
+                    self.report(Notice(f"kvmsnap: {name}: its guest agent does not answer; the clock is not "
+                                       "synced and the entropy not reseeded after reverts in this run"))
+            self._agent[name] = present
+        return self._agent[name]
+
+    @staticmethod
+    def _through_agent(dom: libvirt.virDomain, deadline: float, step: Callable[[], T]) -> T:
+        """Run an agent step, again while the agent's channel is still reconnecting."""
+        while True:
+            try:
+                return step()
+            except Exception as exc:
+                if not backend.is_agent_unavailable(exc) or time.monotonic() >= deadline:
+                    raise
+            _poll(lambda: backend.agent_answers(dom), deadline)
+
+    def _wait(self, name: str, dom: libvirt.virDomain, address: Address, deadline: float) -> None:
+        kind = self.settings.wait
+        if kind == "hook":
+            self.ready_hook(name, max(0.0, deadline - time.monotonic()))
+            return
+        if kind == "agent":
+            what, ready = "the guest agent to answer guest-ping", lambda: backend.agent_answers(dom)
+        else:
+            port = 22 if kind == "ssh" else int(kind.split(":")[1])
+            host, host_port = address(port)
+            probe = "an SSH banner" if kind == "ssh" else "a TCP connection"
+            what = f"{probe} on {host}:{host_port} (guest port {port})"
+            ready = lambda: _answers(host, host_port, banner=kind == "ssh")  # noqa: E731
+        if not _poll(ready, deadline):
+            raise NotReady(f"guest {name!r} was not ready within {self.settings.wait_timeout:.0f} s after the "
+                           f"revert: waited for {what} (--kvm-wait={kind}). Raise --kvm-wait-timeout, or check "
+                           "the guest's console log.")
+
+
+def _poll(ready: Callable[[], bool], deadline: float) -> bool:
+    while True:
+        if ready():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+
+
+def _answers(host: str, port: int, banner: bool) -> bool:
+    """A connection to ``host:port`` stays open (and, with ``banner``, an SSH banner arrives).
+
+    Through a user-mode network's forwarded port QEMU itself accepts the
+    connection and closes it when nothing listens in the guest: an immediate
+    end of stream means "not yet"; silence means a server that waits for us.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.settimeout(3 if banner else 0.3)
+            try:
+                first = sock.recv(8)
+            except TimeoutError:
+                return not banner
+            return first.startswith(b"SSH-") if banner else first != b""
+    except OSError:
+        return False
