@@ -7,11 +7,13 @@ plugin in a subprocess against them and checks them from outside.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from pytest_kvmsnap.testing import Console, GuestImage, build_image, define_guest, remove_guest
+from pytest_kvmsnap.testing.debian import DebianImage, build_debian, define_debian
 
 URI = os.environ.get("KVMSNAP_TEST_URI", "qemu:///system")
 GUESTS = ("kvmsnap-it-a", "kvmsnap-it-b")
@@ -173,3 +176,107 @@ def _deadline() -> Iterator[None]:
 
 def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-v", *args)
+
+
+# --- the Debian guest: a real distribution, driven over SSH ---------------------------
+
+DEBIAN = "kvmsnap-it-debian"
+
+
+@dataclass
+class DebianGuest:
+    """The Debian test guest, checked from outside through its guest agent."""
+
+    name: str
+    image: DebianImage
+
+    def domain(self) -> Any:  # a libvirt.virDomain
+        return _live_open().lookupByName(self.name)
+
+    def snapshots(self) -> list[str]:
+        return sorted(self.domain().snapshotListNames())
+
+    def run(self, command: str) -> tuple[int, str]:
+        """``sh -c command`` in the guest through the agent: exit code and output."""
+        import libvirt
+
+        dom = self.domain()
+        deadline = time.monotonic() + 60
+        while True:  # after a revert the agent's channel reconnects for a second or two
+            try:
+                pid = _agent(dom, "guest-exec", {"path": "/bin/sh", "arg": ["-c", command],
+                                                 "capture-output": True})["pid"]
+                while not (status := _agent(dom, "guest-exec-status", {"pid": pid}))["exited"]:
+                    time.sleep(0.05)
+                return int(status["exitcode"]), base64.b64decode(status.get("out-data", "")).decode().strip()
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def assert_as_found(self) -> None:
+        assert self.snapshots() == []
+        assert self.domain().state()[0] == 1  # running
+        assert self.run("test -e /root/marker")[0] != 0, "a test's marker survived the run"
+
+
+def _agent(dom: Any, command: str, arguments: dict[str, Any]) -> Any:
+    import json
+
+    import libvirt_qemu
+
+    message = json.dumps({"execute": command, "arguments": arguments})
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, message, 10, 0))["return"]
+
+
+def _live_open() -> Any:
+    import libvirt
+
+    return libvirt.open(URI)
+
+
+@pytest.fixture(scope="session")
+def _debian_guest() -> Iterator[DebianGuest]:
+    """Built (cached) and booted once per session, only for the tests that ask for it."""
+    image = build_debian()
+    define_debian(_live_open(), DEBIAN, image)
+    guest = DebianGuest(DEBIAN, image)
+    guest.run("true")  # the agent answers once systemd has started it
+    yield guest
+    remove_guest(_live_open(), DEBIAN)
+    image.disk_for(DEBIAN).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def debian(_debian_guest: DebianGuest) -> DebianGuest:
+    # A failed test may have left a marker or a snapshot: start each one as found.
+    for snap in _debian_guest.domain().listAllSnapshots():
+        snap.delete(0)
+    _debian_guest.run("rm -f /root/marker")
+    return _debian_guest
+
+
+# Written into the Debian tests' inner runs: SSH to the test's guest, as a user would.
+SSH_CONFTEST = textwrap.dedent("""
+    import paramiko, pytest
+
+    KEY = "{key}"
+
+    def connect(guest):
+        host, port = guest.address(22)
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect(host, port, "root", key_filename=KEY, look_for_keys=False, allow_agent=False,
+                       timeout=10, banner_timeout=10, auth_timeout=10)
+        return client
+
+    def run(client, command):
+        _, out, _ = client.exec_command(command, timeout=30)
+        return out.read().decode().strip()
+
+    @pytest.fixture
+    def ssh(kvm_guest):
+        client = connect(kvm_guest)
+        yield lambda command: run(client, command)
+        client.close()
+""")

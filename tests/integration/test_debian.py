@@ -1,0 +1,169 @@
+"""A real distribution over SSH: Debian 12 with systemd, sshd and the guest agent.
+
+What an in-place revert does to a running system -- stale TCP connections, a
+clock from the snapshot's moment, a replayed random generator, services not
+answering yet -- and what the plugin does about each, checked from outside
+through the guest agent.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import SSH_CONFTEST, DebianGuest, run_inner
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def ssh_inner(inner: pytest.Pytester, debian: DebianGuest) -> pytest.Pytester:
+    inner.makeconftest(SSH_CONFTEST.format(key=debian.image.ssh_key))
+    return inner
+
+
+def test_each_test_connects_at_once_and_finds_the_baseline(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """--kvm-wait=ssh: every test's first connection succeeds, with no retry loop of its own."""
+    ssh_inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        @pytest.mark.parametrize("i", [1, 2, 3])
+        def test_each(i, ssh, kvm_guest):
+            assert ssh("test -e /root/marker && echo dirty || echo clean") == "clean"
+            ssh("echo {{i}} > /root/marker; systemctl stop ssh.socket ssh")  # even sshd goes down
+            assert kvm_guest.generation == i - 1
+    """)
+    result = run_inner(ssh_inner, "--kvm-wait=ssh")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"{debian.name}: baseline kvmsnap-* 3 revert(s)*; ready after 3 of them in "
+                                 "median * s (ssh, clock, reseed)"])
+    debian.assert_as_found()
+
+
+CLOCK_TESTS = """
+    import json, time, pytest
+    pytestmark = pytest.mark.kvm_snapshot("{name}")
+    def test_1_thirty_seconds(ssh):
+        time.sleep(30)
+    def test_2_guest_clock(ssh):
+        offset = time.time() - float(ssh("date +%s.%N"))
+        open("offset.json", "w").write(json.dumps(offset))
+"""
+
+
+def test_clock_is_synced_after_a_revert(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """30 s between two tests: synced, the guest is within 1 s of the host; not synced, ~30 s behind."""
+    ssh_inner.makepyfile(CLOCK_TESTS.format(name=debian.name))
+    offsets = {}
+    for sync in ("auto", "off"):
+        run_inner(ssh_inner, "--kvm-wait=ssh", f"--kvm-sync-clock={sync}").assert_outcomes(passed=2)
+        offsets[sync] = float((ssh_inner.path / "offset.json").read_text())
+    print(f"guest clock behind the host after a revert: synced {offsets['auto']:.3f} s, "
+          f"not synced {offsets['off']:.3f} s")
+    assert abs(offsets["auto"]) < 1.0
+    assert 25.0 < offsets["off"] < 60.0
+    debian.assert_as_found()
+
+
+RANDOM_TESTS = """
+    import pytest
+    pytestmark = pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", [1, 2, 3])
+    def test_read_random(i, ssh):
+        open(f"random-{{i}}", "w").write(ssh("head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '"))
+"""
+
+
+def test_entropy_is_reseeded_after_a_revert(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """After two reverts the first bytes from /dev/urandom differ with --kvm-reseed; shown without."""
+    ssh_inner.makepyfile(RANDOM_TESTS.format(name=debian.name))
+    seen = {}
+    for reseed in ("on", "off"):
+        result = run_inner(ssh_inner, "--kvm-wait=ssh", f"--kvm-reseed={reseed}")
+        result.assert_outcomes(passed=3)
+        seen[reseed] = [(ssh_inner.path / f"random-{i}").read_text() for i in (2, 3)]  # after revert 1 and 2
+        if reseed == "on":
+            assert "reseed" in result.stdout.str() and "kvmsnap: kvmsnap-it-debian: reseed:" not in result.stdout.str()
+    print(f"first urandom bytes after revert 1 and 2: reseeded {seen['on']}, not reseeded {seen['off']}")
+    assert seen["on"][0] != seen["on"][1]
+    debian.assert_as_found()
+
+
+NAIVE_CACHE = """
+    import pytest
+    from conftest import connect, run
+    pytestmark = pytest.mark.kvm_snapshot("{name}")
+    CACHE = {{}}  # one client for the module, as users write it
+
+    @pytest.mark.parametrize("i", [1, 2, 3])
+    def test_cached_client(i, kvm_guest):
+        if "client" not in CACHE:
+            CACHE["client"] = connect(kvm_guest)
+        assert run(CACHE["client"], "echo $((40 + 2))") == "42"
+"""
+
+
+def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGuest,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What users hit without the pattern, then examples/ssh (the pattern) on the same guest."""
+    monkeypatch.setenv("KVMSNAP_SSH_KEY", str(debian.image.ssh_key))
+    inner.makeconftest(SSH_CONFTEST.format(key=debian.image.ssh_key))
+    inner.makepyfile(NAIVE_CACHE.format(name=debian.name))
+    naive = run_inner(inner, "--kvm-wait=ssh")
+    naive.assert_outcomes(passed=1, failed=2)  # the revert after test 1 killed the cached connection
+    naive.stdout.fnmatch_lines(["*_ test_cached_client[[]2[]] _*", "E *EOFError",
+                                "*_ test_cached_client[[]3[]] _*", "E *SSHException: SSH session not active"])
+    debian.assert_as_found()
+    example = inner.path / "example"
+    shutil.copytree(REPO / "examples" / "ssh", example)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v", str(example),
+                                        f"--kvm-domain={debian.name}", "--kvm-wait=ssh",
+                                        f"--kvm-uri={_uri()}")
+    result.assert_outcomes(passed=4)
+    debian.assert_as_found()
+
+
+def _uri() -> str:
+    from tests.integration.conftest import URI
+
+    return URI
+
+
+def test_a_guest_that_never_comes_ready_errors_with_what_was_awaited(ssh_inner: pytest.Pytester,
+                                                                   debian: DebianGuest) -> None:
+    ssh_inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        def test_nothing_listens_there():
+            raise AssertionError("must not run")
+    """)
+    result = run_inner(ssh_inner, "--kvm-wait=tcp:2999", "--kvm-wait-timeout=3")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*guest '{debian.name}' was not ready within 3 s after the revert: waited for "
+                                 "a TCP connection on 127.0.0.1:* (guest port 2999) (--kvm-wait=tcp:2999)*"])
+    assert "must not run" not in result.stdout.str()
+    debian.assert_as_found()
+
+
+def test_hooks_see_every_revert(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """before_revert / after_revert bracket each revert; after_revert comes once the guest is ready."""
+    ssh_inner.makeconftest(SSH_CONFTEST.format(key=debian.image.ssh_key) + """
+def pytest_kvmsnap_before_revert(config, domain, snapshot, reason):
+    open("hooks.log", "a").write(f"before {reason.split()[0]}\\n")
+
+def pytest_kvmsnap_after_revert(config, domain, generation, seconds, steps):
+    open("hooks.log", "a").write(f"after {generation} {'+'.join(steps)}\\n")
+""")
+    ssh_inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        @pytest.mark.parametrize("i", [1, 2])
+        def test_t(i, ssh):
+            pass
+    """)
+    run_inner(ssh_inner, "--kvm-wait=ssh").assert_outcomes(passed=2)
+    assert (ssh_inner.path / "hooks.log").read_text().splitlines() == [
+        "after 0 ssh", "before after", "after 1 clock+reseed+ssh", "before after"]
+    debian.assert_as_found()
