@@ -145,14 +145,18 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Own
         copy = directory / f"{name}-{target}.qcow2"
         _copy(source.disks[target], copy)
         disk.find("source").set("file", str(copy))  # type: ignore[union-attr]
-    for sock in root.iterfind("devices/*/source[@mode='bind']"):
-        # Unix sockets QEMU listens on (serial consoles, channels) must differ
-        # from the original's; where the path names the domain, name the clone.
-        path = sock.get("path")
+    # Unix sockets QEMU listens on (serial consoles, channels) and files it
+    # writes (a serial console to a file, a character device's log) must differ
+    # from the original's; where the path names the domain, name the clone.
+    own_paths = [*root.iterfind("devices/*/source[@mode='bind']"), *root.iterfind("devices/*[@type='file']/source"),
+                 *root.iterfind("devices/*/log")]
+    for element in own_paths:
+        attribute = "file" if element.tag == "log" else "path"
+        path = element.get(attribute)
         if path:
             base = Path(path)
             renamed = base.name.replace(original, name) if original in base.name else f"{base.name}.{name}"
-            sock.set("path", str(base.with_name(renamed)))
+            element.set(attribute, str(base.with_name(renamed)))
     return root
 
 

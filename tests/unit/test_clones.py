@@ -20,6 +20,7 @@ ORIGINAL = """
       <source file='/images/iso.img'/><target dev='vdb' bus='virtio'/><readonly/></disk>
     <serial type='unix'><source mode='bind' path='/run/sock/web.sock'/><target port='0'/></serial>
     <channel type='unix'><source mode='bind' path='/run/sock/agent'/><target type='virtio'/></channel>
+    <console type='file'><source path='/var/log/web.console'/><log file='/var/log/console-web.log'/></console>
   </devices>
 </domain>
 """
@@ -41,3 +42,7 @@ def test_clone_xml(tmp_path: Path) -> None:
     paths = [s.get("path") for s in root.iterfind("devices/*/source[@mode='bind']")]
     assert paths == [f"/run/sock/{name}.sock", f"/run/sock/agent.{name}"]
     assert ET.tostring(root, encoding="unicode").count("web.sock") == 0
+    console = root.find("devices/console")
+    assert console is not None
+    assert console.find("source").get("path") == f"/var/log/{name}.console"  # type: ignore[union-attr]
+    assert console.find("log").get("file") == f"/var/log/console-{name}.log"  # type: ignore[union-attr]
