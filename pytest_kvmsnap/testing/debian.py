@@ -120,7 +120,11 @@ def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
     ET.SubElement(os_, "kernel").text = str(image.kernel)
     ET.SubElement(os_, "initrd").text = str(image.initrd)
-    ET.SubElement(os_, "cmdline").text = "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet"
+    # tsc=unstable: under TCG a TSC that happened to calibrate at boot follows the host's
+    # clock across loadvm, so whether a restored clock is stale would depend on the
+    # boot; without it the guest keeps time on jiffies, which a loadvm rewinds -- as
+    # KVM guests' kvm-clock is rewound, the case users meet (see readiness.py).
+    ET.SubElement(os_, "cmdline").text = "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet tsc=unstable"
     devices = ET.SubElement(dom, "devices")
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2")
