@@ -92,8 +92,9 @@ def snapshot_load(dom, tag: str) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.001)
 
 
-def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "", work: float = 0.0) -> float:
-    """Wall time of one run of bench_suite.py (also used by throughput_benchmark.py)."""
+def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "", work: float = 0.0,
+                  suite: Path = HERE / "bench_suite.py") -> float:
+    """Wall time of one run of ``suite`` (also used by throughput_benchmark.py and debian_benchmark.py)."""
     no_reverts = "--kvm-revert=never" in args or handwritten == "none"
     env = dict(os.environ, KVMSNAP_BENCH_TESTS=str(tests), KVMSNAP_BENCH_GUEST=guest,
                KVMSNAP_BENCH_HANDWRITTEN=handwritten, KVMSNAP_BENCH_EXPECT_CLEAN="0" if no_reverts else "1",
@@ -102,7 +103,7 @@ def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "", wor
         f"--kvm-uri={URI}", f"--kvm-domain={guest}"]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                    str(HERE / "bench_suite.py"), *plugin, *args],
+                    str(suite), *plugin, *args],
                    env=env, check=True, stdout=subprocess.DEVNULL, cwd=HERE)
     return time.perf_counter() - start
 

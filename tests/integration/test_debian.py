@@ -167,3 +167,32 @@ def pytest_kvmsnap_after_revert(config, domain, generation, seconds, steps):
     assert (ssh_inner.path / "hooks.log").read_text().splitlines() == [
         "after 0 ssh", "before after", "after 1 clock+reseed+ssh", "before after"]
     debian.assert_as_found()
+
+
+CLONE_ADDRESSES = """
+    import json, os, time, pytest
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range(6))
+    def test_where(i, kvm_guest, ssh):
+        assert ssh("test -e /root/marker && echo dirty || echo clean") == "clean"
+        ssh(f"echo {{i}} > /root/marker")
+        time.sleep(1)  # both workers' clones are in use at once
+        assert ssh("cat /root/marker") == str(i)
+        with open(f"where-{{i}}.json", "w") as f:
+            json.dump([kvm_guest.name, kvm_guest.address(22)[1]], f)
+"""
+
+
+def test_clones_each_get_their_own_forwarded_port(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """Two workers, two clones of one memory image: each its own QEMU, so its own host port."""
+    import json
+
+    ssh_inner.makepyfile(CLONE_ADDRESSES.format(name=debian.name))
+    result = run_inner(ssh_inner, "-n", "2", "--kvm-clones=auto", "--kvm-wait=ssh")
+    result.assert_outcomes(passed=6)
+    seen = {tuple(json.loads(path.read_text())) for path in ssh_inner.path.glob("where-*.json")}
+    clones = {clone for clone, _ in seen}
+    ports = {port for _, port in seen}
+    assert len(clones) == 2 and len(ports) == 2, seen
+    assert not [d.name() for d in debian.domain().connect().listAllDomains() if "-kvmsnap-" in d.name()]
+    debian.assert_as_found()
