@@ -28,7 +28,7 @@ import libvirt
 from revert_benchmark import URI, suite_seconds  # benchmarks/ is on sys.path when run as a script
 
 from pytest_kvmsnap.testing.debian import build_debian, define_debian
-from pytest_kvmsnap.testing.guest import remove_guest
+from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
 HERE = Path(__file__).resolve().parent
 MODES = {
@@ -64,7 +64,8 @@ def main() -> int:
     finally:
         remove_guest(conn, name)
         image.disk_for(name).unlink(missing_ok=True)
-    print(f"== Debian 12, 512 MiB, {args.tests} SSH tests, per-test cost")
+    accelerator = "KVM" if domain_type(conn, build_image()) == "kvm" else "TCG (no working KVM here)"
+    print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests, per-test cost")
     for mode, cost in rows.items():
         print(f"  {mode:42}{cost:8.3f} s")
     if args.json:

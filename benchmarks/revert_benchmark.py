@@ -37,6 +37,7 @@ import libvirt
 import libvirt_qemu
 
 from pytest_kvmsnap.testing import Console, build_image, define_guest, remove_guest
+from pytest_kvmsnap.testing.guest import domain_type
 
 HERE = Path(__file__).resolve().parent
 URI = os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")
@@ -163,6 +164,7 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open(URI)
     image = build_image()
+    print(f"guests run under {'KVM' if domain_type(conn, image) == 'kvm' else 'TCG (no working KVM here)'}")
     rows = {label: measure_shape(conn, image, label, mem, used, args) for label, mem, used in SHAPES[:args.shapes]}
     print_table(rows)
     if args.json:

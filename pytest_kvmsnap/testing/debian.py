@@ -146,12 +146,13 @@ def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type
 def define_debian(conn: libvirt.virConnect, name: str, image: DebianImage, memory_mib: int = 512,
                   start: bool = True) -> libvirt.virDomain:
     """(Re)define Debian guest ``name`` on a fresh copy of the root disk and, by default, start it."""
-    from pytest_kvmsnap.testing.guest import remove_guest
+    from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
     remove_guest(conn, name)
     image.disk_for(name).unlink(missing_ok=True)
     _run("cp", "--reflink=auto", "--sparse=always", image.disk_template, image.disk_for(name))
-    dom = conn.defineXML(domain_xml(name, image, memory_mib))
+    kind = domain_type(conn, build_image())  # the busybox guest's boot probe decides
+    dom = conn.defineXML(domain_xml(name, image, memory_mib, kind))
     if start:
         dom.create()
     return dom

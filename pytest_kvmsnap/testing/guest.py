@@ -196,12 +196,51 @@ def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type:
     return ET.tostring(dom, encoding="unicode")
 
 
+PROBE_SECONDS = 20.0  # a KVM guest that has not answered its console by then counts as hung
+
+
+def domain_type(conn: libvirt.virConnect, image: GuestImage) -> str:
+    """'kvm' where a short boot probe shows KVM works on this host, else 'qemu' (TCG).
+
+    /dev/kvm can exist while guests hang (nested KVM on some hosts): only a
+    guest that boots and answers proves it.  The answer is cached beside the
+    images; KVMSNAP_DOMAIN_TYPE=kvm|qemu overrides it.
+    """
+    forced = os.environ.get("KVMSNAP_DOMAIN_TYPE")
+    if forced in ("kvm", "qemu"):
+        return forced
+    cache = image.directory / "domain-type"
+    if cache.exists():
+        return cache.read_text().strip()
+    found = "kvm" if Path("/dev/kvm").exists() and _kvm_boots(conn, image) else "qemu"
+    cache.write_text(found + "\n")
+    return found
+
+
+def _kvm_boots(conn: libvirt.virConnect, image: GuestImage) -> bool:
+    import libvirt
+
+    from pytest_kvmsnap.testing.console import Console, ConsoleError
+
+    name = "kvmsnap-kvm-probe"
+    remove_guest(conn, name, image)
+    shutil.copyfile(image.disk_template, image.disk_for(name))
+    try:
+        conn.defineXML(domain_xml(name, image, 256, domain_type="kvm")).create()
+        Console(str(image.console_for(name))).wait_ready(timeout=PROBE_SECONDS)
+        return True
+    except (libvirt.libvirtError, ConsoleError, OSError):
+        return False
+    finally:
+        remove_guest(conn, name, image)
+
+
 def define_guest(conn: libvirt.virConnect, name: str, image: GuestImage, memory_mib: int = 256,
                  start: bool = True) -> libvirt.virDomain:
     """(Re)define guest ``name`` with a fresh data disk and, by default, start it."""
     remove_guest(conn, name, image)
     shutil.copyfile(image.disk_template, image.disk_for(name))
-    dom = conn.defineXML(domain_xml(name, image, memory_mib))
+    dom = conn.defineXML(domain_xml(name, image, memory_mib, domain_type(conn, image)))
     if start:
         dom.create()
     return dom
