@@ -24,8 +24,10 @@ def ssh_inner(inner: pytest.Pytester, debian: DebianGuest) -> pytest.Pytester:
     return inner
 
 
-def test_each_test_connects_at_once_and_finds_the_baseline(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
-    """--kvm-wait=ssh: every test's first connection succeeds, with no retry loop of its own."""
+@pytest.mark.parametrize("wait", ["ssh", "tcp:22"])
+def test_each_test_connects_at_once_and_finds_the_baseline(ssh_inner: pytest.Pytester, debian: DebianGuest,
+                                                           wait: str) -> None:
+    """--kvm-wait=ssh or tcp:22: every test's first connection succeeds, with no retry loop of its own."""
     ssh_inner.makepyfile(f"""
         import pytest
         @pytest.mark.kvm_snapshot("{debian.name}")
@@ -35,10 +37,26 @@ def test_each_test_connects_at_once_and_finds_the_baseline(ssh_inner: pytest.Pyt
             ssh("echo {{i}} > /root/marker; systemctl stop ssh.socket ssh")  # even sshd goes down
             assert kvm_guest.generation == i - 1
     """)
-    result = run_inner(ssh_inner, "--kvm-wait=ssh")
+    result = run_inner(ssh_inner, f"--kvm-wait={wait}")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"{debian.name}: baseline kvmsnap-* 3 revert(s)*; ready after 3 of them in "
-                                 "median * s (ssh, clock, reseed)"])
+                                 f"median * s ({wait}, clock, reseed)"])
+    debian.assert_as_found()
+
+
+def test_wait_for_the_agent(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """--kvm-wait=agent: the agent answers each test's first command at once."""
+    inner.makepyfile(f"""
+        import json, libvirt_qemu, pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        @pytest.mark.parametrize("i", [1, 2, 3])
+        def test_agent_answers(i, kvm_guest):
+            ping = json.dumps({{"execute": "guest-ping"}})
+            libvirt_qemu.qemuAgentCommand(kvm_guest.domain, ping, 1, 0)  # 1 s: no retry loop of its own
+    """)
+    result = run_inner(inner, "--kvm-wait=agent")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"{debian.name}: *; ready after 3 of them in median * s (agent, clock, reseed)"])
     debian.assert_as_found()
 
 
