@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap.testing.guest import _socket_dir, guest_dir
+from pytest_kvmsnap.testing.guest import _socket_dir, direct_boot_domain, guest_dir
 
 if TYPE_CHECKING:
     import libvirt
@@ -111,25 +111,15 @@ def _configure(root: Path, public_key: str) -> None:
 
 
 def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type: str = "qemu") -> str:
-    """The libvirt XML of a Debian test guest; every name goes in as data, escaped."""
-    dom = ET.Element("domain", type=domain_type)
-    ET.SubElement(dom, "name").text = name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
-    ET.SubElement(dom, "vcpu").text = "1"
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
+    """The libvirt XML of a Debian test guest: a user-mode network, the agent channel, and
+    its serial console into a file."""
     # tsc=unstable: under TCG a TSC that happened to calibrate at boot follows the host's
     # clock across loadvm, so whether a restored clock is stale would depend on the
     # boot; without it the guest keeps time on jiffies, which a loadvm rewinds -- as
     # KVM guests' kvm-clock is rewound, the case users meet (see readiness.py).
-    ET.SubElement(os_, "cmdline").text = "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet tsc=unstable"
-    devices = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
-    ET.SubElement(disk, "source", file=str(image.disk_for(name)))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    dom, devices = direct_boot_domain(name, domain_type, memory_mib, image.kernel, image.initrd,
+                                      "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet tsc=unstable",
+                                      image.disk_for(name))
     interface = ET.SubElement(devices, "interface", type="user")
     ET.SubElement(interface, "model", type="virtio")
     channel = ET.SubElement(devices, "channel", type="unix")
@@ -138,8 +128,6 @@ def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(image.console_log(name)))
     ET.SubElement(serial, "target", port="0")
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
 
 

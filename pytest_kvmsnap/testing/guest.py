@@ -171,28 +171,40 @@ def _make_data_disk(template: Path, size: str = "32M") -> None:
         partial.rename(template)
 
 
-def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type: str = "qemu") -> str:
-    """The libvirt XML of a test guest; every name goes in as data, escaped."""
+def direct_boot_domain(name: str, domain_type: str, memory_mib: int, kernel: Path, initrd: Path, cmdline: str,
+                       disk: Path) -> tuple[ET.Element, ET.Element]:
+    """A one-vCPU test guest booted from ``kernel`` and ``initrd``, with ``disk`` as a virtio
+    qcow2 disk, no USB and no balloon: its (domain, devices) elements, for the caller's devices.
+
+    Every name goes in as data, escaped by ElementTree.
+    """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
     ET.SubElement(dom, "vcpu").text = "1"
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
-    ET.SubElement(os_, "kernel").text = str(image.kernel)
-    ET.SubElement(os_, "initrd").text = str(image.initrd)
-    ET.SubElement(os_, "cmdline").text = "console=ttyS0 quiet panic=-1"
-    ET.SubElement(dom, "on_reboot").text = "destroy"
+    ET.SubElement(os_, "kernel").text = str(kernel)
+    ET.SubElement(os_, "initrd").text = str(initrd)
+    ET.SubElement(os_, "cmdline").text = cmdline
     devices = ET.SubElement(dom, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
-    ET.SubElement(disk, "source", file=str(image.disk_for(name)))
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    source = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(source, "driver", name="qemu", type="qcow2")
+    ET.SubElement(source, "source", file=str(disk))
+    ET.SubElement(source, "target", dev="vda", bus="virtio")
+    ET.SubElement(devices, "controller", type="usb", model="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    return dom, devices
+
+
+def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type: str = "qemu") -> str:
+    """The libvirt XML of the busybox test guest, its console on a unix socket."""
+    dom, devices = direct_boot_domain(name, domain_type, memory_mib, image.kernel, image.initrd,
+                                      "console=ttyS0 quiet panic=-1", image.disk_for(name))
+    ET.SubElement(dom, "on_reboot").text = "destroy"
     serial = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(serial, "source", mode="bind", path=str(image.console_for(name)))
     ET.SubElement(serial, "target", port="0")
-    ET.SubElement(devices, "controller", type="usb", model="none")
-    ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
 
 
