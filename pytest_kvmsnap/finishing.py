@@ -8,10 +8,13 @@ run's snapshot deleted; a clone is destroyed and an original's copies removed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.events import Notice
+from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
 from pytest_kvmsnap.revert import Reverter
@@ -75,15 +78,24 @@ class Finisher:
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.2)
-        backend.sync_clock(dom)
+        try:
+            backend.sync_clock(dom)
+        except (KvmSnapError, backend.lib().libvirtError) as exc:  # restored all the same
+            self.hypervisor.report(Notice(f"kvmsnap: {dom.name()}: restored, but its clock could not be "
+                                          f"set to the host's: {exc}"))
 
     def _remove_forwards(self, record: RunRecord, dom: libvirt.virDomain) -> None:
-        """The host ports the run forwarded to the guest (Guest.address) go with it."""
+        """The host ports the run forwarded to the guest (Guest.address) go with it.
+
+        Best effort: a forward dies with its QEMU process anyway, and the guest
+        is restored whether or not this succeeds.
+        """
         netdev = backend.user_netdev(dom)
         identity = backend.process_identity(dom)
         for host_port, process in record.forwards.values():
             if netdev is not None and identity is not None and identity[0] == process:
-                backend.hmp(dom, f"hostfwd_remove {netdev} tcp:127.0.0.1:{int(host_port)}")
+                with contextlib.suppress(KvmSnapError, backend.lib().libvirtError):
+                    backend.hmp(dom, f"hostfwd_remove {netdev} tcp:127.0.0.1:{int(host_port)}")
 
     def _finish_clone_mode(self, record: RunRecord) -> None:
         """A clone is destroyed, not restored; an original's copies are deleted."""
