@@ -27,7 +27,7 @@ from pathlib import Path
 import libvirt
 from revert_benchmark import URI, suite_seconds  # benchmarks/ is on sys.path when run as a script
 
-from pytest_kvmsnap.testing.debian import build_debian, define_debian
+from pytest_kvmsnap.testing.debian import build_debian, define_debian, wait_until_settled
 from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
 HERE = Path(__file__).resolve().parent
@@ -48,15 +48,17 @@ def main() -> int:
     image = build_debian()
     name = "kvmsnap-bench-debian"
     conn = libvirt.open(URI)
-    define_debian(conn, name, image)
+    wait_until_settled(define_debian(conn, name, image))  # a baseline mid-boot replays the boot
     os.environ["KVMSNAP_BENCH_SSH_KEY"] = str(image.ssh_key)
     suite = HERE / "bench_ssh_suite.py"
 
     def seconds(*extra: str, handwritten: str = "") -> float:
-        return statistics.median(suite_seconds(name, args.tests, "-p", "no:xdist", *extra, handwritten=handwritten,
+        took = statistics.median(suite_seconds(name, args.tests, "-p", "no:xdist", *extra, handwritten=handwritten,
                                                suite=suite) for _ in range(args.rounds))
+        print(f"  suite {' '.join(extra) or handwritten or 'defaults'}: {took:.1f} s", flush=True)
+        return took
     try:
-        seconds("--kvm-revert=never")  # warm-up: the guest boots, sshd starts
+        seconds("--kvm-revert=never")  # warm-up
         never, hand_none = seconds("--kvm-revert=never"), seconds(handwritten="none")
         rows = {mode: (seconds(*extra) - never) / (args.tests - 1) for mode, extra in MODES.items()}
         rows.update({f"hand-written {m}": (seconds(handwritten=m) - hand_none) / (args.tests - 1)

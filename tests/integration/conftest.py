@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pytest_kvmsnap.testing import Console, GuestImage, build_image, define_guest, remove_guest
-from pytest_kvmsnap.testing.debian import DebianImage, build_debian, define_debian
+from pytest_kvmsnap.testing.debian import DebianImage, build_debian, define_debian, wait_until_settled
 
 URI = os.environ.get("KVMSNAP_TEST_URI", "qemu:///system")
 GUESTS = ("kvmsnap-it-a", "kvmsnap-it-b")
@@ -239,9 +239,9 @@ def _live_open() -> Any:
 def _debian_guest() -> Iterator[DebianGuest]:
     """Built (cached) and booted once per session, only for the tests that ask for it."""
     image = build_debian()
-    define_debian(_live_open(), DEBIAN, image)
+    # Baselines are taken from a settled guest: one mid-boot replays the boot after every revert.
+    wait_until_settled(define_debian(_live_open(), DEBIAN, image))
     guest = DebianGuest(DEBIAN, image)
-    guest.run("true")  # the agent answers once systemd has started it
     yield guest
     remove_guest(_live_open(), DEBIAN)
     image.disk_for(DEBIAN).unlink(missing_ok=True)
