@@ -214,3 +214,35 @@ def test_clones_each_get_their_own_forwarded_port(ssh_inner: pytest.Pytester, de
     assert len(clones) == 2 and len(ports) == 2, seen
     assert not [d.name() for d in debian.domain().connect().listAllDomains() if "-kvmsnap-" in d.name()]
     debian.assert_as_found()
+
+
+def test_wait_for_a_hook_of_the_users(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """--kvm-wait=hook: the user's pytest_kvmsnap_ready (here: an SSH login that retries) gates each test."""
+    ssh_inner.makeconftest(SSH_CONFTEST.format(key=debian.image.ssh_key) + """
+import time
+
+def pytest_kvmsnap_ready(config, guest, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect(guest).close()
+            open("ready.log", "a").write(f"ready {guest.generation}\\n")
+            return True
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+""")
+    ssh_inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        @pytest.mark.parametrize("i", [1, 2, 3])
+        def test_t(i, ssh):
+            assert ssh("test -e /root/marker && echo dirty || echo clean") == "clean"
+            ssh("echo {{i}} > /root/marker")
+    """)
+    result = run_inner(ssh_inner, "--kvm-wait=hook")
+    result.assert_outcomes(passed=3)
+    assert (ssh_inner.path / "ready.log").read_text().splitlines() == ["ready 0", "ready 1", "ready 2"]
+    result.stdout.fnmatch_lines([f"{debian.name}: *; ready after 3 of them in median * s (hook, clock, reseed)"])
+    debian.assert_as_found()
