@@ -96,6 +96,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     return result
 
 
+def _current_spec(item: pytest.Item) -> Spec | None:
+    """The spec of the marker ``item`` carries now; a bad one added late fails the test."""
+    try:
+        return spec_for(item, item.config.stash[SETTINGS_KEY])
+    except ConfigError as exc:
+        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+
+
 def _spec_or_none(item: pytest.Item, settings: Settings) -> Spec | None:
     try:
         return spec_for(item, settings)
@@ -121,10 +129,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     is an older, plain implementation that runs after ours.
     """
     config = item.config
-    try:
-        spec = spec_for(item, config.stash[SETTINGS_KEY])
-    except ConfigError as exc:
-        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+    spec = _current_spec(item)
     if spec is None:
         return
     refused = distribution_refusal(item, spec, worker_dist(config))
@@ -142,10 +147,7 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     """The last check before the test body: a marker added during setup (a fixture's
     ``request.applymarker``, a late hook) that asks for guests, or for other
     terms, than setup prepared would run the test unprotected, so error."""
-    try:
-        spec = spec_for(item, item.config.stash[SETTINGS_KEY])
-    except ConfigError as exc:
-        pytest.fail(f"kvmsnap: {exc}", pytrace=False)
+    spec = _current_spec(item)
     prepared = item.stash.get(PREPARED_KEY, None) if item.stash.get(PROTECTED_KEY, False) else None
     if spec is not None and spec != prepared:
         pytest.fail(f"kvmsnap: {item.nodeid} was marked {MARKER} after its setup began (by a fixture or "
