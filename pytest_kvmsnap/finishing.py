@@ -17,6 +17,7 @@ from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.readiness import poll
 from pytest_kvmsnap.revert import Reverter
 
 if TYPE_CHECKING:
@@ -73,11 +74,8 @@ class Finisher:
         """The baseline's clock is the run's start: set it to now, where the agent answers."""
         if self.hypervisor.settings.sync_clock == "off" or not backend.has_agent_channel(dom):
             return
-        deadline = time.monotonic() + AGENT_AFTER_FINAL
-        while not backend.agent_answers(dom, timeout=1):
-            if time.monotonic() >= deadline:
-                return
-            time.sleep(0.2)
+        if not poll(lambda: backend.agent_answers(dom, timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
+            return
         try:
             backend.sync_clock(dom)
         except (KvmSnapError, backend.lib().libvirtError) as exc:  # restored all the same

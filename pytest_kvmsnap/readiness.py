@@ -76,7 +76,7 @@ class Readiness:
             present = required or backend.has_agent_channel(dom)
             if present:
                 limit = deadline if required else min(deadline, time.monotonic() + AGENT_GRACE)
-                present = _poll(lambda: backend.agent_answers(dom), limit)
+                present = poll(lambda: backend.agent_answers(dom), limit)
                 if not present and required:
                     raise NotReady(f"guest {name!r}: its guest agent did not answer within "
                                    f"{self.settings.wait_timeout:.0f} s, and --kvm-sync-clock/--kvm-reseed=on "
@@ -96,7 +96,7 @@ class Readiness:
             except Exception as exc:
                 if not backend.is_agent_unavailable(exc) or time.monotonic() >= deadline:
                     raise
-            _poll(lambda: backend.agent_answers(dom), deadline)
+            poll(lambda: backend.agent_answers(dom), deadline)
 
     def _wait(self, name: str, dom: libvirt.virDomain, address: Address, deadline: float) -> None:
         kind = self.settings.wait
@@ -111,19 +111,20 @@ class Readiness:
             probe = "an SSH banner" if kind == "ssh" else "a TCP connection"
             what = f"{probe} on {host}:{host_port} (guest port {port})"
             ready = lambda: _answers(host, host_port, banner=kind == "ssh")  # noqa: E731
-        if not _poll(ready, deadline):
+        if not poll(ready, deadline):
             raise NotReady(f"guest {name!r} was not ready within {self.settings.wait_timeout:.0f} s after the "
                            f"revert: waited for {what} (--kvm-wait={kind}). Raise --kvm-wait-timeout, or check "
                            "the guest's console log.")
 
 
-def _poll(ready: Callable[[], bool], deadline: float) -> bool:
+def poll(ready: Callable[[], bool], deadline: float, every: float = POLL) -> bool:
+    """Ask ``ready`` until it says yes (True) or ``deadline`` (monotonic) passes (False)."""
     while True:
         if ready():
             return True
         if time.monotonic() >= deadline:
             return False
-        time.sleep(POLL)
+        time.sleep(every)
 
 
 def _answers(host: str, port: int, banner: bool) -> bool:

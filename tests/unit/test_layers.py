@@ -12,7 +12,7 @@ PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
     "exceptions", "config", "events", "backend", "locking", "clones", "units", "hypervisor",
-    "revert", "lease", "recovery", "finishing", "readiness", "guest", "provisioning", "coordinator",
+    "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning", "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "fixtures", "cleanup", "plugin",
 ]
