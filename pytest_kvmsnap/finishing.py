@@ -88,6 +88,8 @@ class Finisher:
         Best effort: a forward dies with its QEMU process anyway, and the guest
         is restored whether or not this succeeds.
         """
+        if not record.forwards:
+            return  # most guests: no libvirt round trips for nothing
         netdev = backend.user_netdev(dom)
         identity = backend.process_identity(dom)
         for host_port, process in record.forwards.values():
