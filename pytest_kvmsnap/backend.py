@@ -496,7 +496,9 @@ def reseed(dom: libvirt.virDomain) -> str | None:
         if code == 0:
             return None
         why = f"the reseed helper failed: {err}"
-    except lib().libvirtError as exc:  # no perl in the guest, most likely
+    except lib().libvirtError as exc:
+        if is_agent_unavailable(exc):
+            raise  # not the guest's lack of perl: the caller waits for the agent and tries again
         why = f"no perl in the guest to force a reseed ({exc})"
     # Writing still mixes the bytes into the pool, without a forced reseed.
     handle = agent_command(dom, "guest-file-open", {"path": "/dev/urandom", "mode": "w"})
