@@ -108,6 +108,11 @@ def is_alive(conn: libvirt.virConnect) -> bool:
         return False
 
 
+def is_this_host(conn: libvirt.virConnect) -> bool:
+    """Does the hypervisor run on this host (so its files and 127.0.0.1 are ours)?"""
+    return bool(conn.getHostname() == socket.gethostname())
+
+
 def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
     libvirt = lib()
     try:
@@ -245,6 +250,79 @@ def qemu_holds_vm_state(dom: libvirt.virDomain, name: str) -> bool:
 
 def delete_snapshot(snap: libvirt.virDomainSnapshot) -> None:
     snap.delete(0)
+
+
+# --- kept for the user: a failed test's state, and what it showed -----------------
+
+# A snapshot kept for the user carries this tag, never the baseline's: recovery,
+# cleanup and rival detection look only for the baseline tag, so nothing the
+# plugin does ever removes or reverts to a kept snapshot.
+_KEPT_TAG = "pytest-kvmsnap kept for the user "
+
+
+def kept_description(record: dict[str, Any]) -> str:
+    """The mark of a snapshot (or a clone's domain) kept for the user."""
+    return _KEPT_TAG + json.dumps({"owner": OWNER, **record})
+
+
+def create_kept(dom: libvirt.virDomain, name: str, record: dict[str, Any]) -> None:
+    """Save the guest's state now (memory too while it runs) as snapshot ``name``, marked kept."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "description").text = kept_description(record)
+    dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
+
+
+def kept_records(dom: libvirt.virDomain) -> list[dict[str, Any]]:
+    """The records of the guest's snapshots kept for the user (any run), with their names."""
+    found = []
+    for snap in dom.listAllSnapshots():
+        text = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+        if text.startswith(_KEPT_TAG):
+            with contextlib.suppress(ValueError):
+                record = json.loads(text[len(_KEPT_TAG):])
+                if isinstance(record, dict) and record.get("owner") == OWNER:
+                    found.append({**record, "name": snap.getName()})
+    return found
+
+
+def console_log(dom: libvirt.virDomain) -> str | None:
+    """The file the guest's first serial console is written to, if it has one:
+    a ``<serial type='file'>`` or any serial with a ``<log file=...>``."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    for serial in [*root.iterfind("devices/serial"), *root.iterfind("devices/console")]:
+        log = serial.find("log")
+        if log is not None and log.get("file"):
+            return log.get("file")
+        source = serial.find("source")
+        if serial.get("type") == "file" and source is not None and source.get("path"):
+            return source.get("path")
+    return None
+
+
+def has_screen(dom: libvirt.virDomain) -> bool:
+    """Does the guest have a video device (what libvirt takes a screenshot of)?"""
+    root = ET.fromstring(dom.XMLDesc(0))
+    return any(model.get("type") != "none" for model in root.iterfind("devices/video/model"))
+
+
+def screenshot(dom: libvirt.virDomain) -> tuple[str, bytes]:
+    """The guest's first screen and its MIME type (PNG where QEMU can, else PPM), through a
+    libvirt stream (so it works remotely too)."""
+    stream = dom.connect().newStream(0)
+    try:
+        mime = str(dom.screenshot(stream, 0, 0))
+        chunks = []
+        while chunk := stream.recv(1 << 18):
+            if not isinstance(chunk, bytes):  # -2: would block; not on a blocking stream
+                break
+            chunks.append(chunk)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.abort()
+        raise
+    return mime, b"".join(chunks)
 
 
 # --- preflight ---------------------------------------------------------------

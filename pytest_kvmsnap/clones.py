@@ -28,7 +28,6 @@ found by their ownership records and removed by the next run.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -52,7 +51,7 @@ def clone_name(domain: str, run_id: str, slot: int) -> str:
 
 def check_local(conn: libvirt.virConnect) -> None:
     """The disk copies are made by this process: the hypervisor must be this host."""
-    if conn.getHostname() != socket.gethostname():
+    if not backend.is_this_host(conn):
         raise UnsupportedGuest(
             f"--kvm-clones copies disk images on this host, but {conn.getURI()} runs on "
             f"{conn.getHostname()}; run pytest on the hypervisor host, or drop --kvm-clones"
@@ -116,18 +115,24 @@ def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, nam
     root = _clone_xml(source, original, name, owner)
     dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
     try:
-        snap_root = ET.fromstring(source.snapshot_xml)
-        for tag in ("domain", "inactiveDomain", "parent"):
-            for element in snap_root.findall(tag):
-                snap_root.remove(element)
-        snap_root.append(ET.fromstring(dom.XMLDesc(_xml_flags())))
-        snap = dom.snapshotCreateXML(ET.tostring(snap_root, encoding="unicode"),
-                                     libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+        snap = _redefine_snapshot(dom, source.snapshot_xml)
         dom.revertToSnapshot(snap, 0)  # a new QEMU, started with -loadvm: memory too
     except BaseException:
         destroy(conn, name)
         raise
     return dom, snap
+
+
+def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.virDomainSnapshot:
+    """Give ``dom`` the metadata of an internal snapshot its disk copies already hold
+    (taken on another domain): the snapshot's domain XML becomes ``dom``'s own."""
+    snap_root = ET.fromstring(snapshot_xml)
+    for tag in ("domain", "inactiveDomain", "parent"):
+        for element in snap_root.findall(tag):
+            snap_root.remove(element)
+    snap_root.append(ET.fromstring(dom.XMLDesc(_xml_flags())))
+    return dom.snapshotCreateXML(ET.tostring(snap_root, encoding="unicode"),
+                                 backend.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
 
 def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Owner) -> ET.Element:
@@ -179,6 +184,54 @@ def destroy(conn: libvirt.virConnect, name: str) -> None:
         path = Path(disk.find("source").get("file", ""))  # type: ignore[union-attr]
         if path.parent.name.startswith("kvmsnap-") and path.name.startswith(name):
             path.unlink(missing_ok=True)
+
+
+# --- a clone kept for the user (--kvm-keep-failed) ---------------------------
+
+KEPT_MARK = "-kept-"
+
+
+def kept_clone_name(clone: str) -> str:
+    """The shut-off domain a clone with kept failed states becomes after the run: not a
+    clone's name (recovery looks for those), and the same in every process of the run."""
+    return clone.replace(MARK, KEPT_MARK, 1)
+
+
+def kept_directory(dom: libvirt.virDomain) -> Path:
+    """Where a kept clone's disks go: beside the run's copies, named after the kept domain."""
+    disk = _writable_disks(ET.fromstring(dom.XMLDesc(0)))[0]
+    return Path(disk.find("source").get("file", "")).parent.with_name(  # type: ignore[union-attr]
+        f"kvmsnap{KEPT_MARK}{kept_clone_name(dom.name())}")
+
+
+def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+    """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
+
+    A clone is transient, and its disk copies live in the run's directory, which
+    the run deletes; so its QEMU is stopped, its disks moved to a directory of
+    their own and a persistent domain defined on them, marked kept for the user
+    (``record`` goes into that mark), with the kept snapshots' metadata redefined on it.
+    ``virsh snapshot-revert`` then starts it from a kept state, memory included.
+    """
+    libvirt = backend.lib()
+    dom = conn.lookupByName(name)
+    root = ET.fromstring(dom.XMLDesc(_xml_flags()))
+    snapshot_xml = [dom.snapshotLookupByName(snap).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE) for snap in snapshots]
+    kept, directory = kept_clone_name(name), kept_directory(dom)
+    if dom.isActive():
+        dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
+    root.find("name").text = kept  # type: ignore[union-attr]
+    root.find("description").text = backend.kept_description(record)  # type: ignore[union-attr]
+    directory.mkdir(mode=0o755, exist_ok=True)
+    for disk in _writable_disks(root):
+        source = disk.find("source")
+        path = Path(source.get("file", ""))  # type: ignore[union-attr]
+        path.rename(directory / path.name)  # the same file system: no copy
+        source.set("file", str(directory / path.name))  # type: ignore[union-attr]
+    kept_dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
+    for xml in snapshot_xml:
+        _redefine_snapshot(kept_dom, xml)
+    return kept
 
 
 # --- orphans ----------------------------------------------------------------

@@ -82,6 +82,15 @@ SETTINGS = (
     Setting("reseed", "after a revert, mix fresh host randomness into the guest's entropy pool and force "
             "its random generator to reseed (guest agent): on, off, or auto. Default: auto.",
             default="auto", choices=AGENT_STEPS),
+    Setting("keep_failed", "when a test fails, save its guests' state (memory and disk) as a snapshot kept "
+            "for you before any revert: look at it with virsh snapshot-revert. Default: off.",
+            default=False, flag=True, ini_type="bool"),
+    Setting("keep_failed_max", "at most this many failed states kept per guest and run (each holds the "
+            "guest's memory on its disk). Default: 3.", default=3),
+    Setting("console_lines", "for a failed test, show the last N lines its guests wrote to their serial "
+            "console during it (from the console's log file); 0 = none. Default: 50.", default=50),
+    Setting("artifacts", "directory for a failed test's evidence files (console log, screenshot of a guest "
+            "with a screen); default: kvmsnap-artifacts beside the --junitxml file, else none."),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -104,6 +113,10 @@ class Settings:
     wait_timeout: float = 120.0
     sync_clock: str = "auto"
     reseed: str = "auto"
+    keep_failed: bool = False
+    keep_failed_max: int = 3
+    console_lines: int = 50
+    artifacts: str | None = None
 
     def clone_count(self, workers: int) -> int:
         """How many clones per guest for a run with ``workers`` processes (0 = off)."""
@@ -149,6 +162,9 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
     if not WAIT_KINDS.match(str(values["wait"])):
         raise ConfigError(f"kvm_wait = {values['wait']!r} is not one of agent, ssh, hook, tcp:PORT")
+    values["keep_failed"] = values["keep_failed"] in (True, "true", "1", "yes", "on")
+    values["keep_failed_max"] = _count("kvm_keep_failed_max", values["keep_failed_max"])
+    values["console_lines"] = _count("kvm_console_lines", values["console_lines"])
     values["clones"] = _clones(values["clones"])
     if values["clones"] != "0" and values["snapshot"]:
         raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
@@ -164,6 +180,13 @@ def _seconds(name: str, value: object) -> float:
     if seconds < 0:
         raise ConfigError(f"{name} = {value!r} must be 0 or more")
     return seconds
+
+
+def _count(name: str, value: object) -> int:
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ConfigError(f"{name} = {value!r} is not a whole number (0 or more)")
+    return int(text)
 
 
 def _clones(value: object) -> str:

@@ -16,6 +16,7 @@ No pytest here: ``session.py`` and ``plugin.py`` are the glue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -23,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, clones, postmortem
 from pytest_kvmsnap.config import Settings, Spec
-from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
+from pytest_kvmsnap.events import Incident, Notice, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import ConfigError, ConnectionFailed, ConnectionLost, KvmSnapError, RevertFailed
+from pytest_kvmsnap.figures import GuestFigures
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
@@ -69,6 +71,8 @@ class Coordinator:
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
         self._states: dict[str, GuestState] = {}
         self._failures: dict[str, KvmSnapError] = {}
+        self.figures: dict[str, GuestFigures] = {}  # the current test's, per guest (real name)
+        self._local_uris: dict[str, bool] = {}
 
     def _incident(self, text: str, record: RunRecord | None = None) -> None:
         """Shown at once and kept for the summary: in the guest's run record when there is
@@ -112,9 +116,9 @@ class Coordinator:
                 raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
                                    "libvirt network, no guest agent, no ARP entry)")
             return address, port
-        hypervisor_host = self.hypervisor.connection(state.uri).getHostname()
-        if hypervisor_host != socket.gethostname():
-            raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {hypervisor_host}: a forwarded "
+        conn = self.hypervisor.connection(state.uri)
+        if not backend.is_this_host(conn):
+            raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {conn.getHostname()}: a forwarded "
                                f"port would listen on that host's 127.0.0.1, which this host cannot reach. Put "
                                "the guest on a libvirt network (NAT or bridge) to test it from here.")
         identity = backend.process_identity(dom)
@@ -159,8 +163,18 @@ class Coordinator:
 
     def _acquire(self, state: GuestState, holder: str) -> None:
         """Hold the guest for this process; the run's first holder takes the baseline."""
-        record = self.lease.hold(state.lock, state.name, lambda: self.provisioner.take_baseline(state),
-                                 rivals=not state.clone_of)  # a clone is this run's alone
+        start, baseline_seconds = time.perf_counter(), 0.0
+
+        def take() -> RunRecord:
+            nonlocal baseline_seconds
+            taking = time.perf_counter()
+            try:
+                return self.provisioner.take_baseline(state)
+            finally:
+                baseline_seconds += time.perf_counter() - taking
+
+        record = self.lease.hold(state.lock, state.name, take, rivals=not state.clone_of)  # a clone is ours alone
+        self._figures(state).lock_seconds += time.perf_counter() - start - baseline_seconds
         if record.holder:
             # Our run's last holder never released: it died mid-unit (an xdist
             # worker crash), and the guest is in whatever state it left.
@@ -195,11 +209,27 @@ class Coordinator:
         anything else raises, and the test errors instead of running.
         """
         self.hypervisor.reconnect_if_lost()
+        self.figures = {}
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
             with backend.libvirt_errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
                 state = self._prepared(name)
+                self._figures(state)
+                state.console = None  # set again once the guest is protected for this test
                 self._start_guest(state, name, spec, unit, nodeid)
             self._check_protected(state, unit)
+            state.test_failed = False
+            if self.settings.console_lines or self.settings.artifacts is not None:
+                with backend.libvirt_errors(state.uri, f"finding guest {name!r}'s console log"):
+                    state.console = postmortem.console_mark(self.hypervisor.domain(state.name), self._local(state))
+
+    def _figures(self, state: GuestState) -> GuestFigures:
+        return self.figures.setdefault(state.name, GuestFigures(state.name))
+
+    def _local(self, state: GuestState) -> bool:
+        """Is the guest's hypervisor this host (asked once per URI: a round trip)?"""
+        if state.uri not in self._local_uris:
+            self._local_uris[state.uri] = backend.is_this_host(self.hypervisor.connection(state.uri))
+        return self._local_uris[state.uri]
 
     def _start_guest(self, state: GuestState, name: str, spec: Spec, unit: str, nodeid: str) -> None:
         if spec.snapshot and self.clone_slot is not None:
@@ -234,6 +264,7 @@ class Coordinator:
         record.settle_pending = record.settle_restored = False
         if steps:
             record.waits.append((seconds, "+".join(steps)))
+            self._figures(state).ready_seconds += seconds
         self.report(Ready(name, record.generation, seconds, tuple(steps)))
 
     def _check_protected(self, state: GuestState, unit: str) -> None:
@@ -269,14 +300,44 @@ class Coordinator:
     def record_failure(self, domains: tuple[str, ...]) -> None:
         for name in domains:
             if name in self._states:
-                self._states[name].unit_failed = True
+                self._states[name].unit_failed = self._states[name].test_failed = True
 
-    def end_test(self, spec: Spec, next_units: dict[str, str | None]) -> None:
+    def failure_evidence(self, domains: tuple[str, ...], nodeid: str,
+                         artifacts: Path | None) -> list[tuple[postmortem.ConsoleTail, list[Path]]]:
+        """What a failed test's guests showed: each one's console during the test, and in
+        ``artifacts`` the whole console and, for a guest with a screen, a screenshot."""
+        found = []
+        for name in domains:
+            state = self._states.get(name)
+            if state is None or state.console is None:
+                continue  # the test failed before its guest was protected
+            tail = postmortem.console_since(state.name, state.console, self.settings.console_lines)
+            files = []
+            if artifacts is not None:
+                stem = postmortem.file_stem(nodeid, state.name)
+                console = postmortem.save_console(tail, state.console, artifacts, stem)
+                files.extend([console] if console else [])
+                files.extend(self._screenshot(state, artifacts, stem))
+            found.append((tail, files))
+        return found
+
+    def _screenshot(self, state: GuestState, directory: Path, stem: str) -> list[Path]:
+        try:
+            dom = self.hypervisor.domain(state.name)
+            if not dom.isActive() or not backend.has_screen(dom):
+                return []
+            return [postmortem.save_screenshot(dom, directory, stem)]
+        except (KvmSnapError, OSError, ValueError, backend.lib().libvirtError) as exc:
+            self.report(Notice(f"kvmsnap: {state.name}: no screenshot: {exc}"))
+            return []
+
+    def end_test(self, spec: Spec, next_units: dict[str, str | None], nodeid: str = "") -> None:
         """After a test's fixtures are torn down: close the unit if it ends here.
 
         ``next_units`` maps each guest to the unit of the next test that uses it
         in this process (None when the next test does not use it).  Every guest
-        whose unit ends is released, whatever fails on the way.
+        whose unit ends is released, whatever fails on the way.  A failed test's
+        state is kept first, when asked (``--kvm-keep-failed``).
         """
         errors = []
         try:
@@ -286,9 +347,37 @@ class Coordinator:
         for name in spec.domains:
             state = self._states.get(name)
             if state is not None and state.lock.held:
+                if state.test_failed and self.settings.keep_failed:
+                    self._keep(state, name, nodeid)
                 errors.extend(self._end_guest(state, name, next_units.get(name)))
         if errors:
             raise RevertFailed("; ".join(dict.fromkeys(errors)))
+
+    def _keep(self, state: GuestState, name: str, nodeid: str) -> None:
+        """Save the failed test's guest state for the user, before anything reverts it."""
+        record = state.record
+        assert record is not None, "a held guest's state is kept"
+        try:
+            with backend.libvirt_errors(state.uri, f"saving {name!r}'s state"):
+                dom = self.hypervisor.domain(state.name)
+                kept = postmortem.keep(dom, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
+                if state.clone_of and kept.snapshot:
+                    # The run ends by removing its clones: this one is kept instead (finishing.py).
+                    record.kept.append(kept.snapshot)
+                    state.lock.write(record)
+                    kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
+                                               directory=str(clones.kept_directory(dom)))
+        except KvmSnapError as exc:
+            kept = postmortem.Kept(state.name, nodeid, None, str(exc))
+        figures = self._figures(state)
+        if kept.snapshot is None:
+            figures.not_kept = kept.why_not or ""
+            self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed was not kept: {kept.why_not}"))
+            return
+        figures.kept_snapshot, figures.kept_guest, figures.kept_directory = kept.snapshot, kept.guest, kept.directory
+        look, delete = kept.commands(state.uri)
+        self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed is kept as snapshot "
+                           f"{kept.snapshot} of {kept.guest}; after the run, look: {look}; delete: {delete}"))
 
     def _end_guest(self, state: GuestState, name: str, next_unit: str | None) -> list[str]:
         """End the guest's unit if it ends here (or the guest went down); the errors."""
@@ -343,6 +432,9 @@ class Coordinator:
             state.clean_at = None
             raise
         record.revert_owed = False
+        figures = self._figures(state)
+        figures.revert_seconds += record.reverts[-1][0]
+        figures.revert_methods.append(record.reverts[-1][1])
         record.generation += 1
         record.settle_pending = record.settle_restored = True
         state.clean_at = target

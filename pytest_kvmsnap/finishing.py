@@ -97,9 +97,22 @@ class Finisher:
                 with contextlib.suppress(KvmSnapError, backend.lib().libvirtError):
                     backend.hmp(dom, f"hostfwd_remove {netdev} tcp:127.0.0.1:{int(host_port)}")
 
+    def _keep_clone(self, record: RunRecord) -> None:
+        conn = self.hypervisor.connection(record.uri)
+        try:
+            clones.keep(conn, record.domain, record.kept, {"run": record.run_id, "clone_of": record.clone_of,
+                                                            "kept_at": time.time()})
+        except (OSError, backend.lib().libvirtError) as exc:
+            clones.destroy(conn, record.domain)  # nothing of the run is left behind half-kept
+            raise KvmSnapError(f"the clone with failed states kept for you could not be kept ({exc}); "
+                               "it was removed") from None
+
     def _finish_clone_mode(self, record: RunRecord) -> None:
-        """A clone is destroyed, not restored; an original's copies are deleted."""
-        if record.clone_of:
+        """A clone is destroyed, not restored (or kept, when it holds failed states kept for the
+        user); an original's copies are deleted."""
+        if record.clone_of and record.kept:
+            self._keep_clone(record)
+        elif record.clone_of:
             clones.destroy(self.hypervisor.connection(record.uri), record.domain)
         if record.clone_source:
             clones.remove_source(record.clone_source)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pytest_kvmsnap.locking import GuestLock, RunRecord
+from pytest_kvmsnap.postmortem import ConsoleMark
 
 if TYPE_CHECKING:
     import libvirt
@@ -31,6 +32,8 @@ class GuestState:
     unit_baseline: str | None = None
     unit_revert: str = "after"
     unit_failed: bool = False
+    test_failed: bool = False  # the current test failed (its state may be kept)
+    console: ConsoleMark | None = None  # where its console log stood when the test started
     broken: str | None = None
     clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
 

@@ -84,6 +84,8 @@ class RunRecord:
     # original's record, where the run's source images are (see clones.py)
     clone_of: str = ""
     clone_source: CloneSource | None = None
+    # a clone's snapshots kept for the user (--kvm-keep-failed): the clone is kept after the run
+    kept: list[str] = field(default_factory=list)
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Generator
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,10 @@ from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.markers import MARKER, MARKER_HELP, Spec, spec_for, unit_key
+from pytest_kvmsnap.reports import RUN_FIGURES_KEY, RunFigures, attach_evidence, with_artifacts_dir, write_summary
 from pytest_kvmsnap.session import (
     COORDINATOR_KEY,
+    EVIDENCE_KEY,
     PREPARED_KEY,
     PROBLEMS_KEY,
     PROTECTED_KEY,
@@ -63,9 +66,12 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
-        config.stash[SETTINGS_KEY] = resolve(config)
+        config.stash[SETTINGS_KEY] = with_artifacts_dir(resolve(config), config)
     except ConfigError as exc:
         raise pytest.UsageError(f"kvmsnap: {exc}") from None
+    # A plugin object: it sees every report, the workers' too on xdist's controller.
+    config.stash[RUN_FIGURES_KEY] = RunFigures()
+    config.pluginmanager.register(config.stash[RUN_FIGURES_KEY], "kvmsnap-run-figures")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -203,10 +209,22 @@ def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test marks its guests' units failed and, once, gets their evidence attached:
+    now, before its teardown reverts them."""
     report = yield
     spec = item.stash.get(PREPARED_KEY, None)
-    if spec is not None and report.failed and COORDINATOR_KEY in item.config.stash:
-        item.config.stash[COORDINATOR_KEY].record_failure(spec.domains)
+    if spec is None or not report.failed or COORDINATOR_KEY not in item.config.stash:
+        return report
+    coordinator = item.config.stash[COORDINATOR_KEY]
+    coordinator.record_failure(spec.domains)
+    if not item.stash.get(EVIDENCE_KEY, False):
+        item.stash[EVIDENCE_KEY] = True
+        settings = coordinator.settings
+        artifacts = Path(settings.artifacts) if settings.artifacts else None
+        if artifacts is not None:
+            artifacts.mkdir(parents=True, exist_ok=True)
+        attach_evidence(item, report, coordinator.failure_evidence(spec.domains, item.nodeid, artifacts),
+                        show_lines=settings.console_lines > 0)
     return report
 
 
@@ -220,14 +238,19 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         result = yield
     except BaseException:
         coordinator.record_failure(spec.domains)  # a fixture's teardown failed
-        _end_test(coordinator, spec, nextitem, quiet=True)
+        _end_test(item, coordinator, spec, nextitem, quiet=True)
         raise
-    _end_test(coordinator, spec, nextitem, quiet=False)
+    _end_test(item, coordinator, spec, nextitem, quiet=False)
     return result
 
 
-def _end_test(coordinator: Coordinator, spec: Spec, nextitem: pytest.Item | None, quiet: bool) -> None:
-    _or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem)), quiet)
+def _end_test(item: pytest.Item, coordinator: Coordinator, spec: Spec, nextitem: pytest.Item | None,
+              quiet: bool) -> None:
+    try:
+        _or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem), item.nodeid),
+                 quiet)
+    finally:  # before pytest makes the teardown report, which JUnit XML takes them from
+        item.user_properties.extend(p for figures in coordinator.figures.values() for p in figures.properties())
 
 
 def _next_units(settings: Settings, nextitem: pytest.Item | None) -> dict[str, str | None]:
@@ -263,7 +286,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         return
     tr = terminalreporter
     tr.section("kvmsnap")
-    verbose = config.get_verbosity() > 0
     for event in coordinator.run_events:
         tr.write_line(event)
     for record in coordinator.finishing.finished:
@@ -272,13 +294,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         tr.write_line(summary(record))
         for snapshot, how in sorted(record.revert_methods.items()):
             tr.write_line(f"  revert method for {snapshot}: {how}")
-        for seconds, method, target, reason in record.reverts if verbose else ():
-            tr.write_line(f"  {float(seconds):7.3f} s  {method:16} -> {target}  ({reason})")
     for problem in config.stash.get(PROBLEMS_KEY, []):
         tr.write_line(f"kvmsnap: could not restore {problem}", red=True, bold=True)
     all_times = [t for record in coordinator.finishing.finished for t in record.revert_times()]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
+    write_summary(tr, config.stash[RUN_FIGURES_KEY], coordinator.settings.uri, config.get_verbosity() > 0)
 
 
 def _run_has_records(config: pytest.Config) -> bool:

@@ -27,6 +27,7 @@ PROBLEMS_KEY = pytest.StashKey[list[str]]()
 # The spec a test's setup began protecting its guests for: its teardown ends those.
 PREPARED_KEY = pytest.StashKey[Spec]()
 PROTECTED_KEY = pytest.StashKey[bool]()  # setup finished protecting them
+EVIDENCE_KEY = pytest.StashKey[bool]()  # a failed report of the test has its guests' evidence
 # What xdist's controller tells its workers (through node.workerinput).
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"

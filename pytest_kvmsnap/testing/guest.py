@@ -71,6 +71,10 @@ class GuestImage:
     def console_for(self, name: str) -> Path:
         return self.directory / "sock" / f"{name}.sock"
 
+    def console_log(self, name: str) -> Path:
+        """Everything the guest's console printed, appended across QEMU restarts."""
+        return self.directory / "console" / f"{name}.log"
+
 
 def guest_dir() -> Path:
     return Path(os.environ.get("KVMSNAP_GUEST_DIR", DEFAULT_DIR))
@@ -82,6 +86,7 @@ def build_image(directory: Path | None = None) -> GuestImage:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)  # QEMU runs as another user and must traverse it
     _socket_dir(directory / "sock")
+    _socket_dir(directory / "console")
     kernel = directory / "vmlinuz"
     modules = directory / "modules"
     if not kernel.exists() or not modules.is_dir():
@@ -197,14 +202,20 @@ def direct_boot_domain(name: str, domain_type: str, memory_mib: int, kernel: Pat
     return dom, devices
 
 
-def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type: str = "qemu") -> str:
-    """The libvirt XML of the busybox test guest, its console on a unix socket."""
+def domain_xml(name: str, image: GuestImage, memory_mib: int = 256, domain_type: str = "qemu",
+               screen: bool = False) -> str:
+    """The libvirt XML of the busybox test guest: its console on a unix socket and logged
+    to a file; with ``screen``, a VGA card too (for screenshots; no display is opened)."""
     dom, devices = direct_boot_domain(name, domain_type, memory_mib, image.kernel, image.initrd,
                                       "console=ttyS0 quiet panic=-1", image.disk_for(name))
     ET.SubElement(dom, "on_reboot").text = "destroy"
     serial = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(serial, "source", mode="bind", path=str(image.console_for(name)))
+    ET.SubElement(serial, "log", file=str(image.console_log(name)), append="on")
     ET.SubElement(serial, "target", port="0")
+    if screen:
+        video = ET.SubElement(devices, "video")
+        ET.SubElement(video, "model", type="vga")
     return ET.tostring(dom, encoding="unicode")
 
 
@@ -248,11 +259,11 @@ def _kvm_boots(conn: libvirt.virConnect, image: GuestImage) -> bool:
 
 
 def define_guest(conn: libvirt.virConnect, name: str, image: GuestImage, memory_mib: int = 256,
-                 start: bool = True) -> libvirt.virDomain:
+                 start: bool = True, screen: bool = False) -> libvirt.virDomain:
     """(Re)define guest ``name`` with a fresh data disk and, by default, start it."""
     remove_guest(conn, name, image)
     shutil.copyfile(image.disk_template, image.disk_for(name))
-    dom = conn.defineXML(domain_xml(name, image, memory_mib, domain_type(conn, image)))
+    dom = conn.defineXML(domain_xml(name, image, memory_mib, domain_type(conn, image), screen))
     if start:
         dom.create()
     return dom

@@ -85,3 +85,39 @@ def test_interrupted_clone_run_leaves_no_clone(inner, guest_a: RealGuest, spawn)
     assert "= kvmsnap =" in (inner.path / "run.out").read_text()
     assert leftovers(guest_a) == []
     assert_as_found(guest_a)
+
+
+def test_a_clones_failed_state_is_kept_as_a_domain_of_its_own(inner: pytest.Pytester, guest_a: RealGuest) -> None:
+    import shlex
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    from pytest_kvmsnap.testing import Console
+
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest_a.name}")
+        @pytest.mark.parametrize("fail", [False, True])
+        def test_on_a_clone(fail, sh):
+            sh.check("echo {{}} > /tmp/marker; echo {{}} > /data/marker".format(fail, fail))
+            assert not fail
+    """)
+    result = run_inner(inner, "-n", "2", "--kvm-clones=auto", "--kvm-keep-failed")
+    result.assert_outcomes(passed=1, failed=1)
+    line = next(line for line in result.stdout.lines if line.startswith("kvmsnap: kept "))
+    snapshot, kept = line.split("snapshot ")[1].split(" of ")
+    assert kept.startswith(f"{guest_a.name}-kept-")
+    delete = next(line for line in result.stdout.lines if line.startswith("  delete:")).split("delete:")[1].strip()
+    dom = guest_a.domain().connect().lookupByName(kept)
+    try:
+        assert not dom.isActive() and dom.isPersistent() and dom.snapshotListNames() == [snapshot]
+        # What the summary says to type starts it from the failed state, memory and disk.
+        dom.revertToSnapshot(dom.snapshotLookupByName(snapshot), 0)
+        path = ET.fromstring(dom.XMLDesc(0)).find("devices/serial/source").get("path")  # type: ignore[union-attr]
+        assert Console(str(path)).check("cat /tmp/marker /data/marker") == "True\nTrue"
+        dom.destroy()
+    finally:
+        subprocess.run(["bash", "-c", delete], check=True, capture_output=True)  # the summary's command
+    assert shlex.split(delete)[3] == "undefine"
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)

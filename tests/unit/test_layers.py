@@ -11,10 +11,10 @@ import pytest_kvmsnap
 PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
-    "exceptions", "config", "events", "backend", "locking", "clones", "units", "hypervisor",
+    "exceptions", "config", "events", "figures", "backend", "postmortem", "locking", "clones", "units", "hypervisor",
     "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning", "coordinator",
     # the pytest glue
-    "markers", "hookspecs", "session", "fixtures", "cleanup", "plugin",
+    "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]
 PYTEST_FREE = LAYERS[:LAYERS.index("markers")]
 

@@ -131,6 +131,6 @@ def test_manual_revert_and_summary(pytester, guest) -> None:  # type: ignore[no-
         "*= kvmsnap =*",
         f"{guest}: baseline kvmsnap-* taken in *, 2 revert(s), total *, median *",
         "*revert method for kvmsnap-*: libvirt (the TEST driver has no QEMU monitor)",
-        "*libvirt*-> kvmsnap-*(requested by the test)",
-        "*libvirt*-> kvmsnap-*(after function:*test_m)",
+        "kvmsnap: slowest 1 reverts and waits",
+        f"*s revert (libvirt)*{guest}  test_manual_revert_and_summary.py::test_m",
     ])
