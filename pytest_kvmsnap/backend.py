@@ -143,10 +143,11 @@ class Owner:
     pid: int
     host: str
     started: float
+    proc: str = ""  # the owner process's token (locking.process_token): a reused pid is not it
 
     def to_json(self) -> str:
         return json.dumps({"owner": OWNER, "run": self.run_id, "pid": self.pid,
-                           "host": self.host, "started": self.started})
+                           "host": self.host, "started": self.started, "proc": self.proc})
 
     @classmethod
     def from_description(cls, text: str | None) -> Owner | None:
@@ -161,7 +162,7 @@ class Owner:
             if data.get("owner") != OWNER:
                 return None
             return cls(str(data["run"]), int(data["pid"]), str(data["host"]),
-                       float(data["started"]))
+                       float(data["started"]), str(data.get("proc", "")))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -181,6 +182,17 @@ def owned_snapshots(dom: libvirt.virDomain) -> list[tuple[Owner, libvirt.virDoma
     """The guest's snapshots this plugin created (any run), with their owners."""
     pairs = ((snapshot_owner(snap), snap) for snap in dom.listAllSnapshots())
     return [(owner, snap) for owner, snap in pairs if owner is not None]
+
+
+def damaged_snapshots(dom: libvirt.virDomain) -> list[str]:
+    """Snapshots whose description starts like this plugin's but does not parse (hand-edited,
+    cut short): they count as the user's, and are never reverted to or deleted."""
+    found = []
+    for snap in dom.listAllSnapshots():
+        text = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+        if text.startswith(_DESCRIPTION_TAG) and Owner.from_description(text) is None:
+            found.append(snap.getName())
+    return found
 
 
 def snapshot_state(snap: libvirt.virDomainSnapshot) -> str:

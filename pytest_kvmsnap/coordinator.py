@@ -33,7 +33,7 @@ from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
-from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
 from pytest_kvmsnap.provisioning import Provisioner
 from pytest_kvmsnap.readiness import Readiness
 from pytest_kvmsnap.recovery import Recovery
@@ -58,8 +58,9 @@ class Coordinator:
         self.finisher = finisher
         self.report = report
         self.clone_slot = clone_slot  # clone mode: which of the run's clones this process uses
-        self.store = RecordStore(lock_dir)
-        owner = backend.Owner(run_id, owner_pid or os.getpid(), socket.gethostname(), time.time())
+        self.store = RecordStore(lock_dir, report)
+        pid = owner_pid or os.getpid()
+        owner = backend.Owner(run_id, pid, socket.gethostname(), time.time(), process_token(pid))
         self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected)
         self.lease = Lease(self.hypervisor, owner, settings.lock_timeout)
         self.recovery = Recovery(self.hypervisor, self.lease, self.store)

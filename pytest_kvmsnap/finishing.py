@@ -37,9 +37,8 @@ class Finisher:
         """Close every record of run ``run_id``; one line per guest that could not be restored."""
         problems = []
         # Clones first: they run from the copies the originals' records name.
-        for record in sorted(self.store.records(), key=lambda r: not r.clone_of):
-            if record.run_id == run_id:
-                problems.extend(self._finish_guest(record))
+        for record in sorted(self.store.own_records(run_id), key=lambda r: not r.clone_of):
+            problems.extend(self._finish_guest(record))
         return problems
 
     def _finish_guest(self, record: RunRecord) -> list[str]:
@@ -52,6 +51,7 @@ class Finisher:
                 lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
                 return []
             dom = self.hypervisor.domain(record.domain, record.uri)
+            self._check_ours(record, dom)
             restored = record.settle_restored  # a last revert whose clock no next test fixed
             if record.clean_at != record.baseline:
                 self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
@@ -69,6 +69,15 @@ class Finisher:
         finally:
             self.finished.append(record)
             lock.release()
+
+    @staticmethod
+    def _check_ours(record: RunRecord, dom: libvirt.virDomain) -> None:
+        """The snapshot the record names carries this run's ownership record, or nothing is
+        reverted or deleted: a record alone (a file) is never enough."""
+        owner = backend.snapshot_owner(backend.lookup_snapshot(dom, record.baseline))
+        if owner is None or owner.run_id != record.run_id:
+            raise KvmSnapError(f"its snapshot {record.baseline!r} is not this run's (its description says "
+                               f"{'someone else' if owner is None else 'run ' + owner.run_id}); left alone")
 
     def _clock_as_found(self, dom: libvirt.virDomain) -> None:
         """The baseline's clock is the run's start: set it to now, where the agent answers."""

@@ -8,7 +8,6 @@ itself: a live run's baseline snapshot, its *rival* baseline.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from pytest_kvmsnap import backend
 from pytest_kvmsnap.events import Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.locking import GuestLock, RunRecord, pid_alive
+from pytest_kvmsnap.locking import GuestLock, RunRecord, running
 
 if TYPE_CHECKING:
     import libvirt
@@ -28,7 +27,7 @@ Rival = tuple[backend.Owner, str]  # the other run, and its baseline snapshot on
 
 def alive(owner: backend.Owner) -> bool:
     """Is the run that owns a snapshot alive? One on another host counts as alive."""
-    return owner.host != socket.gethostname() or pid_alive(owner.pid)
+    return running(owner.host, owner.pid, owner.proc)
 
 
 def may_use(record: RunRecord | None, run_id: str) -> bool:

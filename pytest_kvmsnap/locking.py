@@ -24,13 +24,13 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pytest_kvmsnap.events import Reporter, Waiting
+from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
 
 __all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
@@ -86,6 +86,8 @@ class RunRecord:
     clone_source: CloneSource | None = None
     # a clone's snapshots kept for the user (--kvm-keep-failed): the clone is kept after the run
     kept: list[str] = field(default_factory=list)
+    # the owner's process_token: a reused pid is not the owner
+    owner_proc: str = ""
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]
@@ -96,7 +98,33 @@ class RunRecord:
                 f"current test {self.holder or '-'} for {age:.0f} s")
 
     def owner_alive(self) -> bool:
-        return self.host != socket.gethostname() or pid_alive(self.owner_pid)
+        return running(self.host, self.owner_pid, self.owner_proc)
+
+
+def running(host: str, pid: int, token: str) -> bool:
+    """Is the process that wrote a record or snapshot still there?
+
+    One on another host counts as running: this host cannot see it.  Here, the
+    pid must exist and, where the writer recorded its ``process_token``, be the
+    same process: a dead run's pid reused by another process is not its owner.
+    """
+    if host != socket.gethostname():
+        return True
+    if not pid_alive(pid):
+        return False
+    return not token or process_token(pid) in ("", token)
+
+
+def process_token(pid: int) -> str:
+    """What tells process ``pid`` apart from a later one with the same pid: this boot's id
+    and the process's start time in clock ticks since boot ("" where /proc cannot say)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat_line.rsplit(")", 1)[-1].split()  # the command name may hold spaces and ')'
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else ""
 
 
 def pid_alive(pid: int) -> bool:
@@ -144,9 +172,11 @@ def lock_key(uri: str, domain: str) -> str:
 
 
 class GuestLock:
-    def __init__(self, directory: Path, uri: str, domain: str) -> None:
+    def __init__(self, directory: Path, uri: str, domain: str,
+                 warn: Callable[[str], None] = lambda _text: None) -> None:
         key = lock_key(uri, domain)
         self.domain = domain
+        self.warn = warn
         self.record_path = directory / f"{key}.json"
         self._lock = FileLock(str(directory / f"{key}.lock"))
 
@@ -190,7 +220,7 @@ class GuestLock:
             self._lock.release(force=True)
 
     def read(self) -> RunRecord | None:
-        return _load(self.record_path)
+        return _load(self.record_path, self.warn)
 
     def write(self, record: RunRecord) -> None:
         assert self.held, "the run record is only written under the lock"
@@ -220,29 +250,92 @@ class GuestLock:
             Path(self._lock.lock_file).unlink(missing_ok=True)
 
     @staticmethod
-    def records(directory: Path) -> list[RunRecord]:
-        return [r for r in map(_load, sorted(directory.glob("*.json"))) if r is not None]
+    def records(directory: Path, warn: Callable[[str], None] = lambda _text: None) -> list[RunRecord]:
+        return [r for r in (_load(path, warn) for path in sorted(directory.glob("*.json"))) if r is not None]
 
 
 class RecordStore:
-    """One lock directory: a guest's lock and record by (URI, domain), and all records."""
+    """One lock directory: a guest's lock and record by (URI, domain), and all records.
 
-    def __init__(self, directory: Path) -> None:
+    A lock directory may be shared by several users: a record is trusted to
+    *wait* for its run (anyone's), but only records in files of this user are
+    ever a reason to revert or delete anything (:meth:`own_records`).
+    """
+
+    def __init__(self, directory: Path, report: Reporter | None = None) -> None:
         self.directory = directory
+        self.report = report
+        self._warned: set[str] = set()
+
+    def warn(self, text: str) -> None:
+        """One line per problem, not one per read of the same damaged file."""
+        if text not in self._warned and self.report is not None:
+            self._warned.add(text)
+            self.report(Notice(text))
 
     def lock(self, uri: str, domain: str) -> GuestLock:
-        return GuestLock(self.directory, uri, domain)
+        return GuestLock(self.directory, uri, domain, self.warn)
 
     def records(self) -> list[RunRecord]:
-        return GuestLock.records(self.directory) if self.directory.is_dir() else []
+        return GuestLock.records(self.directory, self.warn) if self.directory.is_dir() else []
+
+    def own_records(self, run_id: str) -> list[RunRecord]:
+        """Run ``run_id``'s records in files this user wrote; another user's claiming it is ignored."""
+        found = []
+        for record in self.records():
+            if record.run_id != run_id:
+                continue
+            path = GuestLock(self.directory, record.uri, record.domain).record_path
+            try:
+                mine = path.stat().st_uid == os.getuid()
+            except OSError:
+                continue
+            if mine:
+                found.append(record)
+            else:
+                self.warn(f"kvmsnap: ignoring run record {path}: it claims this run but another user wrote it")
+        return found
 
 
-def _load(path: Path) -> RunRecord | None:
-    """The record at ``path``; None when missing, torn or foreign (the guest counts as unowned)."""
+def _load(path: Path, warn: Callable[[str], None] = lambda _text: None) -> RunRecord | None:
+    """The record at ``path``; None when missing, or when torn, hand-edited or not a record
+    (then the guest counts as unowned, and ``warn`` says so once): never a crash."""
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        if data.get("clone_source") is not None:
-            data["clone_source"] = CloneSource(**data["clone_source"])
-        return RunRecord(**data)
-    except (OSError, ValueError, TypeError, AttributeError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        warn(f"kvmsnap: ignoring run record {path}: cannot read it ({exc.strerror or exc})")
+        return None
+    try:
+        data = json.loads(raw.decode())  # UnicodeDecodeError is a ValueError too
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("clone_source") is not None:
+            data["clone_source"] = CloneSource(**_checked(CloneSource, data["clone_source"]))
+        return RunRecord(**_checked(RunRecord, data))
+    except (ValueError, TypeError, AttributeError) as exc:
+        warn(f"kvmsnap: ignoring run record {path}: it is damaged or not pytest-kvmsnap's ({exc}); "
+             "the guest it names counts as unowned")
+        return None
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),),
+    "dict": (dict,), "list": (list,), "tuple": (list,), "CloneSource": (dict, CloneSource),
+}
+
+
+def _checked(kind: type, data: object) -> dict[str, Any]:
+    """``data`` if each field has the JSON type its annotation says (the outer type only)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind.__name__} is not a JSON object")
+    known = {f.name: f.type for f in fields(kind)}
+    for name, value in data.items():
+        if name not in known:
+            raise ValueError(f"unknown field {name!r}")
+        allowed = tuple(t for part in str(known[name]).split("|")
+                        for t in _JSON_TYPES[part.strip().split("[")[0]])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"field {name!r} is {type(value).__name__}")
+    return data

@@ -45,12 +45,18 @@ class Provisioner:
     def snapshot_name(self) -> str:
         return f"{backend.PREFIX}{self.owner.run_id}"
 
+    def _new_record(self, uri: str, name: str, clone_of: str = "") -> RunRecord:
+        """This run's record for guest ``name``, its owner's identity in it (the pid and what
+        tells that process apart from a later one with the same pid)."""
+        owner = self.owner
+        return RunRecord(uri, name, owner.run_id, owner.pid, owner.host, owner.started, self.snapshot_name, None,
+                         clone_of=clone_of, owner_proc=owner.proc)
+
     # --- the baseline --------------------------------------------------------
 
     def take_baseline(self, state: GuestState) -> RunRecord:
         """The run's first use of the guest (under its lock): repair, snapshot, record."""
-        record = RunRecord(state.uri, state.name, self.owner.run_id, self.owner.pid, self.owner.host,
-                           self.owner.started, self.snapshot_name, None, clone_of=state.clone_of)
+        record = self._new_record(state.uri, state.name, clone_of=state.clone_of)
         try:
             dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
                                        if state.clone_of else self._snapshot(state, record))
@@ -162,8 +168,7 @@ class Provisioner:
 
     def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
         # Its baseline is the snapshot inside the copies; the original keeps none.
-        record = RunRecord(self.hypervisor.settings.uri, name, self.owner.run_id, self.owner.pid,
-                           self.owner.host, self.owner.started, self.snapshot_name, None)
+        record = self._new_record(self.hypervisor.settings.uri, name)
         self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
         lock.write(record)  # now with the copies' whereabouts
         return record

@@ -29,7 +29,7 @@ def guest(testdriver: TestDriver) -> str:
 
 
 def kept(testdriver: TestDriver, name: str) -> list[dict[str, object]]:
-    return backend.kept_records(testdriver.conn.lookupByName(name))
+    return sorted(backend.kept_records(testdriver.conn.lookupByName(name)), key=lambda r: str(r["name"]))
 
 
 def test_a_failed_tests_state_is_kept_for_the_user_and_survives_cleanup(pytester, guest, testdriver) -> None:  # type: ignore[no-untyped-def]
