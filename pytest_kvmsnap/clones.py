@@ -58,6 +58,25 @@ def check_local(conn: libvirt.virConnect) -> None:
         )
 
 
+def check_copyable(dom: libvirt.virDomain) -> None:
+    """Every disk the guest writes must be a file this process can copy: refused up front,
+    not halfway through with cp's error."""
+    for disk in backend.writable_disks(ET.fromstring(dom.XMLDesc(0))):
+        if disk.get("type", "file") == "file":
+            continue
+        target = disk.find("target")
+        source = disk.find("source")
+        where = ""
+        if source is not None:
+            detail = source.get("protocol") or source.get("dev") or source.get("pool") or ""
+            where = f" ({detail}{':' + source.get('name', '') if source.get('name') else ''})" if detail else ""
+        raise UnsupportedGuest(
+            f"--kvm-clones copies disk image files, but disk {target.get('dev') if target is not None else '?'} "
+            f"of {dom.name()!r} is a {disk.get('type')} disk{where}; clone mode cannot copy it. "
+            "Drop --kvm-clones (workers then take turns on the guest), or give the test guest file disks."
+        )
+
+
 def _xml_flags() -> int:
     libvirt = backend.lib()
     return int(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)

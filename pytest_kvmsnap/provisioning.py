@@ -159,6 +159,7 @@ class Provisioner:
         """
         dom = self.hypervisor.domain(name)
         clones.check_local(self.hypervisor.connection())
+        clones.check_copyable(dom)
         lock = self.store.lock(self.hypervisor.settings.uri, name)
         try:
             self.lease.hold(lock, name, lambda: self._new_clone_source(name, dom, lock))

@@ -6,9 +6,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.clones import _clone_xml, clone_name
 from pytest_kvmsnap.locking import CloneSource
+from tests.conftest import TestDriver
+from tests.unit.helpers import run_unit
 
 ORIGINAL = """
 <domain type='qemu'>
@@ -46,3 +50,23 @@ def test_clone_xml(tmp_path: Path) -> None:
     assert console is not None
     assert console.find("source").get("path") == f"/var/log/{name}.console"  # type: ignore[union-attr]
     assert console.find("log").get("file") == f"/var/log/console-{name}.log"  # type: ignore[union-attr]
+
+
+NETWORK_DISK = ("<disk type='network' device='disk'><driver name='qemu' type='qcow2'/>"
+                "<source protocol='rbd' name='pool/web'><host name='ceph.example'/></source>"
+                "<target dev='vdb' bus='virtio'/></disk>")
+
+
+def test_clone_mode_refuses_a_network_disk_up_front(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    name = testdriver.define(extra=NETWORK_DISK)
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{name}")
+        def test_x(kvm_guest):
+            pass
+    """)
+    result = run_unit(pytester, "--kvm-clones=1")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*--kvm-clones copies disk image files, but disk vdb of '{name}' is a network "
+                                 "disk (rbd:pool/web); clone mode cannot copy it. Drop --kvm-clones*"])
+    assert testdriver.snapshots(name) == []
