@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import xml.etree.ElementTree as ET
@@ -222,7 +223,29 @@ def create_baseline(dom: libvirt.virDomain, name: str, owner: Owner) -> libvirt.
                 "pytest-kvmsnap needs internal snapshots: qcow2 disks, and no pflash firmware "
                 "on libvirt older than 10.10."
             ) from None
-        raise KvmSnapError(f"cannot take a baseline snapshot of {dom.name()!r}: {exc}") from None
+        raise KvmSnapError(f"cannot take a baseline snapshot of {dom.name()!r}: {exc}{_space_hint(dom)}") from None
+
+
+LOW_SPACE = 256 * 2**20  # bytes free below which a failed snapshot is blamed on the disk's file system
+
+
+def _space_hint(dom: libvirt.virDomain) -> str:
+    """Which disk's file system is (nearly) full, when one is: the snapshot goes into its image."""
+    hints = []
+    for disk in writable_disks(ET.fromstring(dom.XMLDesc(0))):
+        source, target = disk.find("source"), disk.find("target")
+        path = source.get("file") if source is not None else None
+        if not path or not is_this_host(dom.connect()):
+            continue
+        try:
+            free = shutil.disk_usage(os.path.dirname(path)).free
+        except OSError:
+            continue
+        if free < LOW_SPACE:
+            hints.append(f"disk {target.get('dev') if target is not None else '?'} ({path}) is on a file system "
+                         f"with {free / 2**20:.0f} MiB free, and the snapshot stores the guest's memory "
+                         "in that image: free space there")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def find_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:

@@ -6,7 +6,14 @@ from collections.abc import Iterable
 
 
 class KvmSnapError(Exception):
-    """Base class: a problem with the guest, the hypervisor or the configuration."""
+    """Base class: a problem with the guest, the hypervisor or the configuration.
+
+    Its message is one line, whatever it quotes: libvirt's and QEMU's errors
+    may span several ("...: -5\nError while writing VM state: ...").
+    """
+
+    def __str__(self) -> str:
+        return " ".join(part.strip() for part in super().__str__().splitlines() if part.strip())
 
 
 class ConfigError(KvmSnapError):
