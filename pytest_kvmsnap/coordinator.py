@@ -24,10 +24,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend, clones, postmortem
+from pytest_kvmsnap import backend, clones, deadlock, postmortem
 from pytest_kvmsnap.config import Settings, Spec
 from pytest_kvmsnap.events import Incident, Notice, Ready, Reporter, to_stdout
-from pytest_kvmsnap.exceptions import ConfigError, ConnectionFailed, ConnectionLost, KvmSnapError, RevertFailed
+from pytest_kvmsnap.exceptions import (
+    ConfigError,
+    ConnectionFailed,
+    ConnectionLost,
+    Deadlock,
+    KvmSnapError,
+    RevertFailed,
+)
 from pytest_kvmsnap.figures import GuestFigures
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
@@ -174,20 +181,39 @@ class Coordinator:
             finally:
                 baseline_seconds += time.perf_counter() - taking
 
-        record = self.lease.hold(state.lock, state.name, take, rivals=not state.clone_of)  # a clone is ours alone
+        held = [other for other in self._states.values() if other is not state and other.lock.held]
+        self._waiting_for(held, state.name)
+        try:
+            record = self.lease.hold(state.lock, state.name, take, rivals=not state.clone_of,  # a clone: ours alone
+                                     check=(lambda: self._check_deadlock(state, held)) if held else None)
+        finally:
+            self._waiting_for(held, "")
         self._figures(state).lock_seconds += time.perf_counter() - start - baseline_seconds
         if record.holder:
             # Our run's last holder never released: it died mid-unit (an xdist
             # worker crash), and the guest is in whatever state it left.
             record.revert_owed = True
             self._incident(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
-        record.holder, record.since = holder, time.time()
+        record.holder, record.holder_pid, record.since = holder, os.getpid(), time.time()
         try:
             state.lock.write(record)
         except BaseException:
             state.lock.release()
             raise
         state.record = record
+
+    @staticmethod
+    def _waiting_for(held: list[GuestState], name: str) -> None:
+        """Say in the guests this process holds which guest it waits for ('' once it is done)."""
+        for other in held:
+            if other.record is not None:
+                other.record.waiting_for = name
+                other.lock.write(other.record)
+
+    def _check_deadlock(self, state: GuestState, held: list[GuestState]) -> None:
+        chain = deadlock.find_cycle(os.getpid(), state.name, self.store.records())
+        if chain:
+            raise Deadlock(deadlock.describe(state.name, [other.name for other in held], chain))
 
     def _release(self, state: GuestState) -> None:
         if not state.lock.held:
@@ -247,7 +273,9 @@ class Coordinator:
             self._begin_unit(state, spec, unit)
         if state.record is not None and state.record.settle_pending:
             self._settle(state, name)
-        state.clean_at = None  # dirty from the moment a test that uses it starts
+        if state.record is not None:
+            state.record.holder = nodeid  # what waiting runs and deadlock reports name
+        state.clean_at = None  # dirty from the moment a test that uses it starts (written with the holder)
 
     def _settle(self, state: GuestState, name: str) -> None:
         """After the baseline or a revert: clock, entropy and the wait (readiness.py).

@@ -89,6 +89,10 @@ class LeaseTimeout(KvmSnapError):
     """Another run kept the guest longer than ``kvm_lock_timeout``."""
 
 
+class Deadlock(KvmSnapError):
+    """Processes that each hold a guest wait for each other's."""
+
+
 class LockDirError(KvmSnapError):
     """The lock directory cannot hold a lock or record (full, read-only, gone)."""
 

@@ -53,7 +53,8 @@ class Lease:
     def may_use(self, record: RunRecord | None) -> bool:
         return may_use(record, self.owner.run_id)
 
-    def hold(self, lock: GuestLock, name: str, take: Callable[[], RunRecord], rivals: bool = True) -> RunRecord:
+    def hold(self, lock: GuestLock, name: str, take: Callable[[], RunRecord], rivals: bool = True,
+             check: Callable[[], None] | None = None) -> RunRecord:
         """Hold ``lock`` with this run's record in it, calling ``take`` for a new run.
 
         Returns with the lock held; raises with it released.
@@ -62,7 +63,7 @@ class Lease:
         report = self.hypervisor.report
         while True:
             remaining = max(0.0, deadline - time.monotonic())
-            record = lock.acquire(remaining, report, admit=self.may_use)
+            record = lock.acquire(remaining, report, admit=self.may_use, check=check)
             if record is not None and record.run_id == self.owner.run_id:
                 return record
             try:

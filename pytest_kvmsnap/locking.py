@@ -88,6 +88,9 @@ class RunRecord:
     kept: list[str] = field(default_factory=list)
     # the owner's process_token: a reused pid is not the owner
     owner_proc: str = ""
+    # the process holding the guest now, and the guest it waits for meanwhile (deadlock.py)
+    holder_pid: int = 0
+    waiting_for: str = ""
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]
@@ -185,12 +188,14 @@ class GuestLock:
         return self._lock.is_locked
 
     def acquire(self, timeout: float, report: Reporter,
-                admit: Callable[[RunRecord | None], bool] = lambda _record: True) -> RunRecord | None:
+                admit: Callable[[RunRecord | None], bool] = lambda _record: True,
+                check: Callable[[], None] | None = None) -> RunRecord | None:
         """Take the lock once ``admit`` accepts the run record; return that record.
 
         Two waits share this one loop: for the flock (another process is in a
         unit now) and for the lease (the record belongs to another live run,
         which keeps the guest between its units).  Both report the holder.
+        ``check`` is asked while the flock is busy and may end the wait by raising.
         """
         deadline = time.monotonic() + timeout
         wait = 0.0  # first try without blocking, so a wait is reported at once
@@ -198,7 +203,9 @@ class GuestLock:
             try:
                 self._lock.acquire(timeout=min(wait, max(0.0, deadline - time.monotonic())))
             except Timeout:
-                record, wait = self.read(), 5.0
+                record, wait = self.read(), 1.0 if check else 5.0
+                if check is not None:
+                    check()  # may raise: waiting is pointless (deadlock.py)
             except OSError as exc:  # the lock file itself cannot be created
                 raise LockDirError(f"cannot create the lock for guest {self.domain!r} in "
                                    f"{self.record_path.parent}: {exc.strerror or exc}. "

@@ -72,7 +72,7 @@ class RealGuest:
 
     def is_pristine(self) -> bool:
         try:
-            out = self.console.run("ls /data /tmp", timeout=10).output
+            out = self.console.run("ls /data /tmp", timeout=30).output  # a loaded host answers late
         except Exception:
             return False
         return "marker" not in out and not self.snapshots() and self.state() == 1

@@ -18,6 +18,7 @@ EXCLUSIVE = """
     @pytest.mark.kvm_snapshot("{name}")
     @pytest.mark.parametrize("i", range({n}))
     def test_exclusive(i, sh):
+        open(f"started-{{os.getpid()}}", "w").close()  # a race the test forces, not one it waits out
         assert sh.run("{clean}").status == 0, "guest not clean at test start"
         me = f"{{os.getpid()}}-{{i}}"
         sh.check(f"echo {{me}} > /tmp/marker; echo {{me}} > /data/marker")
@@ -28,6 +29,14 @@ EXCLUSIVE = """
 
 def exclusive_tests(name: str, n: int = 4, pause: float = 0.5) -> str:
     return EXCLUSIVE.format(name=name, n=n, clean=CLEAN, pause=pause)
+
+
+def wait_until_started(inner: pytest.Pytester, run) -> None:  # type: ignore[no-untyped-def]
+    """Until ``run`` is inside its first test (it holds the guest): a slow host may take long."""
+    deadline = time.monotonic() + 120
+    while not list(inner.path.glob(f"started-{run.pid}")):
+        assert time.monotonic() < deadline and run.poll() is None, "the first run never started a test"
+        time.sleep(0.05)
 
 
 def log_entries(path) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
@@ -50,7 +59,7 @@ def test_xdist_workers_take_turns_and_share_one_baseline(inner, guest_a: RealGue
 def test_second_run_waits_for_the_first(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
     inner.makepyfile(exclusive_tests(guest_a.name, n=3, pause=1.0))
     first = spawn("first")
-    time.sleep(1.5)  # let the first run take the guest
+    wait_until_started(inner, first)
     second = spawn("second")
     assert first.wait(120) == 0, (inner.path / "first.out").read_text()
     assert second.wait(120) == 0, (inner.path / "second.out").read_text()
@@ -63,7 +72,7 @@ def test_runs_with_different_lock_dirs_still_take_turns(inner, guest_a: RealGues
     """Two users (or hosts) that share no lock directory: the guest's own snapshot is the lease."""
     inner.makepyfile(exclusive_tests(guest_a.name, n=3, pause=1.0))
     first = spawn("first", f"--kvm-lock-dir={tmp_path / 'a'}")
-    time.sleep(1.5)  # let the first run take the guest
+    wait_until_started(inner, first)
     second = spawn("second", f"--kvm-lock-dir={tmp_path / 'b'}")
     assert first.wait(120) == 0, (inner.path / "first.out").read_text()
     assert second.wait(120) == 0, (inner.path / "second.out").read_text()
@@ -75,7 +84,7 @@ def test_runs_with_different_lock_dirs_still_take_turns(inner, guest_a: RealGues
 def test_lock_timeout_zero_fails_fast(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
     inner.makepyfile(exclusive_tests(guest_a.name, n=2, pause=3.0))
     first = spawn("first")
-    time.sleep(2)  # the first run is inside its first test now
+    wait_until_started(inner, first)
     result = run_inner(inner, "--kvm-lock-timeout=0")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*gave up after 0 s waiting for the guest lock; held by run * (pid *), *"])
@@ -211,3 +220,28 @@ def test_interrupted_run_restores_the_guest(inner, guest_a: RealGuest, sig: int,
     out = (inner.path / "run.out").read_text()
     assert "= kvmsnap =" in out, out
     assert_as_found(guest_a)
+
+
+def test_units_that_wait_for_each_others_guest_fail_fast(inner: pytest.Pytester, guest_a: RealGuest,
+                                                         guest_b: RealGuest) -> None:
+    """Two module units on two workers: each holds its guest, then needs the other's."""
+    first, second = guest_a.name, guest_b.name
+    for name, mine in (("one", first), ("two", second)):
+        inner.makepyfile(**{f"test_{name}": f"""
+            import time, pytest
+            @pytest.mark.kvm_snapshot("{mine}", scope="module")
+            def test_1_holds_mine(sh):
+                time.sleep(4)  # both workers hold their own guest now
+            @pytest.mark.kvm_snapshot("{first}", "{second}", scope="module")
+            def test_2_needs_both():
+                pass
+        """})
+    start = time.monotonic()
+    result = run_inner(inner, "-n", "2", "--dist", "loadfile", "--kvm-lock-timeout=120")
+    assert time.monotonic() - start < 60, "the deadlock was waited out"
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] >= 2 and outcomes.get("errors", outcomes.get("error", 0)) >= 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*kvmsnap: deadlock: this process holds '*' and waits for '*'; '*' is held by pid "
+                                 "* (in test_*.py::test_*), which waits for '*'. Waiting would last until*"])
+    assert_as_found(guest_a)
+    assert_as_found(guest_b)

@@ -11,8 +11,9 @@ import pytest_kvmsnap
 PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
-    "exceptions", "config", "events", "figures", "backend", "postmortem", "locking", "clones", "units", "hypervisor",
-    "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning", "coordinator",
+    "exceptions", "config", "events", "figures", "backend", "postmortem", "locking", "deadlock", "clones",
+    "units", "hypervisor", "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning",
+    "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]
