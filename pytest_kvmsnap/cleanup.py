@@ -19,7 +19,8 @@ from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.session import lock_dir, run_id
 
 CLEANUP_HELP = ("list and repair what killed runs left (orphan snapshots of dead runs: the guest "
-                "is restored to the oldest and they are deleted; stale run records), then exit "
+                "is restored to the oldest and they are deleted; stale run records; lock files of guests "
+                "that no longer exist), then exit "
                 "without running tests.")
 DRY_RUN_HELP = "with --kvm-cleanup: only list what would be repaired."
 
@@ -48,7 +49,7 @@ def run_cleanup(config: pytest.Config) -> int:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:
             print(f"  {line}")
-    for line in coordinator.recovery.stale_records(dry_run):
+    for line in [*coordinator.recovery.stale_records(dry_run), *coordinator.recovery.unused_locks(dry_run)]:
         print(f"  {line}")
     coordinator.finish()
     return pytest.ExitCode.TESTS_FAILED if failed else pytest.ExitCode.OK

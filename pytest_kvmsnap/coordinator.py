@@ -481,4 +481,5 @@ class Coordinator:
         if self.finisher:
             problems.extend(self.finishing.finish_run(self.run_id))
         self.hypervisor.close()
+        self.store.close()
         return problems

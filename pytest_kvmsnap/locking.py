@@ -15,6 +15,8 @@ Per guest (URI + domain) the lock directory holds:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +34,8 @@ from filelock import FileLock, Timeout
 
 from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
+
+USE_LOCK = ".in-use.lock"  # see RecordStore._in_use
 
 __all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
 
@@ -178,8 +182,9 @@ class GuestLock:
     def __init__(self, directory: Path, uri: str, domain: str,
                  warn: Callable[[str], None] = lambda _text: None) -> None:
         key = lock_key(uri, domain)
-        self.domain = domain
+        self.uri, self.domain = uri, domain
         self.warn = warn
+        self.name_path = directory / f"{key}.guest"
         self.record_path = directory / f"{key}.json"
         self._lock = FileLock(str(directory / f"{key}.lock"))
 
@@ -197,6 +202,7 @@ class GuestLock:
         which keeps the guest between its units).  Both report the holder.
         ``check`` is asked while the flock is busy and may end the wait by raising.
         """
+        self._name_the_lock()
         deadline = time.monotonic() + timeout
         wait = 0.0  # first try without blocking, so a wait is reported at once
         while True:
@@ -221,6 +227,16 @@ class GuestLock:
                 raise LeaseTimeout(f"gave up after {timeout:.0f} s waiting for the guest lock; held by "
                                    f"{holder}; raise --kvm-lock-timeout or try later") from None
             report(Waiting(f"kvmsnap: guest {self.domain!r} is in use by {holder}; waiting"))
+
+    def _name_the_lock(self) -> None:
+        """Beside the lock file, which guest it is for: its name is a hash, and ``--kvm-cleanup``
+        must know which lock files belong to guests that no longer exist."""
+        if self.name_path.exists():
+            return
+        tmp = self.name_path.with_suffix(f".{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):  # a full directory fails at the lock itself, with the reason
+            tmp.write_text(json.dumps({"uri": self.uri, "domain": self.domain}))
+            tmp.replace(self.name_path)
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -255,6 +271,7 @@ class GuestLock:
         self.record_path.unlink(missing_ok=True)
         if lock_file:
             Path(self._lock.lock_file).unlink(missing_ok=True)
+            self.name_path.unlink(missing_ok=True)
 
     @staticmethod
     def records(directory: Path, warn: Callable[[str], None] = lambda _text: None) -> list[RunRecord]:
@@ -273,6 +290,50 @@ class RecordStore:
         self.directory = directory
         self.report = report
         self._warned: set[str] = set()
+        self._use: int | None = None  # fd of the directory's use lock, held shared while this store is open
+
+    def _in_use(self) -> None:
+        """Every process that locks guests here holds the directory's use lock shared: a lock
+        file is only ever deleted under it exclusively, so no process can wait on a file
+        that is then deleted and recreated (two holders of one guest)."""
+        if self._use is None:
+            try:
+                # Read-only is enough for flock, so other users of a shared directory can open it too.
+                self._use = os.open(self.directory / USE_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+            except OSError:
+                return  # the guest locks themselves say why the directory is unusable
+            fcntl.flock(self._use, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self._use is not None:
+            os.close(self._use)  # releases the use lock
+            self._use = None
+
+    def remove_unused_locks(self, uri: str, exists: Callable[[str], bool], dry_run: bool) -> list[str]:
+        """Lock files (and names) of guests at ``uri`` that no longer exist: removed when no other
+        process uses this directory, listed otherwise."""
+        self._in_use()
+        gone = []
+        for name_path in sorted(self.directory.glob("*.guest")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                named = json.loads(name_path.read_text())
+                if named["uri"] == uri and not exists(str(named["domain"])):
+                    gone.append(str(named["domain"]))
+        if not gone or dry_run:
+            return [f"{domain}: would remove its lock file (the guest no longer exists)" for domain in gone]
+        try:
+            if self._use is None:
+                raise BlockingIOError
+            fcntl.flock(self._use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return [f"{len(gone)} lock file(s) of guests that no longer exist left alone: another run uses "
+                    f"{self.directory}"]
+        try:
+            for domain in gone:
+                GuestLock(self.directory, uri, domain).remove(lock_file=True)
+        finally:
+            fcntl.flock(self._use, fcntl.LOCK_SH)
+        return [f"{domain}: removed its lock file (the guest no longer exists)" for domain in gone]
 
     def warn(self, text: str) -> None:
         """One line per problem, not one per read of the same damaged file."""
@@ -281,6 +342,7 @@ class RecordStore:
             self.report(Notice(text))
 
     def lock(self, uri: str, domain: str) -> GuestLock:
+        self._in_use()
         return GuestLock(self.directory, uri, domain, self.warn)
 
     def records(self) -> list[RunRecord]:

@@ -88,6 +88,11 @@ class Recovery:
                 lock.release()
         return lines or [f"{name}: nothing to clean"]
 
+    def unused_locks(self, dry_run: bool) -> list[str]:
+        """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""
+        existing = {dom.name() for dom in self.hypervisor.connection().listAllDomains()}
+        return self.store.remove_unused_locks(self.hypervisor.settings.uri, existing.__contains__, dry_run)
+
     def stale_records(self, dry_run: bool) -> list[str]:
         """Run records of dead runs whose guests had nothing left to repair."""
         lines = []

@@ -133,3 +133,43 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*held by run olderrun*seen by its baseline snapshot 'kvmsnap-olderrun'*"])
     assert testdriver.snapshots(name) == ["kvmsnap-olderrun"]  # this run backed off and deleted its own
+
+
+def test_cleanup_removes_lock_files_of_guests_that_no_longer_exist_when_no_run_uses_them(
+        pytester: pytest.Pytester, testdriver: TestDriver) -> None:
+    gone, kept = testdriver.define(), testdriver.define()
+    locks = pytester.path / "locks"
+    locks.mkdir(mode=0o700)
+    for name in (gone, kept):
+        lock = GuestLock(locks, "test:///default", name)
+        lock.acquire(1, to_stdout)
+        lock.release()
+    other_uri = GuestLock(locks, "qemu:///system", gone)  # the same name at another URI: not ours to judge
+    other_uri.acquire(1, to_stdout)
+    other_uri.release()
+    dom = testdriver.conn.lookupByName(gone)
+    dom.destroy()
+    dom.undefine()
+    testdriver.names.remove(gone)
+    files = sorted(p.name for p in locks.iterdir())  # the guests' .lock and .guest files
+    cleanup(pytester, kept, "--kvm-dry-run").stdout.fnmatch_lines(
+        [f"  {gone}: would remove its lock file (the guest no longer exists)"])
+    assert sorted(p.name for p in locks.iterdir() if p.name != ".in-use.lock") == files
+    # Another process uses the directory (a run that may be waiting on a lock file): left alone.
+    user = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_SH); "
+                             "print('held', flush=True); time.sleep(60)", str(locks / ".in-use.lock")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert user.stdout is not None and user.stdout.readline() == "held\n"
+        cleanup(pytester, kept).stdout.fnmatch_lines(
+            [f"  1 lock file(s) of guests that no longer exist left alone: another run uses {locks}"])
+    finally:
+        user.kill()
+        user.wait()
+    cleanup(pytester, kept).stdout.fnmatch_lines(
+        [f"  {gone}: removed its lock file (the guest no longer exists)"])
+    left = sorted(p.name for p in locks.iterdir())
+    assert GuestLock(locks, "test:///default", gone).name_path.name not in left
+    assert GuestLock(locks, "test:///default", kept).name_path.name in left
+    assert other_uri.name_path.name in left
