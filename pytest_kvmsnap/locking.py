@@ -234,9 +234,11 @@ class GuestLock:
         if self.name_path.exists():
             return
         tmp = self.name_path.with_suffix(f".{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):  # a full directory fails at the lock itself, with the reason
+        try:
             tmp.write_text(json.dumps({"uri": self.uri, "domain": self.domain}))
             tmp.replace(self.name_path)
+        except OSError:  # a full directory fails at the lock or record itself, with the reason
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock.is_locked:
