@@ -16,7 +16,6 @@ No pytest here: ``session.py`` and ``plugin.py`` are the glue.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 import time
@@ -24,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend, clones, deadlock, postmortem
+from pytest_kvmsnap import backend, deadlock, postmortem
 from pytest_kvmsnap.config import Settings, Spec
-from pytest_kvmsnap.events import Incident, Notice, Ready, Reporter, to_stdout
+from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import (
     ConfigError,
     ConnectionFailed,
@@ -46,6 +45,7 @@ from pytest_kvmsnap.readiness import Readiness
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import Reverter
 from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
+from pytest_kvmsnap.witness import Witness
 
 if TYPE_CHECKING:
     import libvirt
@@ -76,11 +76,11 @@ class Coordinator:
         self.readiness = Readiness(settings, report, self._ready_hook)
         self.ready_hook = ready_hook  # the user's pytest_kvmsnap_ready, for --kvm-wait=hook
         self.finishing = Finisher(self.hypervisor, self.reverter, self.store)
+        self.witness = Witness(self.hypervisor, run_id)
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
         self._states: dict[str, GuestState] = {}
         self._failures: dict[str, KvmSnapError] = {}
         self.figures: dict[str, GuestFigures] = {}  # the current test's, per guest (real name)
-        self._local_uris: dict[str, bool] = {}
 
     def _incident(self, text: str, record: RunRecord | None = None) -> None:
         """Shown at once and kept for the summary: in the guest's run record when there is
@@ -245,18 +245,10 @@ class Coordinator:
                 self._start_guest(state, name, spec, unit, nodeid)
             self._check_protected(state, unit)
             state.test_failed = False
-            if self.settings.console_lines or self.settings.artifacts is not None:
-                with backend.libvirt_errors(state.uri, f"finding guest {name!r}'s console log"):
-                    state.console = postmortem.console_mark(self.hypervisor.domain(state.name), self._local(state))
+            self.witness.mark(state, name)
 
     def _figures(self, state: GuestState) -> GuestFigures:
         return self.figures.setdefault(state.name, GuestFigures(state.name))
-
-    def _local(self, state: GuestState) -> bool:
-        """Is the guest's hypervisor this host (asked once per URI: a round trip)?"""
-        if state.uri not in self._local_uris:
-            self._local_uris[state.uri] = backend.is_this_host(self.hypervisor.connection(state.uri))
-        return self._local_uris[state.uri]
 
     def _start_guest(self, state: GuestState, name: str, spec: Spec, unit: str, nodeid: str) -> None:
         if spec.snapshot and self.clone_slot is not None:
@@ -333,32 +325,9 @@ class Coordinator:
 
     def failure_evidence(self, domains: tuple[str, ...], nodeid: str,
                          artifacts: Path | None) -> list[tuple[postmortem.ConsoleTail, list[Path]]]:
-        """What a failed test's guests showed: each one's console during the test, and in
-        ``artifacts`` the whole console and, for a guest with a screen, a screenshot."""
-        found = []
-        for name in domains:
-            state = self._states.get(name)
-            if state is None or state.console is None:
-                continue  # the test failed before its guest was protected
-            tail = postmortem.console_since(state.name, state.console, self.settings.console_lines)
-            files = []
-            if artifacts is not None:
-                stem = postmortem.file_stem(nodeid, state.name)
-                console = postmortem.save_console(tail, state.console, artifacts, stem)
-                files.extend([console] if console else [])
-                files.extend(self._screenshot(state, artifacts, stem))
-            found.append((tail, files))
-        return found
-
-    def _screenshot(self, state: GuestState, directory: Path, stem: str) -> list[Path]:
-        try:
-            dom = self.hypervisor.domain(state.name)
-            if not dom.isActive() or not backend.has_screen(dom):
-                return []
-            return [postmortem.save_screenshot(dom, directory, stem)]
-        except (KvmSnapError, OSError, ValueError, backend.lib().libvirtError) as exc:
-            self.report(Notice(f"kvmsnap: {state.name}: no screenshot: {exc}"))
-            return []
+        """What a failed test's guests showed (witness.py); guests it never got are skipped."""
+        states = [self._states[name] for name in domains if name in self._states]
+        return [self.witness.evidence(state, nodeid, artifacts) for state in states if state.console is not None]
 
     def end_test(self, spec: Spec, next_units: dict[str, str | None], nodeid: str = "") -> None:
         """After a test's fixtures are torn down: close the unit if it ends here.
@@ -377,36 +346,10 @@ class Coordinator:
             state = self._states.get(name)
             if state is not None and state.lock.held:
                 if state.test_failed and self.settings.keep_failed:
-                    self._keep(state, name, nodeid)
+                    self.witness.keep(state, name, nodeid, self._figures(state))
                 errors.extend(self._end_guest(state, name, next_units.get(name)))
         if errors:
             raise RevertFailed("; ".join(dict.fromkeys(errors)))
-
-    def _keep(self, state: GuestState, name: str, nodeid: str) -> None:
-        """Save the failed test's guest state for the user, before anything reverts it."""
-        record = state.record
-        assert record is not None, "a held guest's state is kept"
-        try:
-            with backend.libvirt_errors(state.uri, f"saving {name!r}'s state"):
-                dom = self.hypervisor.domain(state.name)
-                kept = postmortem.keep(dom, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
-                if state.clone_of and kept.snapshot:
-                    # The run ends by removing its clones: this one is kept instead (finishing.py).
-                    record.kept.append(kept.snapshot)
-                    state.lock.write(record)
-                    kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
-                                               directory=str(clones.kept_directory(dom)))
-        except KvmSnapError as exc:
-            kept = postmortem.Kept(state.name, nodeid, None, str(exc))
-        figures = self._figures(state)
-        if kept.snapshot is None:
-            figures.not_kept = kept.why_not or ""
-            self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed was not kept: {kept.why_not}"))
-            return
-        figures.kept_snapshot, figures.kept_guest, figures.kept_directory = kept.snapshot, kept.guest, kept.directory
-        look, delete = kept.commands(state.uri)
-        self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed is kept as snapshot "
-                           f"{kept.snapshot} of {kept.guest}; after the run, look: {look}; delete: {delete}"))
 
     def _end_guest(self, state: GuestState, name: str, next_unit: str | None) -> list[str]:
         """End the guest's unit if it ends here (or the guest went down); the errors."""

@@ -13,7 +13,7 @@ PACKAGE = Path(pytest_kvmsnap.__file__).parent
 LAYERS = [
     "exceptions", "config", "events", "figures", "backend", "postmortem", "locking", "deadlock", "clones",
     "units", "hypervisor", "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning",
-    "coordinator",
+    "witness", "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]

@@ -1,0 +1,89 @@
+"""A failed test's witness: where each guest's console stood when the test began, what
+the guests showed when it failed, and the state kept for the user (``--kvm-keep-failed``).
+
+The coordinator says when (a test starts, a report fails, a failed test ends);
+this module does it, with ``postmortem.py``'s plain helpers.  No pytest here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pytest_kvmsnap import backend, clones, postmortem
+from pytest_kvmsnap.events import Notice
+from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.figures import GuestFigures
+from pytest_kvmsnap.guest import GuestState
+from pytest_kvmsnap.hypervisor import Hypervisor
+
+
+class Witness:
+    def __init__(self, hypervisor: Hypervisor, run_id: str) -> None:
+        self.hypervisor = hypervisor
+        self.settings = hypervisor.settings
+        self.report = hypervisor.report
+        self.run_id = run_id
+        self._local_uris: dict[str, bool] = {}
+
+    def mark(self, state: GuestState, name: str) -> None:
+        """A protected test starts: note where the guest's console log ends now."""
+        if not self.settings.console_lines and self.settings.artifacts is None:
+            return
+        with backend.libvirt_errors(state.uri, f"finding guest {name!r}'s console log"):
+            state.console = postmortem.console_mark(self.hypervisor.domain(state.name), self._local(state.uri))
+
+    def _local(self, uri: str) -> bool:
+        """Is the hypervisor this host (asked once per URI: a round trip)?"""
+        if uri not in self._local_uris:
+            self._local_uris[uri] = backend.is_this_host(self.hypervisor.connection(uri))
+        return self._local_uris[uri]
+
+    def evidence(self, state: GuestState, nodeid: str,
+                 artifacts: Path | None) -> tuple[postmortem.ConsoleTail, list[Path]]:
+        """The guest's console during the test, and in ``artifacts`` the whole console and,
+        for a guest with a screen, a screenshot."""
+        assert state.console is not None, "a marked guest has a console mark"
+        tail = postmortem.console_since(state.name, state.console, self.settings.console_lines)
+        files = []
+        if artifacts is not None:
+            stem = postmortem.file_stem(nodeid, state.name)
+            console = postmortem.save_console(tail, state.console, artifacts, stem)
+            files.extend([console] if console else [])
+            files.extend(self._screenshot(state, artifacts, stem))
+        return tail, files
+
+    def _screenshot(self, state: GuestState, directory: Path, stem: str) -> list[Path]:
+        try:
+            dom = self.hypervisor.domain(state.name)
+            if not dom.isActive() or not backend.has_screen(dom):
+                return []
+            return [postmortem.save_screenshot(dom, directory, stem)]
+        except (KvmSnapError, OSError, ValueError, backend.lib().libvirtError) as exc:
+            self.report(Notice(f"kvmsnap: {state.name}: no screenshot: {exc}"))
+            return []
+
+    def keep(self, state: GuestState, name: str, nodeid: str, figures: GuestFigures) -> None:
+        """Save the failed test's guest state for the user, before anything reverts it."""
+        record = state.record
+        assert record is not None, "a held guest's state is kept"
+        try:
+            with backend.libvirt_errors(state.uri, f"saving {name!r}'s state"):
+                dom = self.hypervisor.domain(state.name)
+                kept = postmortem.keep(dom, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
+                if state.clone_of and kept.snapshot:
+                    # The run ends by removing its clones: this one is kept instead (finishing.py).
+                    record.kept.append(kept.snapshot)
+                    state.lock.write(record)
+                    kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
+                                               directory=str(clones.kept_directory(dom)))
+        except KvmSnapError as exc:
+            kept = postmortem.Kept(state.name, nodeid, None, str(exc))
+        if kept.snapshot is None:
+            figures.not_kept = kept.why_not or ""
+            self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed was not kept: {kept.why_not}"))
+            return
+        figures.kept_snapshot, figures.kept_guest, figures.kept_directory = kept.snapshot, kept.guest, kept.directory
+        look, delete = kept.commands(state.uri)
+        self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed is kept as snapshot "
+                           f"{kept.snapshot} of {kept.guest}; after the run, look: {look}; delete: {delete}"))
