@@ -77,7 +77,7 @@ def _set(figures: GuestFigures, key: str, text: str) -> None:
         figures.not_kept = text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Slow:
     seconds: float
     what: str  # "revert (inplace)", "lock wait", "ready"
@@ -85,16 +85,15 @@ class Slow:
     test: str
 
 
-def slowest(by_test: dict[str, list[GuestFigures]], count: int) -> list[Slow]:
-    """The ``count`` slowest reverts and waits of the run, as ``--durations`` lists tests."""
+def slow_entries(test: str, guests: list[GuestFigures]) -> list[Slow]:
+    """One test's reverts and waits, as entries of the slowest list (``--durations`` style)."""
     entries = []
-    for test, guests in by_test.items():
-        for figures in guests:
-            if figures.revert_methods:
-                methods = ",".join(dict.fromkeys(figures.revert_methods))
-                entries.append(Slow(figures.revert_seconds, f"revert ({methods})", figures.guest, test))
-            if figures.lock_seconds >= 0.01:  # an uncontended lock is no wait
-                entries.append(Slow(figures.lock_seconds, "lock wait", figures.guest, test))
-            if figures.ready_seconds:
-                entries.append(Slow(figures.ready_seconds, "ready", figures.guest, test))
-    return sorted(entries, key=lambda slow: -slow.seconds)[:count]
+    for figures in guests:
+        if figures.revert_methods:
+            methods = ",".join(dict.fromkeys(figures.revert_methods))
+            entries.append(Slow(figures.revert_seconds, f"revert ({methods})", figures.guest, test))
+        if figures.lock_seconds >= 0.01:  # an uncontended lock is no wait
+            entries.append(Slow(figures.lock_seconds, "lock wait", figures.guest, test))
+        if figures.ready_seconds:
+            entries.append(Slow(figures.ready_seconds, "ready", figures.guest, test))
+    return entries

@@ -45,7 +45,7 @@ class Finisher:
         settings = self.hypervisor.settings
         lock = self.store.lock(record.uri, record.domain)
         try:
-            record = lock.acquire(settings.lock_timeout, self.hypervisor.report) or record
+            record = lock.load_history(lock.acquire(settings.lock_timeout, self.hypervisor.report) or record)
             if record.clone_of or record.clone_source:
                 self._finish_clone_mode(record)
                 lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again

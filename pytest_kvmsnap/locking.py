@@ -36,6 +36,7 @@ from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
 
 USE_LOCK = ".in-use.lock"  # see RecordStore._in_use
+HISTORY = ("reverts", "waits")  # RunRecord lists kept in an append-only file beside the record
 
 __all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
 
@@ -65,7 +66,8 @@ class RunRecord:
     since: float = 0.0
     # snapshot -> [libvirt domain id, device hash] of the QEMU that may loadvm it
     inplace_ok: dict[str, list[object]] = field(default_factory=dict)
-    # (seconds, method, target, reason) of every revert in this run, all workers
+    # (seconds, method, target, reason) of the reverts in this run: in memory, this process's
+    # since it took the guest; on disk, all workers', appended to the record's history file
     reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
     # snapshot -> how it is reverted and why ("inplace (QEMU loadvm)", "libvirt (...)")
     revert_methods: dict[str, str] = field(default_factory=dict)
@@ -80,7 +82,7 @@ class RunRecord:
     # (readiness.py); ``settle_restored``: its state came from a snapshot
     settle_pending: bool = False
     settle_restored: bool = False
-    # (seconds, steps) of each of those waits, all workers
+    # (seconds, steps) of each of those waits; kept like ``reverts``
     waits: list[tuple[float, str]] = field(default_factory=list)
     # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
     forwards: dict[str, list[int]] = field(default_factory=dict)
@@ -95,6 +97,8 @@ class RunRecord:
     # the process holding the guest now, and the guest it waits for meanwhile (deadlock.py)
     holder_pid: int = 0
     waiting_for: str = ""
+    # how many of ``reverts`` and ``waits`` are in the history file already (not written)
+    history_saved: dict[str, int] = field(default_factory=dict, compare=False)
 
     def revert_times(self) -> list[float]:
         return [float(seconds) for seconds, *_ in self.reverts]
@@ -186,6 +190,7 @@ class GuestLock:
         self.warn = warn
         self.name_path = directory / f"{key}.guest"
         self.record_path = directory / f"{key}.json"
+        self.history_path = directory / f"{key}.history"
         self._lock = FileLock(str(directory / f"{key}.lock"))
 
     @property
@@ -253,8 +258,12 @@ class GuestLock:
         # one without a baseline would let a test use the guest unprotected.
         assert record.baseline, "a run record always names its baseline"
         tmp = self.record_path.with_suffix(f".{os.getpid()}.tmp")
+        data = asdict(record)
+        for name in (*HISTORY, "history_saved"):
+            del data[name]  # the record stays small: rewriting it is O(1), not O(tests so far)
         try:
-            tmp.write_text(json.dumps(asdict(record)))
+            self._append_history(record)
+            tmp.write_text(json.dumps(data))
             tmp.replace(self.record_path)  # atomic: readers never see half a record
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -262,6 +271,32 @@ class GuestLock:
                 f"cannot write the run record for guest {self.domain!r} in {self.record_path.parent}: "
                 f"{exc.strerror or exc}. Free space there or point --kvm-lock-dir elsewhere."
             ) from None
+
+    def _append_history(self, record: RunRecord) -> None:
+        """Append the record's new reverts and waits (one JSON line each) to its history file."""
+        lines: list[str] = []
+        for name in HISTORY:
+            new: list[Any] = getattr(record, name)[record.history_saved.get(name, 0):]
+            lines.extend(json.dumps([name, list(entry)]) + "\n" for entry in new)
+        if lines:
+            with open(self.history_path, "a") as history:
+                history.write("".join(lines))
+        record.history_saved = {name: len(getattr(record, name)) for name in HISTORY}
+
+    def load_history(self, record: RunRecord) -> RunRecord:
+        """``record`` with every revert and wait of its run, all processes' (for the summary)."""
+        reverts, waits = [], []
+        with contextlib.suppress(OSError):
+            for line in self.history_path.read_text().splitlines():
+                with contextlib.suppress(ValueError, TypeError):
+                    name, entry = json.loads(line)
+                    if name == "reverts" and len(entry) == 4:
+                        reverts.append((float(entry[0]), str(entry[1]), str(entry[2]), str(entry[3])))
+                    elif name == "waits" and len(entry) == 2:
+                        waits.append((float(entry[0]), str(entry[1])))
+        record.reverts, record.waits = reverts, waits
+        record.history_saved = {"reverts": len(reverts), "waits": len(waits)}
+        return record
 
     def remove(self, lock_file: bool = False) -> None:
         """Drop the run record; with ``lock_file``, the lock file too.
@@ -271,6 +306,7 @@ class GuestLock:
         processes hold "the" lock at once, on two different files.
         """
         self.record_path.unlink(missing_ok=True)
+        self.history_path.unlink(missing_ok=True)
         if lock_file:
             Path(self._lock.lock_file).unlink(missing_ok=True)
             self.name_path.unlink(missing_ok=True)

@@ -13,12 +13,13 @@ and the run's summary of them.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from pathlib import Path
 
 import pytest
 
 from pytest_kvmsnap.config import Settings
-from pytest_kvmsnap.figures import GuestFigures, from_properties, slowest
+from pytest_kvmsnap.figures import GuestFigures, Slow, from_properties, slow_entries
 from pytest_kvmsnap.postmortem import ConsoleTail, Kept
 
 ARTIFACT = "kvmsnap_artifact"
@@ -27,17 +28,20 @@ SLOWEST = 10  # lines of the slowest list, as --durations=10
 
 @dataclasses.dataclass(eq=False)  # a plugin object: pluggy keeps them in sets
 class RunFigures:
-    """Collected from every test's teardown report, on whichever process reports them."""
+    """Read from every test's teardown report, on whichever process reports them; what the
+    summary needs only, so a long run costs no memory per passing test here."""
 
-    by_test: dict[str, list[GuestFigures]] = dataclasses.field(default_factory=dict)
+    slowest: list[Slow] = dataclasses.field(default_factory=list)  # a min-heap of the SLOWEST slowest
+    kept: list[tuple[str, GuestFigures]] = dataclasses.field(default_factory=list)  # kept, or not kept
     artifacts: list[str] = dataclasses.field(default_factory=list)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "teardown":
             return
         found = from_properties(report.user_properties)
-        if found:
-            self.by_test[report.nodeid] = found
+        for entry in slow_entries(report.nodeid, found):
+            (heapq.heappush if len(self.slowest) < SLOWEST else heapq.heappushpop)(self.slowest, entry)
+        self.kept.extend((report.nodeid, f) for f in found if f.kept_snapshot or f.not_kept)
         self.artifacts.extend(str(value) for name, value in report.user_properties if name == ARTIFACT)
 
 
@@ -77,27 +81,26 @@ def _call_out(report: pytest.TestReport, line: str) -> None:
 
 def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, verbose: bool) -> None:
     """Kept snapshots, those not kept, evidence files and (``-v``) the slowest reverts and waits."""
-    for test, guests in run.by_test.items():
-        for figures in guests:
-            if figures.kept_snapshot:
-                kept = Kept(figures.kept_guest, test, figures.kept_snapshot, directory=figures.kept_directory)
-                look, delete = kept.commands(uri)
-                where = "" if kept.guest == figures.guest else f" of {kept.guest}"
-                tr.write_line(f"kvmsnap: kept {figures.guest}'s state after {test} failed: snapshot "
-                              f"{figures.kept_snapshot}{where}")
-                tr.write_line(f"  look:   {look}")
-                tr.write_line(f"  delete: {delete}")
-            elif figures.not_kept:
-                tr.write_line(f"kvmsnap: not kept: {figures.guest}'s state after {test} failed "
-                              f"({figures.not_kept})", yellow=True)
-    if any(f.kept_snapshot for guests in run.by_test.values() for f in guests):
+    for test, figures in run.kept:
+        if figures.kept_snapshot:
+            kept = Kept(figures.kept_guest, test, figures.kept_snapshot, directory=figures.kept_directory)
+            look, delete = kept.commands(uri)
+            where = "" if kept.guest == figures.guest else f" of {kept.guest}"
+            tr.write_line(f"kvmsnap: kept {figures.guest}'s state after {test} failed: snapshot "
+                          f"{figures.kept_snapshot}{where}")
+            tr.write_line(f"  look:   {look}")
+            tr.write_line(f"  delete: {delete}")
+        else:
+            tr.write_line(f"kvmsnap: not kept: {figures.guest}'s state after {test} failed "
+                          f"({figures.not_kept})", yellow=True)
+    if any(figures.kept_snapshot for _, figures in run.kept):
         tr.write_line("kvmsnap: a revert replaces the guest's current state: save it first to come back to it "
                       "(virsh snapshot-create-as GUEST NAME)")
     if run.artifacts:
         directories = sorted({str(Path(path).parent) for path in run.artifacts})
         tr.write_line(f"kvmsnap: {len(run.artifacts)} evidence file(s) of failed tests in {', '.join(directories)}")
     if verbose:
-        entries = slowest(run.by_test, SLOWEST)
+        entries = sorted(run.slowest, reverse=True)
         if entries:
             tr.write_line(f"kvmsnap: slowest {len(entries)} reverts and waits")
         for entry in entries:
