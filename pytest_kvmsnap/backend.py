@@ -464,6 +464,18 @@ def crash_reason(dom: libvirt.virDomain) -> str | None:
     return None
 
 
+def wait_until_down(dom: libvirt.virDomain, seconds: float) -> bool:
+    """Did the guest's QEMU go away (within ``seconds``)?  False while it keeps running."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(lib().libvirtError):
+            if not dom.isActive() or crash_reason(dom):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def revert_libvirt(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot) -> None:
     libvirt = lib()
     try:

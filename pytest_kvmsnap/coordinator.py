@@ -309,6 +309,12 @@ class Coordinator:
 
     def _begin_unit(self, state: GuestState, spec: Spec, unit: str) -> None:
         assert state.record is not None, "a unit begins on a held guest"
+        died = backend.crash_reason(self.hypervisor.domain(state.name))
+        if died:  # after the last unit's end: it is not clean, whatever the record says
+            self._incident(f"kvmsnap: {state.name}: went down between tests ({died}); restoring it "
+                           f"before {unit}", state.record)
+            state.clean_at = None
+            state.record.revert_owed = True
         baseline = spec.snapshot or state.record.baseline
         if reverts_at_start(spec.revert, state.clean_at, baseline, owed=state.record.revert_owed):
             self._revert(state, baseline, f"before {unit}")

@@ -79,6 +79,9 @@ def remember_loaded(record: RunRecord, dom: libvirt.virDomain, snap: libvirt.vir
         record.inplace_ok[snap.getName()] = list(identity)
 
 
+QEMU_GONE_WAIT = 15.0  # seconds libvirt may take, on a loaded host, to notice that QEMU exited
+
+
 class Reverter:
     def __init__(self, settings: Settings, report: Reporter) -> None:
         self.settings = settings
@@ -117,6 +120,14 @@ class Reverter:
             except RevertFailed as exc:
                 record.revert_methods[name] = f"libvirt (in-place load failed: {exc})"
                 method = "libvirt-fallback"
-        backend.revert_libvirt(dom, snap)
+        try:
+            backend.revert_libvirt(dom, snap)
+        except RevertFailed:
+            # QEMU died under the revert (killed, crashed) and libvirt has not yet seen it
+            # go ("domain is no longer running"): once it has, the guest is shut off, and
+            # libvirt's revert starts a new QEMU from the snapshot.
+            if not backend.wait_until_down(dom, QEMU_GONE_WAIT):
+                raise
+            backend.revert_libvirt(dom, snap)
         remember_loaded(record, dom, snap)  # the new QEMU process was started from it
         return method
