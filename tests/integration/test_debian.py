@@ -131,8 +131,12 @@ def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGu
     inner.makepyfile(NAIVE_CACHE.format(name=debian.name))
     naive = run_inner(inner, "--kvm-wait=ssh")
     naive.assert_outcomes(passed=1, failed=2)  # the revert after test 1 killed the cached connection
-    naive.stdout.fnmatch_lines(["*_ test_cached_client[[]2[]] _*", "E *EOFError",
-                                "*_ test_cached_client[[]3[]] _*", "E *SSHException: SSH session not active"])
+    # The stale connection fails as EOFError or "SSH session not active", depending on when
+    # paramiko's transport thread noticed the reset (a loaded host notices first): either.
+    failures = naive.stdout.str().split("_ test_cached_client[")[1:]
+    assert len(failures) == 2, naive.stdout.str()
+    for failure in failures:
+        assert "EOFError" in failure or "SSHException: SSH session not active" in failure, failure
     debian.assert_as_found()
     example = inner.path / "example"
     shutil.copytree(REPO / "examples" / "ssh", example)
