@@ -448,9 +448,23 @@ def process_identity(dom: libvirt.virDomain) -> tuple[int, str] | None:
     dom = dom.connect().lookupByUUID(dom.UUID())
     if not dom.isActive():
         return None
-    devices = ET.fromstring(dom.XMLDesc(0)).find("devices")
-    text = ET.tostring(devices, encoding="unicode") if devices is not None else ""
-    return dom.ID(), hashlib.sha256(text.encode()).hexdigest()
+    return dom.ID(), device_hash(ET.fromstring(dom.XMLDesc(0)))
+
+
+def device_hash(root: ET.Element) -> str:
+    """A hash of the domain's devices as configured, not as they are at this moment.
+
+    A channel's ``state`` (the guest agent connected or not) changes under a
+    running guest, with every revert and boot, and is no hotplug: a hash over it
+    made the first revert of a freshly started clone fall back to libvirt's
+    whenever its agent connected after the clone started.
+    """
+    devices = root.find("devices")
+    if devices is None:
+        return hashlib.sha256(b"").hexdigest()
+    for target in devices.iterfind("channel/target"):
+        target.attrib.pop("state", None)
+    return hashlib.sha256(ET.tostring(devices, encoding="unicode").encode()).hexdigest()
 
 
 def crash_reason(dom: libvirt.virDomain) -> str | None:

@@ -91,3 +91,16 @@ SAME = [7, "devices"]  # the process that took or loaded the snapshot
 ])
 def test_why_not_inplace(setting: str, guest: FakeGuest, loaded_by: list[object] | None, why: str | None) -> None:
     assert why_not_inplace(setting, guest, BASE, loaded_by) == why
+
+
+def test_the_device_hash_ignores_the_agent_channels_connection_state() -> None:
+    """Not hotplug: the agent connecting after a revert must not make loadvm look unsafe."""
+    import xml.etree.ElementTree as ET
+
+    from pytest_kvmsnap.backend import device_hash
+
+    xml = ("<domain><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' "
+           "state='{}'/></channel><disk type='file'/></devices></domain>")
+    assert device_hash(ET.fromstring(xml.format("disconnected"))) == device_hash(ET.fromstring(xml.format("connected")))
+    assert device_hash(ET.fromstring(xml.format("connected"))) != device_hash(
+        ET.fromstring(xml.format("connected").replace("<disk type='file'/>", "")))
