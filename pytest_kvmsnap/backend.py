@@ -173,10 +173,14 @@ def owner_description(owner: Owner) -> str:
     return _DESCRIPTION_TAG + owner.to_json()
 
 
+def snapshot_description(snap: libvirt.virDomainSnapshot) -> str:
+    """The snapshot's description: where the plugin's ownership and kept marks live."""
+    return ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+
+
 def snapshot_owner(snap: libvirt.virDomainSnapshot) -> Owner | None:
     """Who created ``snap``: an :class:`Owner` for ours, None for the user's."""
-    root = ET.fromstring(snap.getXMLDesc(0))
-    return Owner.from_description(root.findtext("description"))
+    return Owner.from_description(snapshot_description(snap))
 
 
 def owned_snapshots(dom: libvirt.virDomain) -> list[tuple[Owner, libvirt.virDomainSnapshot]]:
@@ -190,7 +194,7 @@ def damaged_snapshots(dom: libvirt.virDomain) -> list[str]:
     cut short): they count as the user's, and are never reverted to or deleted."""
     found = []
     for snap in dom.listAllSnapshots():
-        text = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+        text = snapshot_description(snap)
         if text.startswith(_DESCRIPTION_TAG) and Owner.from_description(text) is None:
             found.append(snap.getName())
     return found
@@ -312,7 +316,7 @@ def kept_records(dom: libvirt.virDomain) -> list[dict[str, Any]]:
     """The records of the guest's snapshots kept for the user (any run), with their names."""
     found = []
     for snap in dom.listAllSnapshots():
-        text = ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
+        text = snapshot_description(snap)
         if text.startswith(_KEPT_TAG):
             with contextlib.suppress(ValueError):
                 record = json.loads(text[len(_KEPT_TAG):])
