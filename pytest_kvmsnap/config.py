@@ -8,6 +8,7 @@ Precedence, highest first: marker > command line > ini file > environment
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -177,6 +178,8 @@ def _seconds(name: str, value: object) -> float:
         seconds = float(str(value))
     except ValueError:
         raise ConfigError(f"{name} = {value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds):  # nan passes every comparison below; inf never ends a wait
+        raise ConfigError(f"{name} = {value!r} is not a finite number of seconds")
     if seconds < 0:
         raise ConfigError(f"{name} = {value!r} must be 0 or more")
     return seconds
