@@ -7,34 +7,34 @@ exactly at the original's baseline, memory included:
 1. Once per run, under the original's lock: take the usual internal baseline
    snapshot of the original, pause it (QEMU flushes its qcow2 metadata when it
    stops), copy each writable disk image -- the snapshot and its memory state
-   are inside -- into ``kvmsnap-<run>/`` beside the first disk, resume it and
-   delete the snapshot.  The original was paused for the copy and is otherwise
-   as found; tests never touch it.
-2. Per clone: copy those images again (``cp --reflink=auto``: instant on
-   XFS/btrfs), start a transient domain from the original's XML with a new
-   name, no UUID and the copies as disks, paused; redefine the baseline
-   snapshot on it and revert to it, which restarts that QEMU with the
-   baseline's memory.  From then on the clone is an ordinary guest: its
-   per-test reverts are in-place ``loadvm``.
+   are inside -- into the run's pool ``<domain>-kvmsnap-<run>`` (a directory
+   beside the first disk), resume it and delete the snapshot.  The original was
+   paused for the copy and is otherwise as found; tests never touch it.
+2. Per clone, in the worker that uses it (so a run's clones start at the same
+   time): copy those images again into the clone's own pool, named as the
+   clone; start a transient domain from the original's XML with the new name,
+   no UUID and the copies as disks, paused; redefine the baseline snapshot on
+   it and revert to it, which restarts that QEMU with the baseline's memory.
+   From then on the clone is an ordinary guest: its per-test reverts are
+   in-place ``loadvm``.
 
-libvirt cannot restore one guest's saved memory into a domain with another
-UUID, and QEMU can only ``loadvm`` an internal snapshot of the top image, not of
-a backing file: hence full (reflinked where possible) copies, not overlays.
-At the end the run's finisher destroys the clones (transient: nothing stays
-defined) and deletes the directory; a killed run's clones and directory are
-found by their ownership records and removed by the next run.
+Every copy goes through libvirt's storage API (storage.py), so the hypervisor
+may be another host.  libvirt cannot restore one guest's saved memory into a
+domain with another UUID, and QEMU can only ``loadvm`` an internal snapshot of
+the top image, not of a backing file: hence full copies, not overlays.  At the
+end the run's finisher destroys the clones (transient: nothing stays defined)
+and removes their pools; a killed run's clones and pools are found by their
+ownership records and removed by the next run.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, storage
 from pytest_kvmsnap.exceptions import UnsupportedGuest
 from pytest_kvmsnap.locking import CloneSource
 
@@ -42,20 +42,15 @@ if TYPE_CHECKING:
     import libvirt
 
 MARK = "-kvmsnap-"
-OWNER_FILE = "owner.json"
 
 
 def clone_name(domain: str, run_id: str, slot: int) -> str:
     return f"{domain}{MARK}{run_id}-{slot}"
 
 
-def check_local(conn: libvirt.virConnect) -> None:
-    """The disk copies are made by this process: the hypervisor must be this host."""
-    if not backend.is_this_host(conn):
-        raise UnsupportedGuest(
-            f"--kvm-clones copies disk images on this host, but {conn.getURI()} runs on "
-            f"{conn.getHostname()}; run pytest on the hypervisor host, or drop --kvm-clones"
-        )
+def source_pool_name(domain: str, run_id: str) -> str:
+    """The run's pool of the original's copies (a clone's pool is named as the clone)."""
+    return f"{domain}{MARK}{run_id}"
 
 
 def check_copyable(dom: libvirt.virDomain) -> None:
@@ -87,10 +82,17 @@ def _writable_disks(root: ET.Element) -> list[ET.Element]:
     return [d for d in backend.writable_disks(root) if d.find("source") is not None]
 
 
-def _copy(source: str | Path, target: Path) -> None:
-    # argv, not a shell string; reflinks make this instant where the fs can.
-    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(target)],
-                   check=True, capture_output=True)
+def _disk_file(disk: ET.Element) -> str:
+    return disk.find("source").get("file", "")  # type: ignore[union-attr]
+
+
+def _disk_target(disk: ET.Element) -> str:
+    return disk.find("target").get("dev", "")  # type: ignore[union-attr]
+
+
+def _pool_beside(conn: libvirt.virConnect, disk: ET.Element, name: str, owner: backend.Owner) -> libvirt.virStoragePool:
+    """A new pool ``name`` of the run's, in a directory of that name beside ``disk``'s file."""
+    return storage.make_pool(conn, name, posixpath.join(posixpath.dirname(_disk_file(disk)), name), owner)
 
 
 # --- once per run: the source images --------------------------------------
@@ -99,29 +101,42 @@ def _copy(source: str | Path, target: Path) -> None:
 def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: backend.Owner) -> CloneSource:
     """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
     libvirt = backend.lib()
+    conn = dom.connect()
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
     disks = _writable_disks(root)
-    directory = Path(disks[0].find("source").get("file", "")).parent / f"kvmsnap-{owner.run_id}"  # type: ignore[union-attr]
-    directory.mkdir(mode=0o755)
-    (directory / OWNER_FILE).write_text(owner.to_json())
+    name = source_pool_name(dom.name(), owner.run_id)
+    pool = _pool_beside(conn, disks[0], name, owner)
     pause = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-    if pause:
-        dom.suspend()  # QEMU flushes the image metadata when it stops: the copy is consistent
     try:
+        if pause:
+            dom.suspend()  # QEMU flushes the image metadata when it stops: the copy is consistent
         copies = {}
         for disk in disks:
-            target = disk.find("target").get("dev", "")  # type: ignore[union-attr]
-            copies[target] = str(directory / f"{target}.qcow2")
-            _copy(disk.find("source").get("file", ""), Path(copies[target]))  # type: ignore[union-attr]
+            copies[_disk_target(disk)] = f"{_disk_target(disk)}.qcow2"
+            with storage.volume_at(conn, _disk_file(disk), f"{name}-read") as volume:
+                storage.copy(volume, pool, copies[_disk_target(disk)])
+    except BaseException:
+        storage.remove_pool(pool)
+        raise
     finally:
         if pause:
             dom.resume()
-    return CloneSource(str(directory), copies, snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
-                       ET.tostring(root, encoding="unicode"))
+    return CloneSource(storage.pool_path(pool), copies, snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
+                       ET.tostring(root, encoding="unicode"), pool=name)
 
 
-def remove_source(source: CloneSource) -> None:
-    shutil.rmtree(source.directory, ignore_errors=True)
+def remove_source(conn: libvirt.virConnect, source: CloneSource) -> None:
+    _remove_own_pool(conn, source.pool)
+
+
+def _remove_own_pool(conn: libvirt.virConnect, name: str, keep_files: bool = False) -> None:
+    """Remove pool ``name`` if it is there and the plugin's (its owner volume says so)."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except backend.lib().libvirtError:
+        return
+    if storage.pool_owner(pool) is not None:
+        storage.remove_pool(pool, keep_files=keep_files)
 
 
 # --- per clone ---------------------------------------------------------------
@@ -131,15 +146,23 @@ def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, nam
                owner: backend.Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
     """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
     libvirt = backend.lib()
-    root = _clone_xml(source, original, name, owner)
-    dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
     try:
+        root = _clone_xml(source, original, name, owner, _copy_disks(conn, source, name, owner))
+        dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
         snap = _redefine_snapshot(dom, source.snapshot_xml)
         dom.revertToSnapshot(snap, 0)  # a new QEMU, started with -loadvm: memory too
     except BaseException:
         destroy(conn, name)
         raise
     return dom, snap
+
+
+def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner: backend.Owner) -> dict[str, str]:
+    """Copy the run's images into clone ``name``'s own pool; return target device -> file."""
+    origin = conn.storagePoolLookupByName(source.pool)
+    pool = storage.make_pool(conn, name, posixpath.join(posixpath.dirname(source.directory), name), owner)
+    return {target: storage.copy(origin.storageVolLookupByName(volume), pool, volume).path()
+            for target, volume in source.disks.items()}
 
 
 def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.virDomainSnapshot:
@@ -154,7 +177,10 @@ def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.vir
                                  backend.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
 
-def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Owner) -> ET.Element:
+def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Owner,
+               disk_files: dict[str, str]) -> ET.Element:
+    """The original's XML with a new name, no UUID, the plugin's ownership record, the
+    clone's disk copies (``disk_files``: target device -> file) and its own sockets and logs."""
     root = ET.fromstring(source.domain_xml)
     root.find("name").text = name  # type: ignore[union-attr]
     for element in root.findall("uuid"):
@@ -163,12 +189,8 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Own
     if description is None:
         description = ET.SubElement(root, "description")
     description.text = backend.owner_description(owner)
-    directory = Path(source.directory)
     for disk in _writable_disks(root):
-        target = disk.find("target").get("dev", "")  # type: ignore[union-attr]
-        copy = directory / f"{name}-{target}.qcow2"
-        _copy(source.disks[target], copy)
-        disk.find("source").set("file", str(copy))  # type: ignore[union-attr]
+        disk.find("source").set("file", disk_files[_disk_target(disk)])  # type: ignore[union-attr]
     # Unix sockets QEMU listens on (serial consoles, channels) and files it
     # writes (a serial console to a file, a character device's log) must differ
     # from the original's; where the path names the domain, name the clone.
@@ -178,31 +200,28 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Own
         attribute = "file" if element.tag == "log" else "path"
         path = element.get(attribute)
         if path:
-            base = Path(path)
-            renamed = base.name.replace(original, name) if original in base.name else f"{base.name}.{name}"
-            element.set(attribute, str(base.with_name(renamed)))
+            base = posixpath.basename(path)
+            renamed = base.replace(original, name) if original in base else f"{base}.{name}"
+            element.set(attribute, posixpath.join(posixpath.dirname(path), renamed))
     return root
 
 
 def destroy(conn: libvirt.virConnect, name: str) -> None:
-    """Stop a clone (transient: it is gone then) and delete its disk copies."""
+    """Stop a clone (transient: it is gone then) and remove its pool of disk copies."""
     libvirt = backend.lib()
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
-        return
-    root = ET.fromstring(dom.XMLDesc(0))
-    persistent = dom.isPersistent()  # never made so by the plugin; a user may have
-    if dom.isActive():
-        dom.destroy()  # a transient domain is gone from here on
-    if persistent:
-        for snap in dom.listAllSnapshots():
-            snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-        dom.undefine()
-    for disk in _writable_disks(root):
-        path = Path(disk.find("source").get("file", ""))  # type: ignore[union-attr]
-        if path.parent.name.startswith("kvmsnap-") and path.name.startswith(name):
-            path.unlink(missing_ok=True)
+        dom = None  # gone already (QEMU died, libvirtd restarted); its pool may not be
+    if dom is not None:
+        persistent = dom.isPersistent()  # never made so by the plugin; a user may have
+        if dom.isActive():
+            dom.destroy()  # a transient domain is gone from here on
+        if persistent:
+            for snap in dom.listAllSnapshots():
+                snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            dom.undefine()
+    _remove_own_pool(conn, name)
 
 
 # --- a clone kept for the user (--kvm-keep-failed) ---------------------------
@@ -216,37 +235,33 @@ def kept_clone_name(clone: str) -> str:
     return clone.replace(MARK, KEPT_MARK, 1)
 
 
-def kept_directory(dom: libvirt.virDomain) -> Path:
-    """Where a kept clone's disks go: beside the run's copies, named after the kept domain."""
-    disk = _writable_disks(ET.fromstring(dom.XMLDesc(0)))[0]
-    return Path(disk.find("source").get("file", "")).parent.with_name(  # type: ignore[union-attr]
-        f"kvmsnap{KEPT_MARK}{kept_clone_name(dom.name())}")
+def kept_directory(dom: libvirt.virDomain) -> str:
+    """Where a kept clone's disks stay: the clone's own directory, whose pool is let go."""
+    return posixpath.dirname(_disk_file(_writable_disks(ET.fromstring(dom.XMLDesc(0)))[0]))
 
 
 def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict[str, object]) -> str:
     """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
 
-    A clone is transient, and its disk copies live in the run's directory, which
-    the run deletes; so its QEMU is stopped, its disks moved to a directory of
-    their own and a persistent domain defined on them, marked kept for the user
-    (``record`` goes into that mark), with the kept snapshots' metadata redefined on it.
-    ``virsh snapshot-revert`` then starts it from a kept state, memory included.
+    A clone is transient, and its pool is removed with it; so its QEMU is
+    stopped, its pool let go (the definition and owner volume removed, the disk
+    files left in their directory), and a persistent domain defined on them,
+    marked kept for the user (``record`` goes into that mark), with the kept
+    snapshots' metadata redefined on it.  ``virsh snapshot-revert`` then starts it
+    from a kept state, memory included.
     """
     libvirt = backend.lib()
     dom = conn.lookupByName(name)
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
     snapshot_xml = [dom.snapshotLookupByName(snap).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE) for snap in snapshots]
-    kept, directory = kept_clone_name(name), kept_directory(dom)
+    kept = kept_clone_name(name)
     if dom.isActive():
         dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
+    pool = conn.storagePoolLookupByName(name)
+    pool.storageVolLookupByName(storage.OWNER_VOLUME).delete(0)  # no longer the run's: the user's
+    storage.remove_pool(pool, keep_files=True)
     root.find("name").text = kept  # type: ignore[union-attr]
     root.find("description").text = backend.kept_description(record)  # type: ignore[union-attr]
-    directory.mkdir(mode=0o755, exist_ok=True)
-    for disk in _writable_disks(root):
-        source = disk.find("source")
-        path = Path(source.get("file", ""))  # type: ignore[union-attr]
-        path.rename(directory / path.name)  # the same file system: no copy
-        source.set("file", str(directory / path.name))  # type: ignore[union-attr]
     kept_dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
     for xml in snapshot_xml:
         _redefine_snapshot(kept_dom, xml)
@@ -257,8 +272,9 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
 
 
 def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain,
-            dead: Callable[[backend.Owner], bool]) -> tuple[list[str], list[Path]]:
-    """Clones and source directories of ``dom`` that dead runs left."""
+            dead: Callable[[backend.Owner], bool]) -> tuple[list[str], list[str]]:
+    """Clones of ``dom`` that dead runs left, and their other pools (copies of ``dom``, or
+    a clone's copies whose domain is gone)."""
     prefix = dom.name() + MARK
     clones = []
     for other in conn.listAllDomains():
@@ -266,11 +282,13 @@ def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain,
             owner = backend.Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
             if owner is not None and dead(owner):
                 clones.append(other.name())
-    directories = []
-    for disk in _writable_disks(ET.fromstring(dom.XMLDesc(0))):
-        parent = Path(disk.find("source").get("file", "")).parent  # type: ignore[union-attr]
-        for owner_file in parent.glob(f"kvmsnap-*/{OWNER_FILE}"):
-            owner = backend.Owner.from_json(owner_file.read_text())
-            if owner is not None and dead(owner):
-                directories.append(owner_file.parent)
-    return clones, sorted(set(directories))
+    pools = []
+    for pool in storage.pools(conn, prefix):
+        owner = storage.pool_owner(pool)
+        if owner is not None and dead(owner) and pool.name() not in clones:  # a clone's goes with it
+            pools.append(pool.name())
+    return clones, sorted(pools)
+
+
+def remove_orphan_pool(conn: libvirt.virConnect, name: str) -> None:
+    _remove_own_pool(conn, name)

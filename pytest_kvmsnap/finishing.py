@@ -124,4 +124,4 @@ class Finisher:
         elif record.clone_of:
             clones.destroy(self.hypervisor.connection(record.uri), record.domain)
         if record.clone_source:
-            clones.remove_source(record.clone_source)
+            clones.remove_source(self.hypervisor.connection(record.uri), record.clone_source)

@@ -45,10 +45,11 @@ __all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordSt
 class CloneSource:
     """Clone mode, on the original's record: the run's copies of its disks (see clones.py)."""
 
-    directory: str
-    disks: dict[str, str]  # target device -> copy with the baseline inside
+    directory: str  # the pool's directory on the hypervisor
+    disks: dict[str, str]  # target device -> volume in the pool: a copy with the baseline inside
     snapshot_xml: str
     domain_xml: str
+    pool: str = ""  # the run's storage pool holding the copies
 
 
 @dataclass

@@ -158,7 +158,6 @@ class Provisioner:
         has removed the clones and the copies.
         """
         dom = self.hypervisor.domain(name)
-        clones.check_local(self.hypervisor.connection())
         clones.check_copyable(dom)
         lock = self.store.lock(self.hypervisor.settings.uri, name)
         try:

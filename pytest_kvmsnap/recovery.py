@@ -7,8 +7,6 @@ naming a dead run is touched; a live run's things are listed at most.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend, clones
@@ -37,7 +35,7 @@ class Recovery:
         found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom) if self._dead_other(owner)]
         return sorted(found, key=lambda pair: pair[0].started)
 
-    def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[Path]]:
+    def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[str]]:
         return clones.orphans(self.hypervisor.connection(), dom, self._dead_other)
 
     def repair(self, name: str, dom: libvirt.virDomain) -> list[str]:
@@ -52,16 +50,17 @@ class Recovery:
                 backend.delete_snapshot(orphan)
             done.append(f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
                         f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
-        dead_clones, directories = self._orphan_clones(dom)
+        dead_clones, pools = self._orphan_clones(dom)
+        conn = self.hypervisor.connection()
         for clone in dead_clones:
-            clones.destroy(self.hypervisor.connection(), clone)
+            clones.destroy(conn, clone)
             # Its name holds the dead run's id: no one will lock it again.
             self.store.lock(self.hypervisor.settings.uri, clone).remove(lock_file=True)
-        for directory in directories:
-            shutil.rmtree(directory, ignore_errors=True)
-        if dead_clones or directories:
-            done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(directories)} "
-                        "copy director(ies) left by dead runs")
+        for pool in pools:
+            clones.remove_orphan_pool(conn, pool)
+        if dead_clones or pools:
+            done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(pools)} "
+                        "pool(s) of disk copies left by dead runs")
         return done
 
     def cleanup(self, name: str, dry_run: bool) -> list[str]:
@@ -71,15 +70,15 @@ class Recovery:
                  f"(pid {owner.pid} on {owner.host}); left alone"
                  for owner, snap in backend.owned_snapshots(dom) if alive(owner)]
         orphans = self.orphans(dom)
-        dead_clones, directories = self._orphan_clones(dom)
+        dead_clones, pools = self._orphan_clones(dom)
         if dry_run:
             if orphans:
                 names = ", ".join(snap.getName() for _, snap in orphans)
                 lines.append(f"{name}: would restore the guest to {orphans[0][1].getName()} "
                              f"and delete orphan snapshot(s) {names}")
             lines.extend(f"{name}: would remove clone {clone}" for clone in dead_clones)
-            lines.extend(f"{name}: would remove copies in {directory}" for directory in directories)
-        elif orphans or dead_clones or directories:
+            lines.extend(f"{name}: would remove pool {pool} (disk copies)" for pool in pools)
+        elif orphans or dead_clones or pools:
             lock = self.store.lock(self.hypervisor.settings.uri, name)
             lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
             try:

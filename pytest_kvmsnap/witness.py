@@ -76,7 +76,7 @@ class Witness:
                     record.kept.append(kept.snapshot)
                     state.lock.write(record)
                     kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
-                                               directory=str(clones.kept_directory(dom)))
+                                               directory=clones.kept_directory(dom))
         except KvmSnapError as exc:
             kept = postmortem.Kept(state.name, nodeid, None, str(exc))
         if kept.snapshot is None:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.integration.conftest import RealGuest, run_inner
+from tests.integration.conftest import URI, RealGuest, run_inner
 from tests.integration.test_parallel import next_run_finds_it_clean, start_run_stuck_mid_test
 from tests.integration.test_semantics import CLEAN, LOCK_DIR, assert_as_found
 
@@ -30,12 +30,14 @@ CLONE_TESTS = """
 
 
 def leftovers(guest: RealGuest) -> list[str]:
-    """Clone domains or copy directories of this guest that outlived the run."""
+    """Clone domains, storage pools or copy directories of this guest that outlived the run."""
     import libvirt
 
     conn = libvirt.open(guest.domain().connect().getURI())
-    names = [d.name() for d in conn.listAllDomains() if d.name().startswith(f"{guest.name}-kvmsnap-")]
-    return names + [str(p) for p in guest.image.disk_for(guest.name).parent.glob("kvmsnap-*") if p.is_dir()]
+    prefix = f"{guest.name}-kvmsnap-"
+    names = [f"domain {d.name()}" for d in conn.listAllDomains() if d.name().startswith(prefix)]
+    names += [f"pool {p.name()}" for p in conn.listAllStoragePools() if p.name().startswith(prefix)]
+    return names + [str(p) for p in guest.image.disk_for(guest.name).parent.glob(f"{prefix}*") if p.is_dir()]
 
 
 def test_two_workers_run_at_once_on_their_own_clones(inner: pytest.Pytester, guest_a: RealGuest) -> None:
@@ -59,6 +61,28 @@ def test_two_workers_run_at_once_on_their_own_clones(inner: pytest.Pytester, gue
     assert_as_found(guest_a)
 
 
+def test_the_copies_are_made_by_libvirtd_never_read_by_pytest(inner: pytest.Pytester, guest_a: RealGuest) -> None:
+    """What lets --kvm-clones work on a remote hypervisor: the pytest process never reads
+    a disk image.  Here it cannot -- in a mount namespace of its own, the guest's disk is
+    /dev/null -- and the clones still start at the baseline, memory and disk."""
+    import shlex
+    import sys
+
+    guest_a.console.check("echo kept > /tmp/orig")
+    inner.makepyfile(CLONE_TESTS.format(name=guest_a.name, clean=CLEAN))
+    disk = shlex.quote(str(guest_a.image.disk_for(guest_a.name)))
+    hide = f"mount --bind /dev/null {disk} && head -c 1 {disk} | wc -c && exec \"$@\""
+    result = inner.run("unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "hide",
+                       sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-v",
+                       "-n", "2", "--kvm-clones=auto", timeout=600)
+    assert result.outlines[0] == "0", "the disk was not hidden from the inner run"
+    result.assert_outcomes(passed=4)
+    assert guest_a.console.check("cat /tmp/orig") == "kept"
+    guest_a.console.check("rm /tmp/orig")
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)
+
+
 def test_clone_mode_refuses_a_user_snapshot(inner: pytest.Pytester, guest_a: RealGuest) -> None:
     inner.makepyfile("def test_x(): pass")
     result = run_inner(inner, "--kvm-clones=2", "--kvm-snapshot=golden")
@@ -70,9 +94,12 @@ def test_killed_clone_run_is_cleaned_by_the_next_run(inner, guest_a: RealGuest, 
     victim = start_run_stuck_mid_test(inner, spawn, guest_a, "victim", "--kvm-clones=1")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    assert len(leftovers(guest_a)) == 2, "expected the dead run's clone and its copies"
+    left = leftovers(guest_a)
+    kinds = sorted(item.split()[0] if item.startswith(("domain ", "pool ")) else "directory" for item in left)
+    # the clone, and two pools with their directories: the run's copies and the clone's
+    assert kinds == ["directory", "directory", "domain", "pool", "pool"], left
     result = next_run_finds_it_clean(inner, guest_a)
-    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 1 clone(s) and 1 copy director(ies) "
+    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 1 clone(s) and 1 pool(s) of disk copies "
                                  "left by dead runs"])
     assert leftovers(guest_a) == []
     assert_as_found(guest_a)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from pytest_kvmsnap import backend
-from pytest_kvmsnap.clones import _clone_xml, clone_name
+from pytest_kvmsnap.clones import _clone_xml, clone_name, orphans
 from pytest_kvmsnap.locking import CloneSource
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit
@@ -30,19 +29,17 @@ ORIGINAL = """
 """
 
 
-def test_clone_xml(tmp_path: Path) -> None:
-    (tmp_path / "vda.qcow2").write_bytes(b"image")
-    source = CloneSource(directory=str(tmp_path), disks={"vda": str(tmp_path / "vda.qcow2")},
-                         domain_xml=ORIGINAL, snapshot_xml="<domainsnapshot/>")
+def test_clone_xml() -> None:
+    source = CloneSource(directory="/images/web-kvmsnap-run1", disks={"vda": "vda.qcow2"},
+                         domain_xml=ORIGINAL, snapshot_xml="<domainsnapshot/>", pool="web-kvmsnap-run1")
     owner = backend.Owner("run1", 123, "host", time.time())
     name = clone_name("web", "run1", 0)
-    root = _clone_xml(source, "web", name, owner)
+    root = _clone_xml(source, "web", name, owner, {"vda": f"/images/{name}/vda.qcow2"})
     assert name == "web-kvmsnap-run1-0"
     assert root.findtext("name") == name and root.find("uuid") is None
     assert backend.Owner.from_description(root.findtext("description")) == owner
     sources = [d.find("source").get("file") for d in root.iterfind("devices/disk")]  # type: ignore[union-attr]
-    assert sources == [str(tmp_path / f"{name}-vda.qcow2"), "/images/iso.img"]  # read-only: shared
-    assert (tmp_path / f"{name}-vda.qcow2").read_bytes() == b"image"
+    assert sources == [f"/images/{name}/vda.qcow2", "/images/iso.img"]  # read-only: shared
     paths = [s.get("path") for s in root.iterfind("devices/*/source[@mode='bind']")]
     assert paths == [f"/run/sock/{name}.sock", f"/run/sock/agent.{name}"]
     assert ET.tostring(root, encoding="unicode").count("web.sock") == 0
@@ -70,3 +67,26 @@ def test_clone_mode_refuses_a_network_disk_up_front(pytester: pytest.Pytester, t
     result.stdout.fnmatch_lines([f"*--kvm-clones copies disk image files, but disk vdb of '{name}' is a network "
                                  "disk (rbd:pool/web); clone mode cannot copy it. Drop --kvm-clones*"])
     assert testdriver.snapshots(name) == []
+
+
+@pytest.mark.parametrize("name", ["web", "a'b\"c<d>&e", "ünïcode name"])
+def test_pool_and_volume_names_are_data(name: str) -> None:
+    from pytest_kvmsnap import storage
+
+    pool = ET.fromstring(storage._pool_xml(name, f"/images/{name}"))
+    assert pool.findtext("name") == name and pool.findtext("target/path") == f"/images/{name}"
+    volume = ET.fromstring(storage._volume_xml(name, 4096))
+    assert volume.findtext("name") == name and volume.find("target/format").get("type") == "raw"  # type: ignore[union-attr]
+
+
+def test_a_pool_without_the_plugins_owner_record_is_never_an_orphan(testdriver: TestDriver) -> None:
+    """A pool named like a run's but without a readable owner volume is the user's: left alone."""
+    name = testdriver.define()
+    dom = testdriver.conn.lookupByName(name)
+    pool = testdriver.conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}-kvmsnap-deadrun</name><target><path>/x/{name}</path></target></pool>", 0)
+    try:
+        clones_left, pools = orphans(testdriver.conn, dom, lambda owner: True)
+        assert (clones_left, pools) == ([], [])
+    finally:
+        pool.undefine()

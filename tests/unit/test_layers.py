@@ -11,7 +11,7 @@ import pytest_kvmsnap
 PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
-    "exceptions", "config", "events", "figures", "backend", "postmortem", "locking", "deadlock", "clones",
+    "exceptions", "config", "events", "figures", "backend", "storage", "postmortem", "locking", "deadlock", "clones",
     "units", "hypervisor", "revert", "lease", "recovery", "readiness", "finishing", "guest", "provisioning",
     "witness", "coordinator",
     # the pytest glue

@@ -1,0 +1,211 @@
+"""Disk copies through libvirt's storage API, so the hypervisor may be another host.
+
+libvirt's own copy, ``virStorageVolCreateXMLFrom``, runs ``qemu-img convert``
+for a qcow2 volume, and that drops the image's internal snapshots -- the
+baseline a clone starts from, memory included, is one (and its ``REFLINK`` flag
+is refused for qcow2).  So a copy here relays the image's bytes from a download
+stream to an upload stream, both sparse: holes travel as lengths, not zeros.
+The bytes pass through this process's memory, never its disks, and libvirtd
+reads and writes the files on whichever host it runs.
+
+Every directory the plugin creates on the hypervisor is a storage pool of its
+own, defined (so a libvirtd restart does not forget it) and named after what it
+holds; an ``owner.json`` volume in it says which run made it, so a later run on
+any host can tell a dead run's leftovers from a live run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from pytest_kvmsnap import backend
+from pytest_kvmsnap.exceptions import UnsupportedGuest
+
+if TYPE_CHECKING:
+    import libvirt
+
+OWNER_VOLUME = "owner.json"
+
+
+def _volume_xml(name: str, capacity: int) -> str:
+    """A raw volume: libvirt creates an empty file and runs no image tool on it."""
+    root = ET.Element("volume")
+    ET.SubElement(root, "name").text = name  # names are data: ElementTree escapes them
+    ET.SubElement(root, "capacity", unit="bytes").text = str(capacity)
+    ET.SubElement(root, "allocation", unit="bytes").text = "0"
+    target = ET.SubElement(root, "target")
+    ET.SubElement(target, "format", type="raw")
+    permissions = ET.SubElement(target, "permissions")
+    ET.SubElement(permissions, "mode").text = "0600"
+    return ET.tostring(root, encoding="unicode")
+
+
+def _pool_xml(name: str, path: str) -> str:
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = name
+    target = ET.SubElement(root, "target")
+    ET.SubElement(target, "path").text = path
+    return ET.tostring(root, encoding="unicode")
+
+
+def physical_size(volume: libvirt.virStorageVol) -> int:
+    """The file's length on the hypervisor (a qcow2 volume's capacity is its virtual size)."""
+    root = ET.fromstring(volume.XMLDesc(0))
+    physical = root.findtext("physical") or root.findtext("target/physical")
+    return int(physical) if physical else int(volume.info()[2])
+
+
+READ_POOL_WAIT = 30.0  # seconds to get a volume for a file while other runs' pools come and go
+
+
+@contextmanager
+def volume_at(conn: libvirt.virConnect, path: str, pool_name: str) -> Iterator[libvirt.virStorageVol]:
+    """The volume for the file ``path`` on the hypervisor: through the pool over its
+    directory, else through a transient pool ``pool_name`` made for the read and
+    destroyed after it (it changes nothing on disk).
+
+    libvirt allows one pool per directory.  Another run's transient pool there is
+    used like any other (a download keeps its own file descriptor, so that pool
+    may go meanwhile); an inactive one is the user's to start.
+    """
+    libvirt = backend.lib()
+    directory = posixpath.dirname(path)
+    deadline = time.monotonic() + READ_POOL_WAIT
+    made = None
+    while made is None:
+        try:
+            holder = next((pool for pool in conn.listAllStoragePools() if pool_path(pool) == directory), None)
+            if holder is None:
+                made = conn.storagePoolCreateXML(_pool_xml(pool_name, directory), 0)
+                break
+            if not holder.isActive():
+                raise UnsupportedGuest(f"--kvm-clones reads {path} through libvirt's storage API, but pool "
+                                       f"{holder.name()!r} over its directory is inactive: start it "
+                                       f"(virsh pool-start {holder.name()}), or drop --kvm-clones")
+            holder.refresh(0)  # it may predate the file
+            volume = conn.storageVolLookupByPath(path)
+        except libvirt.libvirtError as exc:
+            if time.monotonic() > deadline:  # pools kept coming and going, or libvirt refuses
+                raise UnsupportedGuest(f"--kvm-clones cannot read {path} through libvirt's storage API: "
+                                       f"{exc.get_error_message()}") from None
+            time.sleep(0.1)  # a pool came or went between two calls: look again
+            continue
+        yield volume
+        return
+    try:
+        yield made.storageVolLookupByName(posixpath.basename(path))
+    finally:
+        made.destroy()
+
+
+def copy(source: libvirt.virStorageVol, pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol:
+    """Copy ``source`` byte for byte (internal snapshots included) as volume ``name`` of ``pool``."""
+    libvirt = backend.lib()
+    target = pool.createXML(_volume_xml(name, physical_size(source)), 0)
+    conn = pool.connect()
+    down, up = conn.newStream(0), conn.newStream(0)
+    try:
+        source.download(down, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+        target.upload(up, 0, 0, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+        down.sparseRecvAll(lambda _stream, data, _: up.send(data),
+                           lambda _stream, length, _: up.sendHole(length), None)
+        down.finish()
+        up.finish()
+    except BaseException:
+        for stream in (down, up):
+            with contextlib.suppress(libvirt.libvirtError):  # finished or broken: the error raised matters
+                stream.abort()
+        _delete_volume(target)
+        raise
+    return target
+
+
+def write_volume(pool: libvirt.virStoragePool, name: str, data: bytes) -> None:
+    volume = pool.createXML(_volume_xml(name, len(data)), 0)
+    stream = pool.connect().newStream(0)
+    volume.upload(stream, 0, len(data), 0)
+    stream.send(data)
+    stream.finish()
+
+
+def read_volume(volume: libvirt.virStorageVol) -> bytes:
+    stream = volume.connect().newStream(0)
+    volume.download(stream, 0, 0, 0)
+    chunks = []
+    while chunk := stream.recv(262144):
+        if isinstance(chunk, int):  # -2: a non-blocking stream, which this is not
+            raise TypeError(chunk)
+        chunks.append(chunk)
+    stream.finish()
+    return b"".join(chunks)
+
+
+# --- the plugin's own pools ---------------------------------------------------
+
+
+def make_pool(conn: libvirt.virConnect, name: str, path: str, owner: backend.Owner) -> libvirt.virStoragePool:
+    """Define, build (mkdir on the hypervisor) and start pool ``name`` at ``path``, owned by ``owner``.
+
+    Defined and autostarted, so that after a libvirtd restart it is still there and
+    active, and its owner volume readable by whoever finds it.
+    """
+    pool = conn.storagePoolDefineXML(_pool_xml(name, path), 0)
+    try:
+        pool.build(0)  # mkdir on the hypervisor; the name holds the run id, so it is new
+        pool.setAutostart(1)
+        pool.create(0)
+        write_volume(pool, OWNER_VOLUME, owner.to_json().encode())
+    except BaseException:
+        remove_pool(pool)
+        raise
+    return pool
+
+
+def pool_owner(pool: libvirt.virStoragePool) -> backend.Owner | None:
+    """The run that made ``pool``; None when it is not one of the plugin's, or unreadable
+    (an inactive pool is not started to find out: the plugin's own start with libvirtd)."""
+    libvirt = backend.lib()
+    try:
+        if not pool.isActive():
+            return None
+        return backend.Owner.from_json(read_volume(pool.storageVolLookupByName(OWNER_VOLUME)).decode())
+    except (libvirt.libvirtError, UnicodeDecodeError):
+        return None
+
+
+def pools(conn: libvirt.virConnect, prefix: str) -> list[libvirt.virStoragePool]:
+    return [pool for pool in conn.listAllStoragePools() if pool.name().startswith(prefix)]
+
+
+def pool_path(pool: libvirt.virStoragePool) -> str:
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or ""
+
+
+def _delete_volume(volume: libvirt.virStorageVol) -> None:
+    with contextlib.suppress(backend.lib().libvirtError):  # gone already
+        volume.delete(0)
+
+
+def remove_pool(pool: libvirt.virStoragePool, keep_files: bool = False) -> None:
+    """Delete the pool's volumes and directory (unless ``keep_files``) and the pool itself."""
+    libvirt = backend.lib()
+    if not pool.isActive():
+        with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
+            pool.create(0)
+    if pool.isActive():
+        if not keep_files:
+            pool.refresh(0)
+            for volume in pool.listAllVolumes(0):
+                _delete_volume(volume)
+        pool.destroy()
+        if not keep_files:
+            with contextlib.suppress(libvirt.libvirtError):  # a file someone else put there stays, and it
+                pool.delete(0)  # rmdir: only an empty directory
+    if pool.isPersistent():
+        pool.undefine()
