@@ -6,8 +6,18 @@ source "$(dirname "$0")/common.sh"
 bash "$ROOT/scripts/setup-host.sh"
 ensure_venv
 ensure_guest_image
-ensure_debian_image
 cd "$ROOT"
+# The Debian guest, unless the run is given only test paths, none holding Debian's tests.
+needs_debian=$([ "$#" -eq 0 ] && echo 1 || true)
+for arg in "$@"; do
+    case "$arg" in
+        tests/*) if find "${arg%%::*}" -name '*debian*' 2>/dev/null | grep -q .; then needs_debian=1; fi ;;
+        *) needs_debian=1 ;;  # an option (-k, -m ...): the run may select anything
+    esac
+done
+if [ -n "$needs_debian" ]; then
+    ensure_debian_image
+fi
 "$VENV/bin/ruff" check pytest_kvmsnap tests examples benchmarks
 "$VENV/bin/mypy" pytest_kvmsnap tests
 set +e

@@ -108,12 +108,34 @@ def _run(*argv: str | Path, cwd: Path | None = None) -> None:
 def _socket_dir(path: Path) -> None:
     # QEMU (not root under qemu:///system) creates the console socket itself.
     path.mkdir(exist_ok=True)
+    uid, gid = _qemu_user(path.parent)
+    if uid is None:
+        path.chmod(0o1777)
+        return
+    os.chown(path, uid, gid)
+    path.chmod(0o755)
+
+
+def _qemu_user(directory: Path) -> tuple[int | None, int]:
+    """Who QEMU runs as for guests in ``directory``: its owner when that is not root (a
+    user's qemu:///session daemon, whose guests live in the user's files), else the system
+    daemon's libvirt-qemu user (None when there is none)."""
+    stat = directory.stat()
+    if stat.st_uid != 0:
+        return stat.st_uid, stat.st_gid
     try:
         user = pwd.getpwnam("libvirt-qemu")
-        os.chown(path, user.pw_uid, user.pw_gid)
-        path.chmod(0o755)
     except KeyError:
-        path.chmod(0o1777)
+        return None, 0
+    return user.pw_uid, user.pw_gid
+
+
+def _give_to_qemu(path: Path) -> None:
+    """A disk made by root in a user's guest directory must be writable by that user's QEMU
+    (the system daemon chowns disks itself; a session daemon cannot)."""
+    stat = path.parent.stat()
+    if stat.st_uid != 0 and os.geteuid() == 0:
+        os.chown(path, stat.st_uid, stat.st_gid)
 
 
 def _fetch_kernel(directory: Path, kernel: Path, modules: Path) -> None:
@@ -248,6 +270,7 @@ def _kvm_boots(conn: libvirt.virConnect, image: GuestImage) -> bool:
     name = "kvmsnap-kvm-probe"
     remove_guest(conn, name, image)
     shutil.copyfile(image.disk_template, image.disk_for(name))
+    _give_to_qemu(image.disk_for(name))
     try:
         conn.defineXML(domain_xml(name, image, 256, domain_type="kvm")).create()
         Console(str(image.console_for(name))).wait_ready(timeout=PROBE_SECONDS)
@@ -263,6 +286,7 @@ def define_guest(conn: libvirt.virConnect, name: str, image: GuestImage, memory_
     """(Re)define guest ``name`` with a fresh data disk and, by default, start it."""
     remove_guest(conn, name, image)
     shutil.copyfile(image.disk_template, image.disk_for(name))
+    _give_to_qemu(image.disk_for(name))
     dom = conn.defineXML(domain_xml(name, image, memory_mib, domain_type(conn, image), screen))
     if start:
         dom.create()
