@@ -129,14 +129,14 @@ def remove_source(conn: libvirt.virConnect, source: CloneSource) -> None:
     _remove_own_pool(conn, source.pool)
 
 
-def _remove_own_pool(conn: libvirt.virConnect, name: str, keep_files: bool = False) -> None:
+def _remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
     """Remove pool ``name`` if it is there and the plugin's (its owner volume says so)."""
     try:
         pool = conn.storagePoolLookupByName(name)
     except backend.lib().libvirtError:
         return
     if storage.pool_owner(pool) is not None:
-        storage.remove_pool(pool, keep_files=keep_files)
+        storage.remove_pool(pool)
 
 
 # --- per clone ---------------------------------------------------------------
@@ -235,17 +235,12 @@ def kept_clone_name(clone: str) -> str:
     return clone.replace(MARK, KEPT_MARK, 1)
 
 
-def kept_directory(dom: libvirt.virDomain) -> str:
-    """Where a kept clone's disks stay: the clone's own directory, whose pool is let go."""
-    return posixpath.dirname(_disk_file(_writable_disks(ET.fromstring(dom.XMLDesc(0)))[0]))
-
-
 def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict[str, object]) -> str:
     """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
 
     A clone is transient, and its pool is removed with it; so its QEMU is
-    stopped, its pool let go (the definition and owner volume removed, the disk
-    files left in their directory), and a persistent domain defined on them,
+    stopped, its pool handed to the user (its owner volume deleted: no run's
+    leftover now, the pool and its disks stay), and a persistent domain defined on them,
     marked kept for the user (``record`` goes into that mark), with the kept
     snapshots' metadata redefined on it.  ``virsh snapshot-revert`` then starts it
     from a kept state, memory included.
@@ -257,14 +252,13 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
     kept = kept_clone_name(name)
     if dom.isActive():
         dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
-    pool = conn.storagePoolLookupByName(name)
-    pool.storageVolLookupByName(storage.OWNER_VOLUME).delete(0)  # no longer the run's: the user's
-    storage.remove_pool(pool, keep_files=True)
     root.find("name").text = kept  # type: ignore[union-attr]
     root.find("description").text = backend.kept_description(record)  # type: ignore[union-attr]
     kept_dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
     for xml in snapshot_xml:
         _redefine_snapshot(kept_dom, xml)
+    # Last: until here, a failure leaves the pool the run's, removed with the clone.
+    conn.storagePoolLookupByName(name).storageVolLookupByName(storage.OWNER_VOLUME).delete(0)
     return kept
 
 

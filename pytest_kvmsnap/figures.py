@@ -22,7 +22,7 @@ class GuestFigures:
     ready_seconds: float = 0.0  # clock, entropy and --kvm-wait after a revert
     kept_snapshot: str = ""
     kept_guest: str = ""  # where the kept snapshot is: the guest, or a clone's kept domain
-    kept_directory: str = ""  # a kept clone's disks
+    kept_pool: str = ""  # a kept clone's storage pool, holding its disks
     not_kept: str = ""  # why a failed state was not kept
 
     @property
@@ -37,8 +37,8 @@ class GuestFigures:
                  ("lock_wait_seconds", f"{self.lock_seconds:.3f}"), ("ready_seconds", f"{self.ready_seconds:.3f}")]
         if self.kept_snapshot:
             found.extend([("kept_snapshot", self.kept_snapshot), ("kept_guest", self.kept_guest)])
-        if self.kept_directory:
-            found.append(("kept_directory", self.kept_directory))
+        if self.kept_pool:
+            found.append(("kept_pool", self.kept_pool))
         if self.not_kept:
             found.append(("not_kept", self.not_kept))
         return [(PREFIX + name, value) for name, value in found]
@@ -71,8 +71,8 @@ def _set(figures: GuestFigures, key: str, text: str) -> None:
         figures.kept_snapshot = text
     elif key == "kept_guest":
         figures.kept_guest = text
-    elif key == "kept_directory":
-        figures.kept_directory = text
+    elif key == "kept_pool":
+        figures.kept_pool = text
     elif key == "not_kept":
         figures.not_kept = text
 

@@ -161,7 +161,7 @@ class Kept:
     test: str
     snapshot: str | None  # None: not kept, see why_not
     why_not: str | None = None
-    directory: str = ""  # a kept clone: the directory of its disks, deleted with it
+    pool: str = ""  # a kept clone: the storage pool of its disks, deleted with it
 
     def commands(self, uri: str) -> tuple[str, str]:
         """How to look at the kept state, and how to delete it."""
@@ -169,8 +169,10 @@ class Kept:
         virsh = f"virsh -c {shlex.quote(uri)}"
         guest, snap = shlex.quote(self.guest), shlex.quote(self.snapshot)
         look = f"{virsh} snapshot-revert {guest} {snap}"
-        if self.directory:
-            return look, f"{virsh} undefine {guest} --snapshots-metadata && rm -r {shlex.quote(self.directory)}"
+        if self.pool:  # all through libvirt: the hypervisor may be another host
+            pool = shlex.quote(self.pool)
+            return look, (f"{virsh} undefine {guest} --snapshots-metadata --remove-all-storage && "
+                          f"{virsh} pool-destroy {pool} && {virsh} pool-delete {pool} && {virsh} pool-undefine {pool}")
         return look, f"{virsh} snapshot-delete {guest} {snap}"
 
 

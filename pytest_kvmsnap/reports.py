@@ -83,7 +83,7 @@ def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, verbos
     """Kept snapshots, those not kept, evidence files and (``-v``) the slowest reverts and waits."""
     for test, figures in run.kept:
         if figures.kept_snapshot:
-            kept = Kept(figures.kept_guest, test, figures.kept_snapshot, directory=figures.kept_directory)
+            kept = Kept(figures.kept_guest, test, figures.kept_snapshot, pool=figures.kept_pool)
             look, delete = kept.commands(uri)
             where = "" if kept.guest == figures.guest else f" of {kept.guest}"
             tr.write_line(f"kvmsnap: kept {figures.guest}'s state after {test} failed: snapshot "

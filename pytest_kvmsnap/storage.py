@@ -192,20 +192,18 @@ def _delete_volume(volume: libvirt.virStorageVol) -> None:
         volume.delete(0)
 
 
-def remove_pool(pool: libvirt.virStoragePool, keep_files: bool = False) -> None:
-    """Delete the pool's volumes and directory (unless ``keep_files``) and the pool itself."""
+def remove_pool(pool: libvirt.virStoragePool) -> None:
+    """Delete the pool's volumes, its directory and the pool itself."""
     libvirt = backend.lib()
     if not pool.isActive():
         with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
             pool.create(0)
     if pool.isActive():
-        if not keep_files:
-            pool.refresh(0)
-            for volume in pool.listAllVolumes(0):
-                _delete_volume(volume)
+        pool.refresh(0)
+        for volume in pool.listAllVolumes(0):
+            _delete_volume(volume)
         pool.destroy()
-        if not keep_files:
-            with contextlib.suppress(libvirt.libvirtError):  # a file someone else put there stays, and it
-                pool.delete(0)  # rmdir: only an empty directory
+        with contextlib.suppress(libvirt.libvirtError):  # a file someone else put there stays, and it
+            pool.delete(0)  # rmdir: only an empty directory
     if pool.isPersistent():
         pool.undefine()

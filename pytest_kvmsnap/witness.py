@@ -76,14 +76,14 @@ class Witness:
                     record.kept.append(kept.snapshot)
                     state.lock.write(record)
                     kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
-                                               directory=clones.kept_directory(dom))
+                                               pool=state.name)
         except KvmSnapError as exc:
             kept = postmortem.Kept(state.name, nodeid, None, str(exc))
         if kept.snapshot is None:
             figures.not_kept = kept.why_not or ""
             self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed was not kept: {kept.why_not}"))
             return
-        figures.kept_snapshot, figures.kept_guest, figures.kept_directory = kept.snapshot, kept.guest, kept.directory
+        figures.kept_snapshot, figures.kept_guest, figures.kept_pool = kept.snapshot, kept.guest, kept.pool
         look, delete = kept.commands(state.uri)
         self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed is kept as snapshot "
                            f"{kept.snapshot} of {kept.guest}; after the run, look: {look}; delete: {delete}"))

@@ -136,3 +136,19 @@ def test_figures_survive_the_trip_through_properties() -> None:
     assert back == figures
     assert [(s.what, s.guest) for s in sorted(slow_entries("t", back), reverse=True)] == [
         ("revert (libvirt,inplace)", "b"), ("lock wait", "a"), ("ready", "a"), ("revert (inplace)", "a")]
+
+
+def test_a_kept_clones_commands_are_virsh_only_and_quoted() -> None:
+    """A kept clone is deleted through libvirt (the hypervisor may be another host), names quoted."""
+    import shlex
+
+    from pytest_kvmsnap.postmortem import Kept
+
+    kept = Kept("web-kept-r1-0", "t.py::test_x", "kept-test_x-r1-1", pool="web-kvmsnap-r1-0")
+    look, delete = kept.commands("qemu+ssh://u@h/session?keyfile=/k")
+    assert shlex.split(look) == ["virsh", "-c", "qemu+ssh://u@h/session?keyfile=/k", "snapshot-revert",
+                                 "web-kept-r1-0", "kept-test_x-r1-1"]
+    steps = [shlex.split(step) for step in delete.split(" && ")]
+    assert [step[3] for step in steps] == ["undefine", "pool-destroy", "pool-delete", "pool-undefine"]
+    assert steps[0][4:] == ["web-kept-r1-0", "--snapshots-metadata", "--remove-all-storage"]
+    assert {step[4] for step in steps[1:]} == {"web-kvmsnap-r1-0"}
