@@ -113,8 +113,7 @@ def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: 
         copies = {}
         for disk in disks:
             copies[_disk_target(disk)] = f"{_disk_target(disk)}.qcow2"
-            with storage.volume_at(conn, _disk_file(disk), f"{name}-read") as volume:
-                storage.copy(volume, pool, copies[_disk_target(disk)])
+            storage.copy_file(conn, _disk_file(disk), pool, copies[_disk_target(disk)], f"{name}-read")
     except BaseException:
         storage.remove_pool(pool)
         raise

@@ -126,6 +126,26 @@ def copy(source: libvirt.virStorageVol, pool: libvirt.virStoragePool, name: str)
     return target
 
 
+def copy_file(conn: libvirt.virConnect, path: str, pool: libvirt.virStoragePool, name: str,
+              read_pool: str, attempts: int = 3) -> libvirt.virStorageVol:
+    """Copy the hypervisor's file ``path`` as volume ``name`` of ``pool`` (see volume_at).
+
+    Read through another run's pool over the same directory, the volume can
+    vanish between its lookup and the download starting (that run destroyed
+    its pool): then the copy starts again.
+    """
+    libvirt = backend.lib()
+    vanished = (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_OPERATION_INVALID)
+    for attempt in range(1, attempts + 1):
+        try:
+            with volume_at(conn, path, read_pool) as volume:
+                return copy(volume, pool, name)
+        except libvirt.libvirtError as exc:
+            if attempt == attempts or exc.get_error_code() not in vanished:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def write_volume(pool: libvirt.virStoragePool, name: str, data: bytes) -> None:
     volume = pool.createXML(_volume_xml(name, len(data)), 0)
     stream = pool.connect().newStream(0)
