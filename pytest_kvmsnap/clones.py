@@ -90,9 +90,9 @@ def _disk_target(disk: ET.Element) -> str:
     return disk.find("target").get("dev", "")  # type: ignore[union-attr]
 
 
-def _pool_beside(conn: libvirt.virConnect, disk: ET.Element, name: str, owner: backend.Owner) -> libvirt.virStoragePool:
-    """A new pool ``name`` of the run's, in a directory of that name beside ``disk``'s file."""
-    return storage.make_pool(conn, name, posixpath.join(posixpath.dirname(_disk_file(disk)), name), owner)
+def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: backend.Owner) -> libvirt.virStoragePool:
+    """A new pool ``name`` of the run's, in a directory of that name in ``parent``."""
+    return storage.make_pool(conn, name, posixpath.join(parent, name), owner)
 
 
 # --- once per run: the source images --------------------------------------
@@ -105,30 +105,30 @@ def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: 
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
     disks = _writable_disks(root)
     name = source_pool_name(dom.name(), owner.run_id)
-    pool = _pool_beside(conn, disks[0], name, owner)
-    pause = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    pool = _new_pool(conn, posixpath.dirname(_disk_file(disks[0])), name, owner)
+    copies = {_disk_target(disk): f"{_disk_target(disk)}.qcow2" for disk in disks}
+    paused = False
     try:
-        if pause:
+        if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
             dom.suspend()  # QEMU flushes the image metadata when it stops: the copy is consistent
-        copies = {}
+            paused = True
         for disk in disks:
-            copies[_disk_target(disk)] = f"{_disk_target(disk)}.qcow2"
             storage.copy_file(conn, _disk_file(disk), pool, copies[_disk_target(disk)], f"{name}-read")
     except BaseException:
         storage.remove_pool(pool)
         raise
     finally:
-        if pause:
+        if paused:  # only what this resumes was paused here: a failed suspend is the error to see
             dom.resume()
     return CloneSource(storage.pool_path(pool), copies, snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
                        ET.tostring(root, encoding="unicode"), pool=name)
 
 
 def remove_source(conn: libvirt.virConnect, source: CloneSource) -> None:
-    _remove_own_pool(conn, source.pool)
+    remove_own_pool(conn, source.pool)
 
 
-def _remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
+def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
     """Remove pool ``name`` if it is there and the plugin's (its owner volume says so)."""
     try:
         pool = conn.storagePoolLookupByName(name)
@@ -159,7 +159,7 @@ def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, nam
 def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner: backend.Owner) -> dict[str, str]:
     """Copy the run's images into clone ``name``'s own pool; return target device -> file."""
     origin = conn.storagePoolLookupByName(source.pool)
-    pool = storage.make_pool(conn, name, posixpath.join(posixpath.dirname(source.directory), name), owner)
+    pool = _new_pool(conn, posixpath.dirname(source.directory), name, owner)
     return {target: storage.copy(origin.storageVolLookupByName(volume), pool, volume).path()
             for target, volume in source.disks.items()}
 
@@ -220,7 +220,7 @@ def destroy(conn: libvirt.virConnect, name: str) -> None:
             for snap in dom.listAllSnapshots():
                 snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
             dom.undefine()
-    _remove_own_pool(conn, name)
+    remove_own_pool(conn, name)
 
 
 # --- a clone kept for the user (--kvm-keep-failed) ---------------------------
@@ -281,7 +281,3 @@ def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain,
         if owner is not None and dead(owner) and pool.name() not in clones:  # a clone's goes with it
             pools.append(pool.name())
     return clones, sorted(pools)
-
-
-def remove_orphan_pool(conn: libvirt.virConnect, name: str) -> None:
-    _remove_own_pool(conn, name)

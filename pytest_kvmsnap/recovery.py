@@ -57,7 +57,7 @@ class Recovery:
             # Its name holds the dead run's id: no one will lock it again.
             self.store.lock(self.hypervisor.settings.uri, clone).remove(lock_file=True)
         for pool in pools:
-            clones.remove_orphan_pool(conn, pool)
+            clones.remove_own_pool(conn, pool)
         if dead_clones or pools:
             done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(pools)} "
                         "pool(s) of disk copies left by dead runs")

@@ -68,7 +68,18 @@ READ_POOL_WAIT = 30.0  # seconds to get a volume for a file while other runs' po
 def volume_at(conn: libvirt.virConnect, path: str, pool_name: str) -> Iterator[libvirt.virStorageVol]:
     """The volume for the file ``path`` on the hypervisor: through the pool over its
     directory, else through a transient pool ``pool_name`` made for the read and
-    destroyed after it (it changes nothing on disk).
+    destroyed after it (it changes nothing on disk)."""
+    volume, made = _find_volume(conn, path, pool_name)
+    try:
+        yield volume if made is None else made.storageVolLookupByName(posixpath.basename(path))
+    finally:
+        if made is not None:
+            made.destroy()
+
+
+def _find_volume(conn: libvirt.virConnect, path: str,
+                 pool_name: str) -> tuple[libvirt.virStorageVol | None, libvirt.virStoragePool | None]:
+    """``path``'s volume in the pool over its directory, or (None, a transient pool made there).
 
     libvirt allows one pool per directory.  Another run's transient pool there is
     used like any other (a download keeps its own file descriptor, so that pool
@@ -77,31 +88,22 @@ def volume_at(conn: libvirt.virConnect, path: str, pool_name: str) -> Iterator[l
     libvirt = backend.lib()
     directory = posixpath.dirname(path)
     deadline = time.monotonic() + READ_POOL_WAIT
-    made = None
-    while made is None:
+    while True:
         try:
             holder = next((pool for pool in conn.listAllStoragePools() if pool_path(pool) == directory), None)
             if holder is None:
-                made = conn.storagePoolCreateXML(_pool_xml(pool_name, directory), 0)
-                break
+                return None, conn.storagePoolCreateXML(_pool_xml(pool_name, directory), 0)
             if not holder.isActive():
                 raise UnsupportedGuest(f"--kvm-clones reads {path} through libvirt's storage API, but pool "
                                        f"{holder.name()!r} over its directory is inactive: start it "
                                        f"(virsh pool-start {holder.name()}), or drop --kvm-clones")
             holder.refresh(0)  # it may predate the file
-            volume = conn.storageVolLookupByPath(path)
+            return conn.storageVolLookupByPath(path), None
         except libvirt.libvirtError as exc:
             if time.monotonic() > deadline:  # pools kept coming and going, or libvirt refuses
                 raise UnsupportedGuest(f"--kvm-clones cannot read {path} through libvirt's storage API: "
                                        f"{exc.get_error_message()}") from None
             time.sleep(0.1)  # a pool came or went between two calls: look again
-            continue
-        yield volume
-        return
-    try:
-        yield made.storageVolLookupByName(posixpath.basename(path))
-    finally:
-        made.destroy()
 
 
 def copy(source: libvirt.virStorageVol, pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol:
@@ -213,7 +215,11 @@ def _delete_volume(volume: libvirt.virStorageVol) -> None:
 
 
 def remove_pool(pool: libvirt.virStoragePool) -> None:
-    """Delete the pool's volumes, its directory and the pool itself."""
+    """Delete the pool's volumes, its directory and the pool itself.
+
+    Only for a pool the plugin made (``make_pool``): its directory was made for
+    it, named with the run's id, so every volume in it is the run's.
+    """
     libvirt = backend.lib()
     if not pool.isActive():
         with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
@@ -223,7 +229,7 @@ def remove_pool(pool: libvirt.virStoragePool) -> None:
         for volume in pool.listAllVolumes(0):
             _delete_volume(volume)
         pool.destroy()
-        with contextlib.suppress(libvirt.libvirtError):  # a file someone else put there stays, and it
+        with contextlib.suppress(libvirt.libvirtError):  # what is no volume (a socket, say) stays, and it
             pool.delete(0)  # rmdir: only an empty directory
     if pool.isPersistent():
         pool.undefine()
