@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.config import resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import KvmSnapError
@@ -36,7 +36,8 @@ def run_cleanup(config: pytest.Config) -> int:
     try:
         settings = resolve(config)
         coordinator = Coordinator(settings, run_id(config), lock_dir(settings))
-        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains())
+        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains()
+                                           if not leasedomain.is_lease_name(d.name()))
     except KvmSnapError as exc:
         print(f"kvmsnap: {exc}")
         return pytest.ExitCode.USAGE_ERROR

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,18 @@ AGENT_STEPS = ("auto", "on", "off")  # auto: on when the guest's agent answers
 # What "ready" means after a baseline or a revert (see readiness.py).
 WAIT_KINDS = re.compile(r"^(|agent|ssh|hook|tcp:\d{1,5})$")
 DEFAULT_URI = "qemu:///system"
+MIN_LEASE_EXPIRY = 8.0  # seconds: renewals every 2 s at the least
+HOST_ID_VARIABLE = "KVMSNAP_HOST_ID"
+
+
+def this_host() -> str:
+    """The name this host gives itself in ownership records and leases.
+
+    The hostname, unless ``$KVMSNAP_HOST_ID`` says otherwise: CI runners in
+    containers may share one hostname, and two identities on one machine are how
+    the tests play two hosts.
+    """
+    return os.environ.get(HOST_ID_VARIABLE) or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,10 @@ SETTINGS = (
             "Default: auto.", default="auto", choices=REVERT_METHODS),
     Setting("lock_timeout", "seconds to wait for a guest another run or worker holds; 0 = do not "
             "wait. Default: 600.", default=600.0),
+    Setting("lease_expiry", "seconds a run's lease on a guest lasts on the hypervisor unless renewed; the run "
+            "renews it every quarter of that while it lives, and a run on another host may take the guest "
+            "over once it expired (a dead CI runner). Hosts' clocks must agree within a quarter of it. "
+            "Default: 120.", default=120.0),
     Setting("lock_dir", "directory for guest locks and run records; may be shared by several users "
             "(default: $XDG_RUNTIME_DIR/pytest-kvmsnap, else /tmp/pytest-kvmsnap-<uid>)."),
     Setting("clones", "give each xdist worker its own clone of each guest, started at the baseline "
@@ -107,6 +124,7 @@ class Settings:
     snapshot: str | None = None
     revert_method: str = "auto"
     lock_timeout: float = 600.0
+    lease_expiry: float = 120.0
     lock_dir: str | None = None
     clones: str = "0"
     keep_snapshot: bool = False
@@ -161,6 +179,10 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
             values[name] = BY_NAME[name].default
     values["lock_timeout"] = _seconds("kvm_lock_timeout", values["lock_timeout"])
     values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
+    values["lease_expiry"] = _seconds("kvm_lease_expiry", values["lease_expiry"])
+    if values["lease_expiry"] < MIN_LEASE_EXPIRY:
+        raise ConfigError(f"kvm_lease_expiry = {values['lease_expiry']:g} is too short: a run renews its lease "
+                          f"every quarter of it; use {MIN_LEASE_EXPIRY:g} s or more")
     if not WAIT_KINDS.match(str(values["wait"])):
         raise ConfigError(f"kvm_wait = {values['wait']!r} is not one of agent, ssh, hook, tcp:PORT")
     values["keep_failed"] = values["keep_failed"] in (True, "true", "1", "yes", "on")

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from pytest_kvmsnap import backend, deadlock, postmortem
-from pytest_kvmsnap.config import Settings, Spec
+from pytest_kvmsnap.config import Settings, Spec, this_host
 from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import (
     ConfigError,
@@ -32,11 +31,13 @@ from pytest_kvmsnap.exceptions import (
     ConnectionLost,
     Deadlock,
     KvmSnapError,
+    LeaseLost,
     RevertFailed,
 )
 from pytest_kvmsnap.figures import GuestFigures
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
@@ -67,9 +68,10 @@ class Coordinator:
         self.clone_slot = clone_slot  # clone mode: which of the run's clones this process uses
         self.store = RecordStore(lock_dir, report)
         pid = owner_pid or os.getpid()
-        owner = backend.Owner(run_id, pid, socket.gethostname(), time.time(), process_token(pid))
+        owner = backend.Owner(run_id, pid, this_host(), time.time(), process_token(pid))
         self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected)
-        self.lease = Lease(self.hypervisor, owner, settings.lock_timeout)
+        self.leases = RunLeases(self.hypervisor, owner, settings.lease_expiry)
+        self.lease = Lease(self.hypervisor, owner, settings.lock_timeout, self.leases)
         self.recovery = Recovery(self.hypervisor, self.lease, self.store)
         self.provisioner = Provisioner(self.hypervisor, self.lease, self.recovery, self.store, self._incident)
         self.reverter = Reverter(settings, report)
@@ -196,6 +198,8 @@ class Coordinator:
             self._incident(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
         record.holder, record.holder_pid, record.since = holder, os.getpid(), time.time()
         try:
+            if not state.clone_of:  # this process renews the run's lease on it too
+                self.leases.adopt(state.uri, state.name)
             state.lock.write(record)
         except BaseException:
             state.lock.release()
@@ -259,6 +263,7 @@ class Coordinator:
             backend.lookup_snapshot(self.hypervisor.domain(name), spec.snapshot)
         if state.broken:
             raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
+        self._check_lease(state)
         if not state.lock.held:
             self._first_use(name, lambda: self._acquire(state, nodeid))
         if state.unit != unit:
@@ -389,6 +394,14 @@ class Coordinator:
         if state.clean_at != baseline:
             self._revert(state, baseline, f"after {unit}")
 
+    def _check_lease(self, state: GuestState) -> None:
+        """A guest whose lease this run lost is another run's now: unusable for the rest of the run."""
+        try:
+            self.leases.check(state.uri, state.clone_of or state.name)
+        except LeaseLost as exc:
+            state.broken = str(exc)
+            raise
+
     def _manual_revert(self, state: GuestState, name: str, reason: str) -> None:
         self._revert(state, state.baseline, reason)
         self._settle(state, name)  # the test goes on using it now
@@ -398,6 +411,7 @@ class Coordinator:
         """Revert, retrying once after a lost connection; on failure the record owes a revert."""
         record = state.record
         assert record is not None, "only a held guest is reverted"
+        self._check_lease(state)  # a guest another run took over is never reverted
         try:
             self.hypervisor.retrying(
                 f"reverting {state.name!r} to {target!r}",
@@ -428,7 +442,8 @@ class Coordinator:
             self.hypervisor.reconnect_if_lost()
         problems = self.provisioner.drop_failed()
         if self.finisher:
-            problems.extend(self.finishing.finish_run(self.run_id))
+            problems.extend(self.finishing.finish_run(self.run_id, self.leases))
+        self.leases.stop()
         self.hypervisor.close()
         self.store.close()
         return problems

@@ -89,6 +89,11 @@ class LeaseTimeout(KvmSnapError):
     """Another run kept the guest longer than ``kvm_lock_timeout``."""
 
 
+class LeaseLost(RevertFailed):
+    """This run's lease on a guest's hypervisor was not renewed in time, or another run took it
+    over: the guest is no longer this run's, and nothing of it is touched again."""
+
+
 class Deadlock(KvmSnapError):
     """Processes that each hold a guest wait for each other's."""
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.events import Notice
-from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.exceptions import KvmSnapError, LeaseLost
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
 from pytest_kvmsnap.readiness import poll
@@ -33,23 +34,43 @@ class Finisher:
         self.store = store
         self.finished: list[RunRecord] = []  # the records closed, for the summary
 
-    def finish_run(self, run_id: str) -> list[str]:
-        """Close every record of run ``run_id``; one line per guest that could not be restored."""
-        problems = []
+    def finish_run(self, run_id: str, leases: RunLeases) -> list[str]:
+        """Close every record of run ``run_id``; one line per guest that could not be restored.
+
+        A guest's lease is given back once it is restored; one that could not be
+        restored keeps it until it expires, and the next run repairs the guest.
+        """
+        problems, unfinished = [], set()
+        records = self.store.own_records(run_id)
         # Clones first: they run from the copies the originals' records name.
-        for record in sorted(self.store.own_records(run_id), key=lambda r: not r.clone_of):
-            problems.extend(self._finish_guest(record))
+        for record in sorted(records, key=lambda r: not r.clone_of):
+            problem = self._finish_guest(record, leases)
+            if problem:
+                problems.append(problem)
+                unfinished.add((record.uri, record.domain))
+        try:  # leases that failed baseline steps took, with no record left to close
+            leases.release_left({self.hypervisor.settings.uri, *(r.uri for r in records)}, unfinished)
+        except (KvmSnapError, backend.lib().libvirtError) as exc:
+            problems.append(f"this run's leases could not all be given back (they expire by themselves): {exc}")
         return problems
 
-    def _finish_guest(self, record: RunRecord) -> list[str]:
+    def _finish_guest(self, record: RunRecord, leases: RunLeases) -> str | None:
         settings = self.hypervisor.settings
         lock = self.store.lock(record.uri, record.domain)
         try:
             record = lock.load_history(lock.acquire(settings.lock_timeout, self.hypervisor.report) or record)
+            if not record.clone_of:
+                try:
+                    leases.adopt(record.uri, record.domain)
+                except LeaseLost as exc:
+                    lock.remove()  # the guest is another run's now: this record says nothing true
+                    return f"{record.domain}: {exc}"
             if record.clone_of or record.clone_source:
                 self._finish_clone_mode(record)
                 lock.remove(lock_file=bool(record.clone_of))  # a clone's name is never locked again
-                return []
+                if record.clone_source:
+                    leases.release(record.uri, record.domain)
+                return None
             dom = self.hypervisor.domain(record.domain, record.uri)
             self._check_ours(record, dom)
             restored = record.settle_restored  # a last revert whose clock no next test fixed
@@ -62,10 +83,11 @@ class Finisher:
             if not settings.keep_snapshot:
                 backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
             lock.remove()
-            return []
+            leases.release(record.uri, record.domain)
+            return None
         except Exception as exc:  # keep going: every other guest must be restored too
             # The record stays: the next run sees a dead owner and restores the guest.
-            return [f"{record.domain}: {exc}"]
+            return f"{record.domain}: {exc}"
         finally:
             self.finished.append(record)
             lock.release()

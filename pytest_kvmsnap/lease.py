@@ -2,8 +2,9 @@
 
 Runs that share a lock directory are kept out by the lock and the run record
 (``locking.py``).  Runs that do not (another user's lock directory, another
-host on a remote hypervisor) are kept out by what they leave on the guest
-itself: a live run's baseline snapshot, its *rival* baseline.
+host on a remote hypervisor) are kept out by what is on the hypervisor: the
+run's lease (``heartbeat.py``), which expires unless renewed, and a live run's
+baseline snapshot on the guest, its *rival* baseline.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, leasedomain
+from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.events import Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import GuestLock, RunRecord, running
 
@@ -25,15 +28,8 @@ RIVAL_POLL = 2.0  # seconds between looks at a guest another lock directory's ru
 Rival = tuple[backend.Owner, str]  # the other run, and its baseline snapshot on the guest
 
 
-def alive(owner: backend.Owner) -> bool:
-    """Is the run that owns a snapshot alive? One on another host counts as alive."""
-    return running(owner.host, owner.pid, owner.proc)
-
-
-def may_use(record: RunRecord | None, run_id: str) -> bool:
-    """A guest's record lets run ``run_id`` in: free, its own, or left by a dead run
-    (whose orphans the baseline step repairs)."""
-    return record is None or record.run_id == run_id or not record.owner_alive()
+def record_owner(record: RunRecord) -> backend.Owner:
+    return backend.Owner(record.run_id, record.owner_pid, record.host, record.started, record.owner_proc)
 
 
 class Outraced(Exception):
@@ -45,19 +41,37 @@ class Outraced(Exception):
 
 
 class Lease:
-    def __init__(self, hypervisor: Hypervisor, owner: backend.Owner, lock_timeout: float) -> None:
+    def __init__(self, hypervisor: Hypervisor, owner: backend.Owner, lock_timeout: float,
+                 leases: RunLeases) -> None:
         self.hypervisor = hypervisor
         self.owner = owner
         self.lock_timeout = lock_timeout
+        self.leases = leases
+
+    def alive(self, owner: backend.Owner, uri: str, guest: str) -> bool:
+        """Is the run that owns something of ``guest`` (a snapshot, a clone, a record) alive?
+
+        On this host its process tells.  On another host, its lease on the guest
+        does: alive while it holds one that has not expired, so no host counts as
+        alive for ever.
+        """
+        if owner.host == this_host():
+            return running(owner.host, owner.pid, owner.proc)
+        found = leasedomain.read(self.hypervisor.connection(uri), guest)
+        return found is not None and found[1].holder.run_id == owner.run_id and not found[1].expired()
 
     def may_use(self, record: RunRecord | None) -> bool:
-        return may_use(record, self.owner.run_id)
+        """A guest's record lets this run in: free, its own, or left by a dead run (whose
+        orphans the baseline step repairs)."""
+        return (record is None or record.run_id == self.owner.run_id
+                or not self.alive(record_owner(record), record.uri, record.domain))
 
     def hold(self, lock: GuestLock, name: str, take: Callable[[], RunRecord], rivals: bool = True,
              check: Callable[[], None] | None = None) -> RunRecord:
         """Hold ``lock`` with this run's record in it, calling ``take`` for a new run.
 
-        Returns with the lock held; raises with it released.
+        A new run first takes the guest's lease on the hypervisor (not a clone's:
+        its original's covers it).  Returns with the lock held; raises with it released.
         """
         deadline = time.monotonic() + self.lock_timeout
         report = self.hypervisor.report
@@ -67,41 +81,46 @@ class Lease:
             if record is not None and record.run_id == self.owner.run_id:
                 return record
             try:
-                rival = self.rival(name) if rivals else None
-                if rival is None:
+                holder = self.leases.take(lock.uri, name) if rivals else None
+                rival = self.rival(name, lock.uri) if rivals and holder is None else None
+                if holder is None and rival is None:
                     return take()
             except Outraced as exc:
-                rival = exc.rival
+                holder, rival = None, exc.rival
             except BaseException:
                 lock.release()  # nothing is held on a failed path
                 raise
             lock.release()
-            self._wait_for(name, rival, deadline)
+            if holder is not None:
+                self._wait(name, holder.describe(), deadline,
+                           f"if that run is gone, this one takes the guest over when the lease expires, "
+                           f"or run pytest --kvm-cleanup on {holder.holder.host}")
+            else:
+                assert rival is not None, "waiting for someone"
+                owner, snapshot = rival
+                self._wait(name, f"run {owner.run_id} (pid {owner.pid} on {owner.host}, which keeps its locks "
+                                 f"elsewhere; seen by its baseline snapshot {snapshot!r} on the guest)", deadline,
+                           f"if that run is gone, run pytest --kvm-cleanup on {owner.host} or delete the snapshot "
+                           f"(virsh snapshot-delete {name} {snapshot})")
 
-    def rival(self, name: str) -> Rival | None:
+    def rival(self, name: str, uri: str) -> Rival | None:
         """The oldest other live run whose baseline snapshot is on the guest."""
         rivals = [(owner, snap.getName())
-                  for owner, snap in backend.owned_snapshots(self.hypervisor.domain(name))
-                  if owner.run_id != self.owner.run_id and alive(owner)]
+                  for owner, snap in backend.owned_snapshots(self.hypervisor.domain(name, uri))
+                  if owner.run_id != self.owner.run_id and self.alive(owner, uri, name)]
         return min(rivals, key=lambda r: (r[0].started, r[0].run_id), default=None)
 
-    def keep_or_back_off(self, name: str, snap: libvirt.virDomainSnapshot) -> None:
+    def keep_or_back_off(self, name: str, uri: str, snap: libvirt.virDomainSnapshot) -> None:
         """Two runs that share no lock directory took baselines at once: the older run
         keeps the guest; this one deletes its snapshot, backs off and waits."""
-        rival = self.rival(name)
+        rival = self.rival(name, uri)
         if rival is not None and (rival[0].started, rival[0].run_id) < (self.owner.started, self.owner.run_id):
             backend.delete_snapshot(snap)
             raise Outraced(rival)
 
-    def _wait_for(self, name: str, rival: Rival, deadline: float) -> None:
-        owner, snapshot = rival
-        who = (f"run {owner.run_id} (pid {owner.pid} on {owner.host}, which keeps its locks elsewhere; "
-               f"seen by its baseline snapshot {snapshot!r} on the guest)")
+    def _wait(self, name: str, who: str, deadline: float, remedy: str) -> None:
         if time.monotonic() >= deadline:
-            raise LeaseTimeout(
-                f"gave up after {self.lock_timeout:.0f} s waiting for guest {name!r}: held by {who}. "
-                f"If that run is gone, run pytest --kvm-cleanup on {owner.host} or delete the snapshot "
-                f"(virsh snapshot-delete {name} {snapshot}); else raise --kvm-lock-timeout"
-            )
+            raise LeaseTimeout(f"gave up after {self.lock_timeout:.0f} s waiting for guest {name!r}: held by {who}. "
+                               f"{remedy[0].upper()}{remedy[1:]}; else raise --kvm-lock-timeout")
         self.hypervisor.report(Waiting(f"kvmsnap: guest {name!r} is in use by {who}; waiting"))
         time.sleep(min(RIVAL_POLL, max(0.0, deadline - time.monotonic())))

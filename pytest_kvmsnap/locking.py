@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import stat
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
 
@@ -120,7 +120,7 @@ def running(host: str, pid: int, token: str) -> bool:
     pid must exist and, where the writer recorded its ``process_token``, be the
     same process: a dead run's pid reused by another process is not its owner.
     """
-    if host != socket.gethostname():
+    if host != this_host():
         return True
     if not pid_alive(pid):
         return False

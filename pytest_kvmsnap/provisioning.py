@@ -91,21 +91,23 @@ class Provisioner:
     def _snapshot(self, state: GuestState,
                   record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
         def repair_and_take() -> libvirt.virDomainSnapshot:  # both steps are safe to repeat
-            for repaired in self.recovery.repair(state.name, self.hypervisor.domain(state.name)):
+            for repaired in self.recovery.repair(state.name, self.hypervisor.domain(state.name, state.uri),
+                                                 state.uri):
                 self.incident(repaired, record)
-            return self._create(state.name)
+            return self._create(state.name, state.uri)
 
-        snap = self.hypervisor.retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take)
-        return self.hypervisor.domain(state.name), snap
+        snap = self.hypervisor.retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take,
+                                        state.uri)
+        return self.hypervisor.domain(state.name, state.uri), snap
 
-    def _create(self, name: str) -> libvirt.virDomainSnapshot:
+    def _create(self, name: str, uri: str) -> libvirt.virDomainSnapshot:
         """Take this run's baseline of ``name``, or adopt the one an interrupted call left."""
-        dom = self.hypervisor.domain(name)
+        dom = self.hypervisor.domain(name, uri)
         left = backend.find_snapshot(dom, self.snapshot_name)
         snap = self._adopt(name, dom, left) if left is not None else None
         if snap is None:
             snap = backend.create_baseline(dom, self.snapshot_name, self.owner)
-        self.lease.keep_or_back_off(name, snap)
+        self.lease.keep_or_back_off(name, uri, snap)
         return snap
 
     def _adopt(self, name: str, dom: libvirt.virDomain,
@@ -162,6 +164,9 @@ class Provisioner:
         lock = self.store.lock(self.hypervisor.settings.uri, name)
         try:
             self.lease.hold(lock, name, lambda: self._new_clone_source(name, dom, lock))
+            # Every process with a clone keeps the original's lease alive: it covers the
+            # clones too, which another host's recovery would otherwise count as orphans.
+            self.lease.leases.adopt(lock.uri, name)
         finally:
             lock.release()
         return clones.clone_name(name, self.owner.run_id, slot)
@@ -174,12 +179,13 @@ class Provisioner:
         return record
 
     def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
-        for repaired in self.recovery.repair(name, dom):
+        uri = self.hypervisor.settings.uri
+        for repaired in self.recovery.repair(name, dom, uri):
             self.incident(repaired, record)
         if not dom.isActive():
             raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
                                    "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
-        snap = self._create(name)
+        snap = self._create(name, uri)
         try:
             record.clone_source = clones.make_source(dom, snap, self.owner)
         finally:

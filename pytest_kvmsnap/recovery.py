@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap import backend, clones, leasedomain
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.lease import Lease, alive
+from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore
 
 if TYPE_CHECKING:
@@ -26,23 +26,25 @@ class Recovery:
         self.lease = lease
         self.store = store
 
-    def _dead_other(self, owner: backend.Owner) -> bool:
-        """Was ``owner`` another run, now dead (so what it left is an orphan)?"""
-        return owner.run_id != self.lease.owner.run_id and not alive(owner)
+    def _dead_other(self, owner: backend.Owner, uri: str, name: str) -> bool:
+        """Was ``owner`` another run, now dead (so what it left of guest ``name`` is an orphan)?"""
+        return owner.run_id != self.lease.owner.run_id and not self.lease.alive(owner, uri, name)
 
-    def orphans(self, dom: libvirt.virDomain) -> list[Orphan]:
+    def orphans(self, dom: libvirt.virDomain, uri: str) -> list[Orphan]:
         """The guest's snapshots that dead runs of this plugin left, oldest first."""
-        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom) if self._dead_other(owner)]
+        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom)
+                 if self._dead_other(owner, uri, dom.name())]
         return sorted(found, key=lambda pair: pair[0].started)
 
-    def _orphan_clones(self, dom: libvirt.virDomain) -> tuple[list[str], list[str]]:
-        return clones.orphans(self.hypervisor.connection(), dom, self._dead_other)
+    def _orphan_clones(self, dom: libvirt.virDomain, uri: str) -> tuple[list[str], list[str]]:
+        return clones.orphans(self.hypervisor.connection(uri), dom,
+                              lambda owner: self._dead_other(owner, uri, dom.name()))
 
-    def repair(self, name: str, dom: libvirt.virDomain) -> list[str]:
+    def repair(self, name: str, dom: libvirt.virDomain, uri: str) -> list[str]:
         """Put the guest back, drop dead runs' snapshots, clones and copies; one line each."""
         done = [f"kvmsnap: {name}: snapshot {snap} has a damaged pytest-kvmsnap record in its description; "
                 "it counts as yours and is left alone" for snap in backend.damaged_snapshots(dom)]
-        orphans = self.orphans(dom)
+        orphans = self.orphans(dom, uri)
         if orphans:
             oldest, snap = orphans[0]
             backend.revert_libvirt(dom, snap)  # the dead run left the guest mid-test
@@ -50,12 +52,12 @@ class Recovery:
                 backend.delete_snapshot(orphan)
             done.append(f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
                         f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
-        dead_clones, pools = self._orphan_clones(dom)
-        conn = self.hypervisor.connection()
+        dead_clones, pools = self._orphan_clones(dom, uri)
+        conn = self.hypervisor.connection(uri)
         for clone in dead_clones:
             clones.destroy(conn, clone)
             # Its name holds the dead run's id: no one will lock it again.
-            self.store.lock(self.hypervisor.settings.uri, clone).remove(lock_file=True)
+            self.store.lock(uri, clone).remove(lock_file=True)
         for pool in pools:
             clones.remove_own_pool(conn, pool)
         if dead_clones or pools:
@@ -64,13 +66,16 @@ class Recovery:
         return done
 
     def cleanup(self, name: str, dry_run: bool) -> list[str]:
-        """``--kvm-cleanup``: repair one guest dead runs left, under its lock."""
-        dom = backend.lookup_domain(self.hypervisor.connection(), name)
+        """``--kvm-cleanup``: repair one guest dead runs left, under its lock and its lease."""
+        uri = self.hypervisor.settings.uri
+        dom = backend.lookup_domain(self.hypervisor.connection(uri), name)
         lines = [f"{name}: {snap.getName()} belongs to live run {owner.run_id} "
                  f"(pid {owner.pid} on {owner.host}); left alone"
-                 for owner, snap in backend.owned_snapshots(dom) if alive(owner)]
-        orphans = self.orphans(dom)
-        dead_clones, pools = self._orphan_clones(dom)
+                 for owner, snap in backend.owned_snapshots(dom) if self.lease.alive(owner, uri, name)]
+        orphans = self.orphans(dom, uri)
+        dead_clones, pools = self._orphan_clones(dom, uri)
+        lease = leasedomain.read(self.hypervisor.connection(uri), name)
+        dead_lease = lease is not None and not self.lease.leases.holder_alive(lease[1])
         if dry_run:
             if orphans:
                 names = ", ".join(snap.getName() for _, snap in orphans)
@@ -78,14 +83,29 @@ class Recovery:
                              f"and delete orphan snapshot(s) {names}")
             lines.extend(f"{name}: would remove clone {clone}" for clone in dead_clones)
             lines.extend(f"{name}: would remove pool {pool} (disk copies)" for pool in pools)
-        elif orphans or dead_clones or pools:
-            lock = self.store.lock(self.hypervisor.settings.uri, name)
-            lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
-            try:
-                lines.extend(self.repair(name, dom))
-            finally:
-                lock.release()
+            if dead_lease and lease is not None:
+                lines.append(f"{name}: would remove the lease of dead run {lease[1].holder.run_id}")
+        elif orphans or dead_clones or pools or dead_lease:
+            lines.extend(self._repair_held(name, dom, uri))
+            if dead_lease and lease is not None:
+                lines.append(f"{name}: removed the lease of dead run {lease[1].holder.run_id} "
+                             f"(pid {lease[1].holder.pid} on {lease[1].holder.host})")
         return lines or [f"{name}: nothing to clean"]
+
+    def _repair_held(self, name: str, dom: libvirt.virDomain, uri: str) -> list[str]:
+        """Repair under the guest's lock and its lease (a dead run's lease is taken over)."""
+        lock = self.store.lock(uri, name)
+        lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
+        try:
+            holder = self.lease.leases.take(uri, name)
+            if holder is not None:
+                return [f"{name}: held by live {holder.describe()}; left alone"]
+            try:
+                return self.repair(name, dom, uri)
+            finally:
+                self.lease.leases.release(uri, name)
+        finally:
+            lock.release()
 
     def unused_locks(self, dry_run: bool) -> list[str]:
         """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""

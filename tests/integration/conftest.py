@@ -70,6 +70,16 @@ class RealGuest:
     def state(self) -> int:
         return int(self.domain().state()[0])
 
+    def leased(self) -> bool:
+        """Is a run's lease on the guest (an inert domain beside it) still on the hypervisor?"""
+        import libvirt
+
+        try:
+            libvirt.open(URI).lookupByName(self.name + ".kvmsnap-lease")
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def is_pristine(self) -> bool:
         try:
             out = self.console.run("ls /data /tmp", timeout=30).output  # a loaded host answers late

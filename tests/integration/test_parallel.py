@@ -69,7 +69,7 @@ def test_second_run_waits_for_the_first(inner, guest_a: RealGuest, spawn) -> Non
 
 
 def test_runs_with_different_lock_dirs_still_take_turns(inner, guest_a: RealGuest, spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Two users (or hosts) that share no lock directory: the guest's own snapshot is the lease."""
+    """Two users (or hosts) that share no lock directory: the run's lease on the hypervisor keeps them apart."""
     inner.makepyfile(exclusive_tests(guest_a.name, n=3, pause=1.0))
     first = spawn("first", f"--kvm-lock-dir={tmp_path / 'a'}")
     wait_until_started(inner, first)
@@ -77,7 +77,7 @@ def test_runs_with_different_lock_dirs_still_take_turns(inner, guest_a: RealGues
     assert first.wait(120) == 0, (inner.path / "first.out").read_text()
     assert second.wait(120) == 0, (inner.path / "second.out").read_text()
     out = (inner.path / "second.out").read_text()
-    assert f"guest '{guest_a.name}' is in use by run" in out and "seen by its baseline snapshot" in out
+    assert f"guest '{guest_a.name}' is in use by run" in out and "its lease on the hypervisor until" in out
     assert_as_found(guest_a)
 
 

@@ -27,8 +27,9 @@ LOCK_DIR = default_lock_dir()  # read now: some tests point XDG_RUNTIME_DIR else
 
 
 def assert_as_found(guest: RealGuest, snapshots: list[str] | None = None) -> None:
-    """Running, clean disk and RAM, the snapshots it had, no run record, lock free."""
+    """Running, clean disk and RAM, the snapshots it had, no run record or lease, lock free."""
     assert guest.snapshots() == (snapshots or [])
+    assert not guest.leased()
     assert guest.state() == 1  # running
     assert guest.console.run(CLEAN).status == 0
     if LOCK_DIR.is_dir():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.events import to_stdout
 from pytest_kvmsnap.locking import GuestLock, RunRecord
 from tests.conftest import TestDriver
@@ -173,3 +173,39 @@ def test_cleanup_removes_lock_files_of_guests_that_no_longer_exist_when_no_run_u
     assert GuestLock(locks, "test:///default", gone).name_path.name not in left
     assert GuestLock(locks, "test:///default", kept).name_path.name in left
     assert other_uri.name_path.name in left
+
+
+def remote_run(testdriver: TestDriver, guest: str, run: str, expires_in: float) -> None:
+    """What a run on another host left: its baseline snapshot, and its lease expiring in ``expires_in`` s."""
+    owner = backend.Owner(run, 4242, "another-host", time.time())
+    backend.create_baseline(testdriver.conn.lookupByName(guest), f"kvmsnap-{run}", owner)
+    leasedomain.define(testdriver.conn, leasedomain.LeaseRecord(guest, owner, time.time() + expires_in))
+
+
+def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.Pytester,
+                                                              testdriver: TestDriver) -> None:
+    name = testdriver.define()
+    remote_run(testdriver, name, "gone", expires_in=-1)
+    cleanup(pytester, name, "--kvm-dry-run").stdout.fnmatch_lines([
+        f"  {name}: would restore the guest to kvmsnap-gone and delete orphan snapshot(s) kvmsnap-gone",
+        f"  {name}: would remove the lease of dead run gone"])
+    result = cleanup(pytester, name)
+    result.stdout.fnmatch_lines([
+        f"  kvmsnap: {name}: restored to kvmsnap-gone left by dead run gone (pid 4242 on another-host) and deleted 1 "
+        "orphan snapshot(s)",
+        f"  {name}: removed the lease of dead run gone (pid 4242 on another-host)"])
+    assert testdriver.snapshots(name) == []
+    assert leasedomain.read(testdriver.conn, name) is None
+
+
+def test_a_run_on_another_host_with_a_live_lease_is_left_alone(pytester: pytest.Pytester,
+                                                               testdriver: TestDriver) -> None:
+    name = testdriver.define()
+    remote_run(testdriver, name, "busy", expires_in=600)
+    result = cleanup(pytester, name)
+    result.stdout.fnmatch_lines([f"  {name}: kvmsnap-busy belongs to live run busy (pid 4242 on another-host); "
+                                 "left alone"])
+    assert testdriver.snapshots(name) == ["kvmsnap-busy"]
+    found = leasedomain.read(testdriver.conn, name)
+    assert found is not None and found[1].holder.run_id == "busy"
+    found[0].undefine()

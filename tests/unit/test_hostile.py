@@ -3,7 +3,6 @@ a damaged snapshot description -- ignored with one line, never a reason to rever
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -12,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap import backend, lease
+from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.events import Event, Notice
 from pytest_kvmsnap.finishing import Finisher
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord, process_token, running
 from pytest_kvmsnap.revert import Reverter
@@ -56,9 +56,12 @@ def test_the_finisher_reverts_and_deletes_only_a_snapshot_that_says_it_is_this_r
     write_record(tmp_path, record)
     settings = Settings(uri="test:///default")
     events: list[Event] = []
-    finisher = Finisher(Hypervisor(settings, events.append), Reverter(settings, events.append),
-                        RecordStore(tmp_path, events.append))
-    problems = finisher.finish_run("run1")
+    hypervisor = Hypervisor(settings, events.append)
+    finisher = Finisher(hypervisor, Reverter(settings, events.append), RecordStore(tmp_path, events.append))
+    leases = RunLeases(hypervisor, backend.Owner("run1", os.getpid(), "h", 1.0), settings.lease_expiry)
+    assert leases.take("test:///default", name) is None  # the run's lease is no forgery
+    problems = finisher.finish_run("run1", leases)
+    leases.stop()
     assert problems == [f"{name}: its snapshot 'users-own' is not this run's (its description says someone "
                         "else); left alone"]
     assert testdriver.snapshots(name) == ["users-own"]
@@ -102,8 +105,8 @@ def test_a_dead_runs_pid_reused_by_another_process_is_not_its_owner(
     token = process_token(os.getpid())
     assert token and running(socket.gethostname(), os.getpid(), token)
     reused = backend.Owner("deadrun", os.getpid(), socket.gethostname(), 1.0, token.split(":")[0] + ":1")
-    assert not lease.alive(reused)
-    assert lease.alive(dataclasses.replace(reused, proc=""))  # an old record without a token: the pid decides
+    assert not running(reused.host, reused.pid, reused.proc)
+    assert running(reused.host, reused.pid, "")  # an old record without a token: the pid decides
     backend.create_baseline(dom, "kvmsnap-deadrun", reused)
     pytester.makepyfile(three_tests(name))
     result = run(pytester)

@@ -1,0 +1,168 @@
+"""The run's lease on a guest's hypervisor (heartbeat.py, leasedomain.py): its rules, on
+libvirt's test driver.  The same rules on real daemons (system, and a session daemon
+over SSH): tests/integration/test_leases.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pytest_kvmsnap import backend, leasedomain
+from pytest_kvmsnap.config import Settings, resolve
+from pytest_kvmsnap.exceptions import ConfigError, LeaseLost
+from pytest_kvmsnap.heartbeat import RunLeases
+from pytest_kvmsnap.hypervisor import Hypervisor
+from tests.conftest import TestDriver
+
+URI = "test:///default"
+GUEST = "leased-guest"
+
+
+def runner(run_id: str, host: str, expiry: float = 60.0) -> RunLeases:
+    """A run on ``host`` (another host than this one unless it is this one's name)."""
+    owner = backend.Owner(run_id, os.getpid(), host, time.time())
+    return RunLeases(Hypervisor(Settings(uri=URI), lambda _event: None), owner, expiry)
+
+
+@pytest.fixture
+def runs(testdriver: TestDriver) -> Iterator[list[RunLeases]]:
+    """The runs a test makes; stopped, and their leases removed, afterwards."""
+    made: list[RunLeases] = []
+    yield made
+    for run in made:
+        run.stop()
+    for dom, _record in leasedomain.all_leases(testdriver.conn):
+        dom.undefine()
+
+
+def test_a_free_guest_is_leased_and_a_live_holder_is_named_to_the_next(runs: list[RunLeases]) -> None:
+    first, second = runner("run-a", "host-a"), runner("run-b", "host-b")
+    runs += [first, second]
+    assert first.take(URI, GUEST) is None
+    holder = second.take(URI, GUEST)
+    assert holder is not None and holder.holder.run_id == "run-a" and holder.holder.host == "host-a"
+    assert holder.describe().startswith("run run-a (pid ") and "on host-a), its lease on the hypervisor until" \
+        in holder.describe()
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced_off(runs: list[RunLeases]) -> None:
+    stalled, taker = runner("run-a", "host-a", expiry=0.4), runner("run-b", "host-b")
+    runs += [stalled, taker]
+    assert stalled.take(URI, GUEST) is None
+    stalled.stop()  # a runner that stopped renewing (kill -9, powered off, SIGSTOP)
+    time.sleep(0.5)
+    assert taker.take(URI, GUEST) is None
+    found = leasedomain.read(taker.hypervisor.connection(URI), GUEST)
+    assert found is not None and found[1].holder.run_id == "run-b"
+    # Woken up, it knows by its own clock that it may have lost the guest: it touches it no more.
+    with pytest.raises(LeaseLost, match="lease on guest 'leased-guest' at test:///default is lost: it was not "
+                                        "renewed in time"):
+        stalled.check(URI, GUEST)
+
+
+def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(runs: list[RunLeases]) -> None:
+    """A host whose clock ran ahead took the lease while it was still being renewed:
+    the renewal, made by the lease's UUID, fails, and the holder stops at once."""
+    holder = runner("run-a", "host-a", expiry=0.8)
+    runs.append(holder)
+    assert holder.take(URI, GUEST) is None
+    conn = holder.hypervisor.connection(URI)
+    found = leasedomain.read(conn, GUEST)
+    assert found is not None
+    intruder = backend.Owner("run-b", 1, "host-b", 1.0)
+    leasedomain.take_over(conn, found[0], leasedomain.LeaseRecord(GUEST, intruder, time.time() + 60))
+    time.sleep(0.5)  # more than one renewal
+    with pytest.raises(LeaseLost, match="another run took it over: run run-b"):
+        holder.check(URI, GUEST)
+
+
+def test_of_two_hosts_taking_over_one_expired_lease_at_once_exactly_one_wins(runs: list[RunLeases]) -> None:
+    dead = runner("run-dead", "host-dead")
+    runs.append(dead)
+    for attempt in range(20):  # many rounds: the two takers' calls interleave differently each time
+        guest = f"{GUEST}-{attempt}"
+        assert dead.take(URI, guest) is None
+        expire(URI, guest)
+        takers = [runner(f"run-{n}", f"host-{n}") for n in "bc"]
+        runs.extend(takers)
+        results = race([lambda run=run, guest=guest: run.take(URI, guest) for run in takers])  # type: ignore[misc]
+        results_by_run = dict(zip([run.owner.run_id for run in takers], results, strict=True))
+        winners = [run_id for run_id, holder in results_by_run.items() if holder is None]
+        assert len(winners) == 1, results_by_run
+        found = leasedomain.read(takers[0].hypervisor.connection(URI), guest)
+        assert found is not None and found[1].holder.run_id == winners[0]
+
+
+def test_a_holder_renews_its_lease_while_it_lives(runs: list[RunLeases]) -> None:
+    holder = runner("run-a", "host-a", expiry=0.8)  # below the settings' minimum, to be quick here
+    runs.append(holder)
+    assert holder.take(URI, GUEST) is None
+    first = read_expiry(holder)
+    time.sleep(1.5)  # several renewals, and longer than the lease
+    holder.check(URI, GUEST)  # still ours
+    assert read_expiry(holder) > first + 0.5
+
+
+def test_a_dead_process_on_this_host_frees_its_lease_at_once(runs: list[RunLeases]) -> None:
+    import socket
+
+    gone = backend.Owner("run-gone", 2**22 + 7, socket.gethostname(), 1.0)  # no such pid
+    conn = runner("x", "y").hypervisor.connection(URI)
+    leasedomain.define(conn, leasedomain.LeaseRecord(GUEST, gone, time.time() + 3600))
+    taker = runner("run-b", socket.gethostname())
+    runs.append(taker)
+    assert taker.take(URI, GUEST) is None
+
+
+def test_a_domain_by_the_leases_name_that_is_not_one_is_never_touched(testdriver: TestDriver,
+                                                                      runs: list[RunLeases]) -> None:
+    testdriver.define(GUEST + leasedomain.SUFFIX, start=False)
+    run = runner("run-a", "host-a")
+    runs.append(run)
+    with pytest.raises(Exception, match=r"exists but is not a pytest-kvmsnap lease.*rename that domain"):
+        run.take(URI, GUEST)
+
+
+def test_the_lease_expiry_is_checked_as_a_setting(pytester: pytest.Pytester) -> None:
+    assert resolve(pytester.parseconfig("--kvm-lease-expiry=30"), env={}).lease_expiry == 30
+    assert resolve(pytester.parseconfig(), env={}).lease_expiry == 120
+    with pytest.raises(ConfigError, match=r"kvm_lease_expiry = 2 is too short.*use 8 s or more"):
+        resolve(pytester.parseconfig("--kvm-lease-expiry=2"), env={})
+    with pytest.raises(ConfigError, match="not a finite number"):
+        resolve(pytester.parseconfig("--kvm-lease-expiry=nan"), env={})
+
+
+def expire(uri: str, guest: str) -> None:
+    """Make the guest's lease expired, as if its holder had stopped renewing long ago."""
+    conn = backend.open_connection(uri)
+    found = leasedomain.read(conn, guest)
+    assert found is not None
+    dom, record = found
+    leasedomain.renew(dom, leasedomain.LeaseRecord(record.guest, record.holder, time.time() - 1))
+
+
+def read_expiry(run: RunLeases) -> float:
+    found = leasedomain.read(run.hypervisor.connection(URI), GUEST)
+    assert found is not None
+    return found[1].expires
+
+
+def race(calls: list[Callable[[], object]]) -> list[object]:
+    """Run ``calls`` in threads released at the same moment; their results, in order."""
+    results: list[object] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(index: int) -> None:
+        start.wait()
+        results[index] = calls[index]()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
