@@ -10,7 +10,9 @@ start, ``revertToSnapshot`` (or an in-place ``loadvm``, or nothing) after each
 test, and a revert plus delete at session end.
 """
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,8 @@ EXPECT_CLEAN = os.environ.get("KVMSNAP_BENCH_EXPECT_CLEAN", "1") == "1"
 HANDWRITTEN = os.environ.get("KVMSNAP_BENCH_HANDWRITTEN", "")  # revertToSnapshot | loadvm | none
 GUEST = os.environ.get("KVMSNAP_BENCH_GUEST", "")
 WORK = float(os.environ.get("KVMSNAP_BENCH_WORK", "0"))  # seconds each test keeps the guest busy
+# A pool of hypervisors: URI -> the guest directory of its test guest (its console socket is there)
+DIRS = json.loads(os.environ.get("KVMSNAP_BENCH_DIRS", "{}"))
 
 
 @pytest.fixture(scope="session")
@@ -46,19 +50,20 @@ def handwritten_revert(dom, snap):
 
 
 @pytest.fixture
-def guest_name(request):
+def console_path(request):
     if not HANDWRITTEN:
-        yield request.getfixturevalue("kvm_guest").name
+        guest = request.getfixturevalue("kvm_guest")
+        yield Path(DIRS.get(guest.uri, guest_dir())) / "sock" / f"{guest.name}.sock"
         return
     dom, snap = request.getfixturevalue("handwritten_snapshot")
-    yield dom.name()
+    yield guest_dir() / "sock" / f"{dom.name()}.sock"
     handwritten_revert(dom, snap)
 
 
 @pytest.mark.kvm_snapshot
 @pytest.mark.parametrize("i", range(N))
-def test_dirty(i, guest_name):
-    sh = Console(str(guest_dir() / "sock" / f"{guest_name}.sock"))
+def test_dirty(i, console_path):
+    sh = Console(str(console_path))
     sh.wait_ready()
     leftover = sh.run("cat /data/marker /tmp/marker 2>/dev/null").output
     if EXPECT_CLEAN:

@@ -94,19 +94,24 @@ def snapshot_load(dom, tag: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def suite_seconds(guest: str, tests: int, *args: str, handwritten: str = "", work: float = 0.0,
-                  suite: Path = HERE / "bench_suite.py") -> float:
-    """Wall time of one run of ``suite`` (also used by throughput_benchmark.py and debian_benchmark.py)."""
+                  suite: Path = HERE / "bench_suite.py", uri: str = URI, output: list[str] | None = None) -> float:
+    """Wall time of one run of ``suite`` (also used by throughput_benchmark.py and debian_benchmark.py);
+    its output lines are added to ``output`` when given."""
     no_reverts = "--kvm-revert=never" in args or handwritten == "none"
     env = dict(os.environ, KVMSNAP_BENCH_TESTS=str(tests), KVMSNAP_BENCH_GUEST=guest,
                KVMSNAP_BENCH_HANDWRITTEN=handwritten, KVMSNAP_BENCH_EXPECT_CLEAN="0" if no_reverts else "1",
-               KVMSNAP_BENCH_WORK=str(work), LIBVIRT_DEFAULT_URI=URI)
+               KVMSNAP_BENCH_WORK=str(work), LIBVIRT_DEFAULT_URI=uri)
     plugin = ["-p", "no:kvmsnap", "-W", "ignore::pytest.PytestUnknownMarkWarning"] if handwritten else [
-        f"--kvm-uri={URI}", f"--kvm-domain={guest}"]
+        f"--kvm-uri={uri}", f"--kvm-domain={guest}"]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                    str(suite), *plugin, *args],
-                   env=env, check=True, stdout=subprocess.DEVNULL, cwd=HERE)
-    return time.perf_counter() - start
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           str(suite), *plugin, *args],
+                          env=env, check=True, stdout=subprocess.DEVNULL if output is None else subprocess.PIPE,
+                          text=True, cwd=HERE)
+    seconds = time.perf_counter() - start
+    if output is not None:
+        output.extend(done.stdout.splitlines())
+    return seconds
 
 
 def suite_costs(guest: str, tests: int, rounds: int) -> dict[str, float]:

@@ -10,10 +10,13 @@ touched; everything else is listed at most.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from pytest_kvmsnap import backend, leasedomain
-from pytest_kvmsnap.config import resolve
+from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.session import lock_dir, run_id
@@ -31,16 +34,37 @@ def add_cleanup_options(group: pytest.OptionGroup) -> None:
 
 
 def run_cleanup(config: pytest.Config) -> int:
-    """Print one line per guest and per stale record; exit 1 if anything could not be done."""
+    """Print one line per guest and per stale record, for each hypervisor of the pool; exit 1 if
+    anything could not be done (a host that cannot be reached is one line, and skipped)."""
     dry_run = bool(config.getoption("kvm_dry_run"))
     try:
         settings = resolve(config)
-        coordinator = Coordinator(settings, run_id(config), lock_dir(settings))
-        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains()
-                                           if not leasedomain.is_lease_name(d.name()))
+        directory = lock_dir(settings)
     except KvmSnapError as exc:
         print(f"kvmsnap: {exc}")
         return pytest.ExitCode.USAGE_ERROR
+    pooled = len(settings.pool) > 1
+    results = [_clean_host(dataclasses.replace(settings, uri=uri, uris=(uri,)), run_id(config), directory, dry_run,
+                           pooled) for uri in settings.pool]
+    if all(result is None for result in results):
+        return pytest.ExitCode.USAGE_ERROR  # no host could be reached
+    coordinator = Coordinator(settings, run_id(config), directory)  # the lock directory's own records
+    for line in coordinator.recovery.stale_records(dry_run):
+        print(f"  {line}")
+    coordinator.finish()
+    return pytest.ExitCode.TESTS_FAILED if any(results) else pytest.ExitCode.OK
+
+
+def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, pooled: bool) -> bool | None:
+    """Clean one hypervisor: True if something could not be done, None if it could not be reached."""
+    coordinator = Coordinator(settings, run, directory)
+    try:
+        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains()
+                                           if not leasedomain.is_lease_name(d.name()))
+    except KvmSnapError as exc:
+        print(f"kvmsnap: {settings.uri} skipped: {exc}" if pooled else f"kvmsnap: {exc}")
+        coordinator.finish()
+        return None
     print(f"kvmsnap cleanup at {settings.uri}{' (dry run: nothing is changed)' if dry_run else ''}")
     failed = False
     for name in names:
@@ -50,7 +74,7 @@ def run_cleanup(config: pytest.Config) -> int:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:
             print(f"  {line}")
-    for line in [*coordinator.recovery.stale_records(dry_run), *coordinator.recovery.unused_locks(dry_run)]:
+    for line in coordinator.recovery.unused_locks(dry_run):
         print(f"  {line}")
     coordinator.finish()
-    return pytest.ExitCode.TESTS_FAILED if failed else pytest.ExitCode.OK
+    return failed

@@ -63,7 +63,10 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("uri", "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)."),
+    Setting("uri", "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system); repeatable: "
+            "hypervisors that each have the guests form a pool, and each run (each xdist worker) uses them "
+            "on one that has them free; one that cannot be reached is skipped.",
+            ini_type="linelist", multiple=True),
     Setting("domains", "guest(s) used by kvm_snapshot markers that name none; repeatable.",
             default=(), ini_type="linelist", multiple=True, cli="domain"),
     Setting("revert", "when a guest goes back to its baseline: after/before/both each unit, "
@@ -117,7 +120,8 @@ BY_NAME = {s.name: s for s in SETTINGS}
 class Settings:
     """The run-wide settings after command line, ini and environment were merged."""
 
-    uri: str = DEFAULT_URI
+    uri: str = DEFAULT_URI  # the first of ``uris``
+    uris: tuple[str, ...] = ()  # every hypervisor of the pool, in the order given; () = just ``uri``
     domains: tuple[str, ...] = ()
     revert: str = "after"
     scope: str = "function"
@@ -136,6 +140,11 @@ class Settings:
     keep_failed_max: int = 3
     console_lines: int = 50
     artifacts: str | None = None
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The hypervisors to use, in the order given."""
+        return self.uris or (self.uri,)
 
     def clone_count(self, workers: int) -> int:
         """How many clones per guest for a run with ``workers`` processes (0 = off)."""
@@ -171,8 +180,9 @@ def add_options(parser: pytest.Parser) -> None:
 def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     values = {s.name: _value(config, s) for s in SETTINGS}
-    if values["uri"] is None:
-        values["uri"] = env.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    uris = tuple(dict.fromkeys(str(uri) for uri in values["uri"] or () if uri))
+    uris = uris or (env.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI,)
+    values["uri"], values["uris"] = uris[0], uris
     values["domains"] = tuple(values["domains"] or ())
     for name, value in list(values.items()):
         if value is None:

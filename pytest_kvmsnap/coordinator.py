@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend, deadlock, postmortem
+from pytest_kvmsnap import backend, deadlock, leasedomain, postmortem
 from pytest_kvmsnap.config import Settings, Spec, this_host
 from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import (
@@ -41,6 +41,7 @@ from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
+from pytest_kvmsnap.placement import Probe, place
 from pytest_kvmsnap.provisioning import Provisioner
 from pytest_kvmsnap.readiness import Readiness
 from pytest_kvmsnap.recovery import Recovery
@@ -60,12 +61,13 @@ TRANSIENT = (ConnectionLost, ConnectionFailed)
 class Coordinator:
     def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
                  finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None,
-                 ready_hook: Callable[[Guest, float], None] | None = None) -> None:
+                 ready_hook: Callable[[Guest, float], None] | None = None, worker: str = "") -> None:
         self.settings = settings
         self.run_id = run_id
         self.finisher = finisher
         self.report = report
         self.clone_slot = clone_slot  # clone mode: which of the run's clones this process uses
+        self.worker = worker or "main"  # xdist's gwN, for the summary's "served by"
         self.store = RecordStore(lock_dir, report)
         pid = owner_pid or os.getpid()
         owner = backend.Owner(run_id, pid, this_host(), time.time(), process_token(pid))
@@ -99,7 +101,7 @@ class Coordinator:
 
     def guest(self, name: str) -> Guest:
         state = self._states[name]
-        return Guest(state, self.hypervisor.connection(state.uri), self.hypervisor.domain(state.name),
+        return Guest(state, self.hypervisor.connection(state.uri), self._domain(state),
                      lambda reason: self._manual_revert(state, name, reason),
                      lambda port: self._address(state, name, port))
 
@@ -118,7 +120,7 @@ class Coordinator:
         """
         record = state.record
         assert record is not None, "a test's guest is held"
-        dom = self.hypervisor.domain(state.name)
+        dom = self._domain(state)
         netdev = backend.user_netdev(dom)
         if netdev is None:
             address = backend.guest_ipv4(dom)
@@ -158,18 +160,52 @@ class Coordinator:
             self._failures[name] = exc
             raise
 
+    def _domain(self, state: GuestState) -> libvirt.virDomain:
+        return self.hypervisor.domain(state.name, state.uri)
+
     def _prepared(self, name: str) -> GuestState:
-        """This process's state for guest ``name``, prepared once: the domain looked up and
-        preflighted, and in clone mode the run's copies made and this process's clone named."""
+        """This process's state for guest ``name``, prepared once: its host chosen, the domain
+        looked up and preflighted, and in clone mode the run's copies made and this process's
+        clone named."""
         if name not in self._states:
-            self._first_use(name, lambda: self.hypervisor.domain(name))
+            uri = self._first_use(name, lambda: self._host_for(name))
+            self._first_use(name, lambda: self.hypervisor.domain(name, uri))
             real, slot = name, self.clone_slot
             if slot is not None:
-                real = self._first_use(name, lambda: self.provisioner.clone_source(name, slot))
-            uri = self.settings.uri
+                real = self._first_use(name, lambda: self.provisioner.clone_source(name, slot, uri))
             self._states[name] = GuestState(real, uri, self.store.lock(uri, real),
                                             clone_of=name if real != name else "")
         return self._states[name]
+
+    def _host_for(self, name: str) -> str:
+        """The hypervisor this process uses guest ``name`` on (placement.py); the one URI without a pool."""
+        pool = self.settings.pool
+        if len(pool) == 1:
+            return pool[0]
+        chosen = place(name, pool, self._slot(), lambda uri: self._probe(name, uri))
+        for line in chosen.skipped:
+            self._incident(line)
+        return chosen.uri
+
+    def _slot(self) -> int:
+        """Which host of the pool this process tries first: xdist worker gwN the Nth."""
+        digits = self.worker.removeprefix("gw")
+        return int(digits) if digits.isdigit() else 0
+
+    def _probe(self, name: str, uri: str) -> Probe:
+        try:
+            self.hypervisor.domain(name, uri)
+        except ConnectionFailed as exc:
+            return Probe(uri, problem=f"it cannot be reached ({exc})")
+        except KvmSnapError as exc:
+            return Probe(uri, problem=str(exc))
+        lease = leasedomain.read(self.hypervisor.connection(uri), name)
+        if lease is not None and lease[1].holder.run_id != self.run_id and self.leases.holder_alive(lease[1]):
+            return Probe(uri, holder=lease[1].describe())
+        record = self.store.lock(uri, name).read()
+        if record is not None and not self.lease.may_use(record):
+            return Probe(uri, holder=record.describe())
+        return Probe(uri)
 
     def _acquire(self, state: GuestState, holder: str) -> None:
         """Hold the guest for this process; the run's first holder takes the baseline."""
@@ -197,6 +233,8 @@ class Coordinator:
             record.revert_owed = True
             self._incident(f"kvmsnap: {state.name}: previous holder {record.holder} died; reverting", record)
         record.holder, record.holder_pid, record.since = holder, os.getpid(), time.time()
+        if self.worker not in record.served:
+            record.served.append(self.worker)
         try:
             if not state.clone_of:  # this process renews the run's lease on it too
                 self.leases.adopt(state.uri, state.name)
@@ -244,6 +282,7 @@ class Coordinator:
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
             with backend.libvirt_errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
                 state = self._prepared(name)
+            with backend.libvirt_errors(state.uri, f"preparing guest {name!r} for {nodeid}"):
                 self._figures(state)
                 state.console = None  # set again once the guest is protected for this test
                 self._start_guest(state, name, spec, unit, nodeid)
@@ -260,7 +299,7 @@ class Coordinator:
                               "clones start from the state the guest is found in")
         if spec.snapshot and not state.lock.held:
             # Checked first, so the error lists only the user's snapshots.
-            backend.lookup_snapshot(self.hypervisor.domain(name), spec.snapshot)
+            backend.lookup_snapshot(self._domain(state), spec.snapshot)
         if state.broken:
             raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
         self._check_lease(state)
@@ -283,7 +322,7 @@ class Coordinator:
         record = state.record
         assert record is not None, "a held guest is settled"
         start = time.perf_counter()
-        steps = self.readiness.settle(name, self.hypervisor.domain(state.name),
+        steps = self.readiness.settle(name, self._domain(state),
                                       lambda port: self._address(state, name, port),
                                       restored=record.settle_restored)
         seconds = time.perf_counter() - start
@@ -314,7 +353,7 @@ class Coordinator:
 
     def _begin_unit(self, state: GuestState, spec: Spec, unit: str) -> None:
         assert state.record is not None, "a unit begins on a held guest"
-        died = backend.crash_reason(self.hypervisor.domain(state.name))
+        died = backend.crash_reason(self._domain(state))
         if died:  # after the last unit's end: it is not clean, whatever the record says
             self._incident(f"kvmsnap: {state.name}: went down between tests ({died}); restoring it "
                            f"before {unit}", state.record)
@@ -367,7 +406,7 @@ class Coordinator:
         errors = []
         try:
             with backend.libvirt_errors(state.uri, f"checking guest {name!r} after the test"):
-                died = backend.crash_reason(self.hypervisor.domain(state.name))
+                died = backend.crash_reason(self._domain(state))
                 if died:  # the test errors; the guest is restored now, whatever the unit or mode
                     errors.append(f"guest {name!r} went down during the test: {died}; "
                                   "it is being restored to its baseline for the next test")
@@ -415,7 +454,7 @@ class Coordinator:
         try:
             self.hypervisor.retrying(
                 f"reverting {state.name!r} to {target!r}",
-                lambda: self.reverter.revert(record, self.hypervisor.domain(state.name), target, reason),
+                lambda: self.reverter.revert(record, self._domain(state), target, reason),
                 state.uri)
         except BaseException as exc:
             if isinstance(exc, RevertFailed):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend, clones
 from pytest_kvmsnap.events import Notice
-from pytest_kvmsnap.exceptions import KvmSnapError, LeaseLost
+from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
@@ -48,10 +48,15 @@ class Finisher:
             if problem:
                 problems.append(problem)
                 unfinished.add((record.uri, record.domain))
-        try:  # leases that failed baseline steps took, with no record left to close
-            leases.release_left({self.hypervisor.settings.uri, *(r.uri for r in records)}, unfinished)
-        except (KvmSnapError, backend.lib().libvirtError) as exc:
-            problems.append(f"this run's leases could not all be given back (they expire by themselves): {exc}")
+        # Leases that failed baseline steps took, with no record left to close.
+        for uri in sorted({*self.hypervisor.settings.pool, *(r.uri for r in records)}):
+            try:
+                leases.release_left(uri, unfinished)
+            except ConnectionFailed:
+                continue  # a host of the pool that was skipped: the run took nothing there
+            except (KvmSnapError, backend.lib().libvirtError) as exc:
+                problems.append(f"this run's leases at {uri} could not all be given back (they expire by "
+                                f"themselves): {exc}")
         return problems
 
     def _finish_guest(self, record: RunRecord, leases: RunLeases) -> str | None:

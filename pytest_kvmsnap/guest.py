@@ -56,13 +56,17 @@ class GuestState:
         return self.unit_baseline or (self.record.baseline if self.record is not None else "")
 
 
-def summary(record: RunRecord) -> str:
+def summary(record: RunRecord, pool: bool = False) -> str:
+    """The guest's line in the run's summary; in a pool of hosts, which host and which workers."""
+    where = f"{record.domain} at {record.uri}" if pool else record.domain
     if record.clone_source:
-        return (f"{record.domain}: not used by tests; its disks (baseline inside) were copied for "
+        return (f"{where}: not used by tests; its disks (baseline inside) were copied for "
                 f"the clones in {record.baseline_seconds:.2f} s")
     times = record.revert_times()
     median = statistics.median(times) if times else 0.0
-    line = (f"{record.domain}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
+    if pool:
+        where += f" (served {', '.join(record.served) or 'no test'})"
+    line = (f"{where}: baseline {record.baseline} taken in {record.baseline_seconds:.2f} s, "
             f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")
     if record.waits:  # apart from the reverts: clock, entropy, --kvm-wait
         waits = [float(seconds) for seconds, _ in record.waits]

@@ -205,12 +205,11 @@ class RunLeases:
         if found is not None and found[1].holder.run_id == self.owner.run_id:
             leasedomain.release(found[0])
 
-    def release_left(self, uris: set[str], keep: set[Key]) -> None:
-        """Give back every other lease of the run at ``uris`` (failed baseline steps took them)."""
-        for uri in sorted(uris):
-            for dom, record in leasedomain.all_leases(self.hypervisor.connection(uri)):
-                if record.holder.run_id == self.owner.run_id and (uri, record.guest) not in keep:
-                    leasedomain.release(dom)
+    def release_left(self, uri: str, keep: set[Key]) -> None:
+        """Give back every other lease of the run at ``uri`` (failed baseline steps took them)."""
+        for dom, record in leasedomain.all_leases(self.hypervisor.connection(uri)):
+            if record.holder.run_id == self.owner.run_id and (uri, record.guest) not in keep:
+                leasedomain.release(dom)
 
     def stop(self) -> None:
         """No more renewals from this process (the leases themselves are left to the finisher)."""

@@ -95,6 +95,8 @@ class RunRecord:
     kept: list[str] = field(default_factory=list)
     # the owner's process_token: a reused pid is not the owner
     owner_proc: str = ""
+    # the run's processes ("main", or xdist's gwN) that used the guest, for the summary
+    served: list[str] = field(default_factory=list)
     # the process holding the guest now, and the guest it waits for meanwhile (deadlock.py)
     holder_pid: int = 0
     waiting_for: str = ""

@@ -291,7 +291,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     for record in coordinator.finishing.finished:
         for event in record.events:
             tr.write_line(event)
-        tr.write_line(summary(record))
+        tr.write_line(summary(record, pool=len(coordinator.settings.pool) > 1))
         for snapshot, how in sorted(record.revert_methods.items()):
             tr.write_line(f"  revert method for {snapshot}: {how}")
     for problem in config.stash.get(PROBLEMS_KEY, []):

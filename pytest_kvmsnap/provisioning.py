@@ -153,15 +153,15 @@ class Provisioner:
 
     # --- clone mode (see clones.py) ------------------------------------------
 
-    def clone_source(self, name: str, slot: int) -> str:
+    def clone_source(self, name: str, slot: int, uri: str) -> str:
         """Copy guest ``name`` once per run, under its lock; return clone ``slot``'s name.
 
         The original's record stays as the run's lease on it until the finisher
         has removed the clones and the copies.
         """
-        dom = self.hypervisor.domain(name)
+        dom = self.hypervisor.domain(name, uri)
         clones.check_copyable(dom)
-        lock = self.store.lock(self.hypervisor.settings.uri, name)
+        lock = self.store.lock(uri, name)
         try:
             self.lease.hold(lock, name, lambda: self._new_clone_source(name, dom, lock))
             # Every process with a clone keeps the original's lease alive: it covers the
@@ -173,13 +173,13 @@ class Provisioner:
 
     def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
         # Its baseline is the snapshot inside the copies; the original keeps none.
-        record = self._new_record(self.hypervisor.settings.uri, name)
+        record = self._new_record(lock.uri, name)
         self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
         lock.write(record)  # now with the copies' whereabouts
         return record
 
     def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
-        uri = self.hypervisor.settings.uri
+        uri = record.uri
         for repaired in self.recovery.repair(name, dom, uri):
             self.incident(repaired, record)
         if not dom.isActive():
@@ -195,5 +195,5 @@ class Provisioner:
         source = self.store.lock(state.uri, state.clone_of).read()
         if source is None or source.clone_source is None:
             raise RevertFailed(f"the run's copies of {state.clone_of!r} are gone; cannot clone it")
-        return clones.make_clone(self.hypervisor.connection(), source.clone_source, state.clone_of, state.name,
+        return clones.make_clone(self.hypervisor.connection(state.uri), source.clone_source, state.clone_of, state.name,
                                  self.owner)

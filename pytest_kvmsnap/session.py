@@ -81,7 +81,8 @@ def coordinator_for(config: pytest.Config) -> Coordinator:
         config.stash[COORDINATOR_KEY] = Coordinator(
             settings, run_id(config), lock_dir(settings), owner_pid=workerinput.get(WORKER_OWNER),
             finisher=not is_worker(config), report=SessionReporter(config),
-            clone_slot=clone_slot(config, settings), ready_hook=_ready_hook(config))
+            clone_slot=clone_slot(config, settings), ready_hook=_ready_hook(config),
+            worker=str(workerinput.get("workerid", "")))
         _terminate_like_ctrl_c()
     return config.stash[COORDINATOR_KEY]
 

@@ -31,7 +31,8 @@ class Witness:
         if not self.settings.console_lines and self.settings.artifacts is None:
             return
         with backend.libvirt_errors(state.uri, f"finding guest {name!r}'s console log"):
-            state.console = postmortem.console_mark(self.hypervisor.domain(state.name), self._local(state.uri))
+            dom = self.hypervisor.domain(state.name, state.uri)
+            state.console = postmortem.console_mark(dom, self._local(state.uri))
 
     def _local(self, uri: str) -> bool:
         """Is the hypervisor this host (asked once per URI: a round trip)?"""
@@ -55,7 +56,7 @@ class Witness:
 
     def _screenshot(self, state: GuestState, directory: Path, stem: str) -> list[Path]:
         try:
-            dom = self.hypervisor.domain(state.name)
+            dom = self.hypervisor.domain(state.name, state.uri)
             if not dom.isActive() or not backend.has_screen(dom):
                 return []
             return [postmortem.save_screenshot(dom, directory, stem)]
@@ -69,7 +70,7 @@ class Witness:
         assert record is not None, "a held guest's state is kept"
         try:
             with backend.libvirt_errors(state.uri, f"saving {name!r}'s state"):
-                dom = self.hypervisor.domain(state.name)
+                dom = self.hypervisor.domain(state.name, state.uri)
                 kept = postmortem.keep(dom, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
                 if state.clone_of and kept.snapshot:
                     # The run ends by removing its clones: this one is kept instead (finishing.py).

@@ -18,6 +18,13 @@ done
 if [ -n "$needs_debian" ]; then
     ensure_debian_image
 fi
+# The second hypervisor of the pool tests (tests/integration/test_pool.py): an
+# unprivileged user's libvirtd, reached over real SSH.
+if [ -z "${KVMSNAP_POOL_URI:-}" ]; then
+    KVMSNAP_POOL_URI="$(bash "$ROOT/scripts/setup-ssh-hypervisor.sh")"
+    KVMSNAP_POOL_GUEST_DIR="$(getent passwd "${KVMSNAP_SSH_USER:-kvmsnap-remote}" | cut -d: -f6)/images"
+    export KVMSNAP_POOL_URI KVMSNAP_POOL_GUEST_DIR
+fi
 "$VENV/bin/ruff" check pytest_kvmsnap tests examples benchmarks
 "$VENV/bin/mypy" pytest_kvmsnap tests
 set +e

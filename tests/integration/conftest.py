@@ -58,11 +58,12 @@ class RealGuest:
     name: str
     console: Console
     image: GuestImage
+    uri: str = URI
 
     def domain(self) -> Any:  # a libvirt.virDomain (libvirt ships no type hints)
         import libvirt
 
-        return libvirt.open(URI).lookupByName(self.name)
+        return libvirt.open(self.uri).lookupByName(self.name)
 
     def snapshots(self) -> list[str]:
         return sorted(self.domain().snapshotListNames())
@@ -75,7 +76,7 @@ class RealGuest:
         import libvirt
 
         try:
-            libvirt.open(URI).lookupByName(self.name + ".kvmsnap-lease")
+            libvirt.open(self.uri).lookupByName(self.name + ".kvmsnap-lease")
         except libvirt.libvirtError:
             return False
         return True

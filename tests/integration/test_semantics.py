@@ -34,7 +34,7 @@ def assert_as_found(guest: RealGuest, snapshots: list[str] | None = None) -> Non
     assert guest.console.run(CLEAN).status == 0
     if LOCK_DIR.is_dir():
         assert [r for r in GuestLock.records(LOCK_DIR) if r.domain == guest.name] == []
-        lock = GuestLock(LOCK_DIR, URI, guest.name)
+        lock = GuestLock(LOCK_DIR, guest.uri, guest.name)
         lock.acquire(0, to_stdout)  # raises if anyone still holds it
         lock.release()
 

@@ -14,7 +14,7 @@ def settings(pytester: pytest.Pytester, *args: str, ini: str = "", env: dict[str
 
 
 def test_defaults(pytester: pytest.Pytester) -> None:
-    assert settings(pytester) == Settings(uri=DEFAULT_URI)
+    assert settings(pytester) == Settings(uri=DEFAULT_URI, uris=(DEFAULT_URI,))
 
 
 def test_env_uri_used_when_nothing_else(pytester: pytest.Pytester) -> None:

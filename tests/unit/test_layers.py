@@ -12,8 +12,8 @@ PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
     "exceptions", "config", "events", "figures", "backend", "leasedomain", "storage", "postmortem", "locking",
-    "deadlock", "clones", "units", "hypervisor", "heartbeat", "revert", "lease", "recovery", "readiness",
-    "finishing", "guest", "provisioning", "witness", "coordinator",
+    "deadlock", "clones", "units", "placement", "hypervisor", "heartbeat", "revert", "lease", "recovery",
+    "readiness", "finishing", "guest", "provisioning", "witness", "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]

@@ -49,7 +49,7 @@ values = st.dictionaries(st.sampled_from([s.dest for s in SETTINGS]), st.one_of(
 @given(options=values, ini=values, env=st.dictionaries(st.sampled_from(["LIBVIRT_DEFAULT_URI", "X"]), st.text()))
 def test_the_resolver_gives_valid_settings_or_one_config_error(options: dict[str, Any], ini: dict[str, Any],
                                                                env: dict[str, str]) -> None:
-    for name in ("kvm_domains",):  # a repeatable option and a linelist ini value are lists
+    for name in ("kvm_domains", "kvm_uri"):  # a repeatable option and a linelist ini value are lists
         for source in (options, ini):
             if name in source:
                 source[name] = [str(source[name])]
