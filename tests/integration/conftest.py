@@ -73,13 +73,21 @@ class RealGuest:
 
     def leased(self) -> bool:
         """Is a run's lease on the guest (an inert domain beside it) still on the hypervisor?"""
+        return self._lease() is not None
+
+    def drop_lease(self) -> None:
+        """What a failed test's killed run may leave: its lease would hold the guest until it expired."""
+        lease = self._lease()
+        if lease is not None:
+            lease.undefine()
+
+    def _lease(self) -> Any:
         import libvirt
 
         try:
-            libvirt.open(self.uri).lookupByName(self.name + ".kvmsnap-lease")
+            return libvirt.open(self.uri).lookupByName(self.name + ".kvmsnap-lease")
         except libvirt.libvirtError:
-            return False
-        return True
+            return None
 
     def is_pristine(self) -> bool:
         try:
@@ -123,6 +131,7 @@ def _pristine(guests: dict[str, RealGuest], name: str, conn) -> RealGuest:  # ty
     # A test that failed may have left its guest changed: start the next one clean.
     if not guests[name].is_pristine():
         guests[name] = _fresh(_live(conn), name, guests[name].image)
+    guests[name].drop_lease()
     return guests[name]
 
 
