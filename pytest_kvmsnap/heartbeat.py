@@ -131,9 +131,12 @@ class RunLeases:
         if record.holder.run_id != self.owner.run_id:
             return f"another run took it over: {record.describe()}"
         if time.time() >= record.expires - self.quarter:
-            return (f"it was not renewed in time (less than {self.quarter:.0f} s of it left; this process "
-                    "was stopped, or the hypervisor could not be reached)")
+            return self._too_late()
         return None
+
+    def _too_late(self) -> str:
+        return (f"it was not renewed in time (less than {self.quarter:.0f} s of it left; this process was "
+                "stopped, or the hypervisor could not be reached)")
 
     def _keep(self, key: Key, dom: libvirt.virDomain, expires: float) -> None:
         with self._mutex:
@@ -154,8 +157,7 @@ class RunLeases:
         with self._mutex:
             lost, held = self._lost.get(key), self._held.get(key)
         if lost is None and held is not None and time.time() >= held.expires - self.quarter:
-            lost = (f"it was not renewed in time (less than {self.quarter:.0f} s of it left; this process "
-                    "was stopped, or the hypervisor could not be reached)")
+            lost = self._too_late()
             self._lose(key, lost)
         if lost is not None:
             raise LeaseLost(f"this run's lease on guest {guest!r} at {uri} is lost: {lost}. The guest is "

@@ -93,8 +93,8 @@ class Lease:
             lock.release()
             if holder is not None:
                 self._wait(name, holder.describe(), deadline,
-                           f"if that run is gone, this one takes the guest over when the lease expires, "
-                           f"or run pytest --kvm-cleanup on {holder.holder.host}")
+                           "if that run is gone, the guest is taken over once its lease expired (a run that "
+                           "waits longer does it, as does pytest --kvm-cleanup)")
             else:
                 assert rival is not None, "waiting for someone"
                 owner, snapshot = rival
