@@ -23,6 +23,7 @@ class GuestFigures:
     kept_snapshot: str = ""
     kept_guest: str = ""  # where the kept snapshot is: the guest, or a clone's kept domain
     kept_pool: str = ""  # a kept clone's storage pool, holding its disks
+    kept_uri: str = ""  # the hypervisor it is on (a pool of hosts has several)
     not_kept: str = ""  # why a failed state was not kept
 
     @property
@@ -36,7 +37,8 @@ class GuestFigures:
                  ("revert_method", methods), ("wait_seconds", f"{self.wait_seconds:.3f}"),
                  ("lock_wait_seconds", f"{self.lock_seconds:.3f}"), ("ready_seconds", f"{self.ready_seconds:.3f}")]
         if self.kept_snapshot:
-            found.extend([("kept_snapshot", self.kept_snapshot), ("kept_guest", self.kept_guest)])
+            found.extend([("kept_snapshot", self.kept_snapshot), ("kept_guest", self.kept_guest),
+                          ("kept_uri", self.kept_uri)])
         if self.kept_pool:
             found.append(("kept_pool", self.kept_pool))
         if self.not_kept:
@@ -73,6 +75,8 @@ def _set(figures: GuestFigures, key: str, text: str) -> None:
         figures.kept_guest = text
     elif key == "kept_pool":
         figures.kept_pool = text
+    elif key == "kept_uri":
+        figures.kept_uri = text
     elif key == "not_kept":
         figures.not_kept = text
 

@@ -170,8 +170,11 @@ class RunLeases:
             with self._mutex:
                 held = list(self._held.items())
             for key, lease in held:
-                with contextlib.suppress(Exception):  # unreachable now: the next round tries again
+                try:
                     self._renew(key, lease)
+                except Exception:  # unreachable now, or libvirtd restarted: a new connection next round
+                    with contextlib.suppress(Exception):
+                        self._connections.pop(key[0]).close()
 
     def _renew(self, key: Key, lease: _Held) -> None:
         uri, guest = key
@@ -181,7 +184,6 @@ class RunLeases:
             dom = conn.lookupByUUIDString(lease.uuid)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                self._connections.pop(uri, None)  # a new connection next round
                 raise
             now = leasedomain.read(conn, guest)  # who has it now, for the message
             self._lose(key, self._why_not_ours(now[1] if now else None) or "another run took it over")

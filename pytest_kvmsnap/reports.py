@@ -84,7 +84,7 @@ def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, verbos
     for test, figures in run.kept:
         if figures.kept_snapshot:
             kept = Kept(figures.kept_guest, test, figures.kept_snapshot, pool=figures.kept_pool)
-            look, delete = kept.commands(uri)
+            look, delete = kept.commands(figures.kept_uri or uri)
             where = "" if kept.guest == figures.guest else f" of {kept.guest}"
             tr.write_line(f"kvmsnap: kept {figures.guest}'s state after {test} failed: snapshot "
                           f"{figures.kept_snapshot}{where}")

@@ -130,7 +130,7 @@ def test_png_from_ppm_keeps_the_pixels() -> None:
 
 
 def test_figures_survive_the_trip_through_properties() -> None:
-    figures = [GuestFigures("a", 0.25, ["inplace"], 1.5, 0.5, kept_snapshot="kept-x"),
+    figures = [GuestFigures("a", 0.25, ["inplace"], 1.5, 0.5, kept_snapshot="kept-x", kept_uri="qemu+ssh://h/system"),
                GuestFigures("b", 3.0, ["libvirt", "inplace"], not_kept="cap")]
     back = from_properties([("other", 1), *(p for f in figures for p in f.properties())])
     assert back == figures
