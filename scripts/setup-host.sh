@@ -53,7 +53,9 @@ fi
 # A previous session's daemons were killed without cleanup: their pid files and
 # sockets are stale, which is normal here.  Start a daemon only if none answers.
 # Zombies (a daemon killed but not yet reaped) do not count.
-alive() { pgrep -x -r D,R,S "$1" >/dev/null 2>&1; }
+# Root's daemons only: a user's session libvirtd/virtlogd (the SSH hypervisor of
+# scripts/setup-ssh-hypervisor.sh) has the same name and must not count.
+alive() { pgrep -x -u root -r D,R,S "$1" >/dev/null 2>&1; }
 
 if ! alive virtlogd; then
     rm -f /var/run/libvirt/virtlogd.pid /var/run/libvirt/virtlogd-sock /var/run/libvirt/virtlogd-admin-sock
@@ -77,7 +79,7 @@ fi
 if [ "${KVMSNAP_LIBVIRT_TCP:-0}" = 1 ] && alive libvirtd \
         && ! virsh -c qemu+tcp://127.0.0.1/system version >/dev/null 2>&1; then
     say "restarting libvirtd to listen on TCP"
-    pkill -x libvirtd
+    pkill -x -u root libvirtd
     for _ in $(seq 1 50); do alive libvirtd || break; sleep 0.2; done
 fi
 
