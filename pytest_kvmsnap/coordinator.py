@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pytest_kvmsnap import backend, deadlock, leasedomain, postmortem
+from pytest_kvmsnap import backend, deadlock, postmortem
+from pytest_kvmsnap.addressing import guest_address
 from pytest_kvmsnap.config import Settings, Spec, this_host
 from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import (
@@ -41,7 +42,7 @@ from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
-from pytest_kvmsnap.placement import Probe, place
+from pytest_kvmsnap.placement import Probe, place, worker_slot
 from pytest_kvmsnap.provisioning import Provisioner
 from pytest_kvmsnap.readiness import Readiness
 from pytest_kvmsnap.recovery import Recovery
@@ -112,35 +113,7 @@ class Coordinator:
         self.ready_hook(self.guest(name), timeout)
 
     def _address(self, state: GuestState, name: str, port: int) -> tuple[str, int]:
-        """Where the host connects to the guest's ``port``.
-
-        On a user-mode network, a port on the host's 127.0.0.1 that QEMU forwards
-        (one per QEMU process: each clone has its own); else the guest's own
-        address as libvirt sees it (DHCP lease, guest agent, ARP).
-        """
-        record = state.record
-        assert record is not None, "a test's guest is held"
-        dom = self._domain(state)
-        netdev = backend.user_netdev(dom)
-        if netdev is None:
-            address = backend.guest_ipv4(dom)
-            if address is None:
-                raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
-                                   "libvirt network, no guest agent, no ARP entry)")
-            return address, port
-        conn = self.hypervisor.connection(state.uri)
-        if not backend.is_this_host(conn):
-            raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {conn.getHostname()}: a forwarded "
-                               f"port would listen on that host's 127.0.0.1, which this host cannot reach. Put "
-                               "the guest on a libvirt network (NAT or bridge) to test it from here.")
-        identity = backend.process_identity(dom)
-        process = identity[0] if identity else -1
-        forward = record.forwards.get(str(port))
-        if forward is None or forward[1] != process:  # a new QEMU process has no forwards yet
-            forward = [backend.forward_port(dom, netdev, port), process]
-            record.forwards[str(port)] = forward
-            state.lock.write(record)
-        return "127.0.0.1", forward[0]
+        return guest_address(self.hypervisor.connection(state.uri), self._domain(state), state, name, port)
 
     # --- once per guest ------------------------------------------------------
 
@@ -182,15 +155,10 @@ class Coordinator:
         pool = self.settings.pool
         if len(pool) == 1:
             return pool[0]
-        chosen = place(name, pool, self._slot(), lambda uri: self._probe(name, uri))
+        chosen = place(name, pool, worker_slot(self.worker), lambda uri: self._probe(name, uri))
         for line in chosen.skipped:
             self._incident(line)
         return chosen.uri
-
-    def _slot(self) -> int:
-        """Which host of the pool this process tries first: xdist worker gwN the Nth."""
-        digits = self.worker.removeprefix("gw")
-        return int(digits) if digits.isdigit() else 0
 
     def _probe(self, name: str, uri: str) -> Probe:
         try:
@@ -199,13 +167,7 @@ class Coordinator:
             return Probe(uri, problem=f"it cannot be reached ({exc})")
         except KvmSnapError as exc:
             return Probe(uri, problem=str(exc))
-        lease = leasedomain.read(self.hypervisor.connection(uri), name)
-        if lease is not None and lease[1].holder.run_id != self.run_id and self.leases.holder_alive(lease[1]):
-            return Probe(uri, holder=lease[1].describe())
-        record = self.store.lock(uri, name).read()
-        if record is not None and not self.lease.may_use(record):
-            return Probe(uri, holder=record.describe())
-        return Probe(uri)
+        return Probe(uri, holder=self.lease.other_holder(uri, name, self.store.lock(uri, name).read()))
 
     def _acquire(self, state: GuestState, holder: str) -> None:
         """Hold the guest for this process; the run's first holder takes the baseline."""

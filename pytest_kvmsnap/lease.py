@@ -66,6 +66,15 @@ class Lease:
         return (record is None or record.run_id == self.owner.run_id
                 or not self.alive(record_owner(record), record.uri, record.domain))
 
+    def other_holder(self, uri: str, name: str, record: RunRecord | None) -> str:
+        """Who else holds guest ``name`` at ``uri`` now, by its lease or the run ``record``; '' if no one."""
+        lease = leasedomain.read(self.hypervisor.connection(uri), name)
+        if lease is not None and lease[1].holder.run_id != self.owner.run_id and self.leases.holder_alive(lease[1]):
+            return lease[1].describe()
+        if record is not None and not self.may_use(record):
+            return record.describe()
+        return ""
+
     def hold(self, lock: GuestLock, name: str, take: Callable[[], RunRecord], rivals: bool = True,
              check: Callable[[], None] | None = None) -> RunRecord:
         """Hold ``lock`` with this run's record in it, calling ``take`` for a new run.

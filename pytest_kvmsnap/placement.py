@@ -32,6 +32,12 @@ class Placement:
     waits: bool = False  # every usable host's guest is held: the process waits at ``uri``
 
 
+def worker_slot(worker: str) -> int:
+    """Which host of the pool a process tries first: xdist worker gwN the Nth, any other the first."""
+    digits = worker.removeprefix("gw")
+    return int(digits) if digits.isdigit() else 0
+
+
 def in_order(pool: tuple[str, ...], slot: int) -> list[str]:
     """The pool as process ``slot`` tries it: from host ``slot mod len(pool)`` round."""
     start = slot % len(pool)

@@ -13,7 +13,7 @@ PACKAGE = Path(pytest_kvmsnap.__file__).parent
 LAYERS = [
     "exceptions", "config", "events", "figures", "backend", "leasedomain", "storage", "postmortem", "locking",
     "deadlock", "clones", "units", "placement", "hypervisor", "heartbeat", "revert", "lease", "recovery",
-    "readiness", "finishing", "guest", "provisioning", "witness", "coordinator",
+    "readiness", "finishing", "guest", "addressing", "provisioning", "witness", "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.placement import Probe, in_order, place
+from pytest_kvmsnap.placement import Probe, in_order, place, worker_slot
 
 POOL = ("qemu+ssh://a/system", "qemu+ssh://b/system", "qemu+ssh://c/system")
 
@@ -15,6 +15,7 @@ def hosts(**offers: Probe) -> dict[str, Probe]:
 
 
 def test_each_worker_starts_at_its_own_host() -> None:
+    assert [worker_slot(w) for w in ("gw0", "gw3", "main", "")] == [0, 3, 0, 0]
     assert in_order(POOL, 0) == list(POOL)
     assert in_order(POOL, 1) == [POOL[1], POOL[2], POOL[0]]
     assert in_order(POOL, 4) == in_order(POOL, 1)
