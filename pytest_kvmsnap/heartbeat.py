@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 Key = tuple[str, str]  # (uri, guest)
 TAKE_ATTEMPTS = 3  # reads of a lease that keeps changing hands under us before giving up
+RETRY_AFTER_FAILURE = 1.0  # seconds to the next renewal after a failed one (libvirtd restarting)
 
 
 @dataclass
@@ -166,15 +167,18 @@ class RunLeases:
     # --- the renewing thread ---------------------------------------------------
 
     def _renew_all(self) -> None:
-        while not self._stop.wait(self.quarter):
+        pause = self.quarter
+        while not self._stop.wait(pause):
             with self._mutex:
                 held = list(self._held.items())
+            pause = self.quarter
             for key, lease in held:
                 try:
                     self._renew(key, lease)
-                except Exception:  # unreachable now, or libvirtd restarted: a new connection next round
+                except Exception:  # unreachable now, or libvirtd restarted: a new connection, soon
                     with contextlib.suppress(Exception):
                         self._connections.pop(key[0]).close()
+                    pause = min(self.quarter, RETRY_AFTER_FAILURE)
 
     def _renew(self, key: Key, lease: _Held) -> None:
         uri, guest = key
