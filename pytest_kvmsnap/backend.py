@@ -312,6 +312,19 @@ def create_kept(dom: libvirt.virDomain, name: str, record: dict[str, Any]) -> No
     dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
 
 
+def mark_kept(snap: libvirt.virDomainSnapshot, record: dict[str, Any]) -> None:
+    """Make a baseline the user asked to keep (``--kvm-keep-snapshot``) a snapshot kept for
+    the user: the same snapshot, its description now the kept tag, so that no later run
+    takes it for a dead run's orphan and reverts to it or deletes it."""
+    root = ET.fromstring(snap.getXMLDesc(0))
+    description = root.find("description")
+    if description is None:
+        description = ET.SubElement(root, "description")
+    description.text = kept_description(record)
+    snap.getDomain().snapshotCreateXML(ET.tostring(root, encoding="unicode"),
+                                       lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+
+
 def kept_records(dom: libvirt.virDomain) -> list[dict[str, Any]]:
     """The records of the guest's snapshots kept for the user (any run), with their names."""
     found = []

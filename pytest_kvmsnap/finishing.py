@@ -85,8 +85,11 @@ class Finisher:
             if restored:
                 self._clock_as_found(dom)
             self._remove_forwards(record, dom)
-            if not settings.keep_snapshot:
-                backend.delete_snapshot(backend.lookup_snapshot(dom, record.baseline))
+            baseline = backend.lookup_snapshot(dom, record.baseline)
+            if settings.keep_snapshot:
+                backend.mark_kept(baseline, {"run": record.run_id, "kept_at": time.time(), "baseline": True})
+            else:
+                backend.delete_snapshot(baseline)
             lock.remove()
             leases.release(record.uri, record.domain)
             return None

@@ -201,3 +201,18 @@ def test_daemon_not_running(inner: pytest.Pytester) -> None:
     result = inner.runpytest_subprocess("--kvm-uri=qemu+unix:///system?socket=/run/nowhere/libvirt-sock")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*libvirtd does not seem to be running: start it*"])
+
+
+def test_a_kept_baseline_is_the_users_and_the_next_run_leaves_it(inner: pytest.Pytester,
+                                                                  guest_a: RealGuest) -> None:
+    """--kvm-keep-snapshot: once the run is over, its baseline is no dead run's orphan."""
+    inner.makepyfile(three_dirty_tests(guest_a.name))
+    run_inner(inner, "--kvm-keep-snapshot").assert_outcomes(passed=3)
+    kept = guest_a.snapshots()
+    assert len(kept) == 1 and kept[0].startswith("kvmsnap-")
+    after = run_inner(inner)
+    after.assert_outcomes(passed=3)
+    assert "left by dead run" not in after.stdout.str()
+    assert guest_a.snapshots() == kept
+    assert_as_found(guest_a, snapshots=kept)
+    guest_a.domain().snapshotLookupByName(kept[0]).delete(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_kvmsnap import backend
 from tests.conftest import RevertLog, TestDriver
 from tests.unit.helpers import run_unit as run
 from tests.unit.helpers import three_tests
@@ -102,6 +103,11 @@ def test_keep_snapshot(pytester, guest, testdriver) -> None:  # type: ignore[no-
     run(pytester, "--kvm-keep-snapshot").assert_outcomes(passed=3)
     kept = testdriver.snapshots(guest)
     assert len(kept) == 1 and kept[0].startswith("kvmsnap-")
+    # It is the user's now, marked kept: no later run takes it for a dead run's orphan
+    # (tests/integration/test_semantics.py shows it with a real next run).
+    dom = testdriver.conn.lookupByName(guest)
+    assert [r["name"] for r in backend.kept_records(dom) if r.get("baseline")] == kept
+    assert backend.owned_snapshots(dom) == []
 
 
 def test_several_guests_per_test(pytester, testdriver, revert_log) -> None:  # type: ignore[no-untyped-def]
