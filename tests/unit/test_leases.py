@@ -13,10 +13,11 @@ import pytest
 
 from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.config import Settings, resolve
-from pytest_kvmsnap.exceptions import ConfigError, LeaseLost
+from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from tests.conftest import TestDriver
+from tests.unit.helpers import run_unit, three_tests
 
 URI = "test:///default"
 GUEST = "leased-guest"
@@ -166,3 +167,20 @@ def race(calls: list[Callable[[], object]]) -> list[object]:
     for thread in threads:
         thread.join()
     return results
+
+
+def test_a_lease_a_failed_baseline_took_is_given_back_at_the_end(pytester: pytest.Pytester, testdriver: TestDriver,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease is taken before the baseline; the baseline fails and no record is left to close:
+    the run's end gives the lease back all the same, so other hosts need not wait for it to expire."""
+    name = testdriver.define()
+
+    def refuse(*_args: object) -> None:
+        raise KvmSnapError("no snapshot today")
+
+    monkeypatch.setattr(backend, "create_baseline", refuse)
+    pytester.makepyfile(three_tests(name))
+    result = run_unit(pytester)
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["*no snapshot today*"])
+    assert leasedomain.read(testdriver.conn, name) is None
