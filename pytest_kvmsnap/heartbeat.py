@@ -71,6 +71,13 @@ class RunLeases:
             return False
         return holder.host != this_host() or running(holder.host, holder.pid, holder.proc)
 
+    def live_holder(self, uri: str, guest: str) -> LeaseRecord | None:
+        """Another run's lease on the guest, while it entitles that run to it; else None."""
+        found = leasedomain.read(self.hypervisor.connection(uri), guest)
+        if found is None or found[1].holder.run_id == self.owner.run_id or not self.holder_alive(found[1]):
+            return None
+        return found[1]
+
     # --- taking and keeping ----------------------------------------------------
 
     def take(self, uri: str, guest: str) -> LeaseRecord | None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend, leasedomain
+from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.events import Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
@@ -57,8 +57,8 @@ class Lease:
         """
         if owner.host == this_host():
             return running(owner.host, owner.pid, owner.proc)
-        found = leasedomain.read(self.hypervisor.connection(uri), guest)
-        return found is not None and found[1].holder.run_id == owner.run_id and not found[1].expired()
+        lease = self.leases.live_holder(uri, guest)
+        return lease is not None and lease.holder.run_id == owner.run_id
 
     def may_use(self, record: RunRecord | None) -> bool:
         """A guest's record lets this run in: free, its own, or left by a dead run (whose
@@ -68,9 +68,9 @@ class Lease:
 
     def other_holder(self, uri: str, name: str, record: RunRecord | None) -> str:
         """Who else holds guest ``name`` at ``uri`` now, by its lease or the run ``record``; '' if no one."""
-        lease = leasedomain.read(self.hypervisor.connection(uri), name)
-        if lease is not None and lease[1].holder.run_id != self.owner.run_id and self.leases.holder_alive(lease[1]):
-            return lease[1].describe()
+        lease = self.leases.live_holder(uri, name)
+        if lease is not None:
+            return lease.describe()
         if record is not None and not self.may_use(record):
             return record.describe()
         return ""
