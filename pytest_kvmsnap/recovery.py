@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from pytest_kvmsnap import backend, clones, leasedomain
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
+from pytest_kvmsnap.leasedomain import LeaseRecord
 from pytest_kvmsnap.locking import RecordStore
 
 if TYPE_CHECKING:
@@ -86,26 +87,29 @@ class Recovery:
             if dead_lease and lease is not None:
                 lines.append(f"{name}: would remove the lease of dead run {lease[1].holder.run_id}")
         elif orphans or dead_clones or pools or dead_lease:
-            lines.extend(self._repair_held(name, dom, uri))
-            if dead_lease and lease is not None:
-                lines.append(f"{name}: removed the lease of dead run {lease[1].holder.run_id} "
-                             f"(pid {lease[1].holder.pid} on {lease[1].holder.host})")
+            lines.extend(self._repair_held(name, dom, uri, lease[1] if dead_lease and lease else None))
         return lines or [f"{name}: nothing to clean"]
 
-    def _repair_held(self, name: str, dom: libvirt.virDomain, uri: str) -> list[str]:
-        """Repair under the guest's lock and its lease (a dead run's lease is taken over)."""
+    def _repair_held(self, name: str, dom: libvirt.virDomain, uri: str,
+                     dead_lease: LeaseRecord | None) -> list[str]:
+        """Repair under the guest's lock and its lease (a dead run's lease is taken over, then
+        given back: it is gone)."""
         lock = self.store.lock(uri, name)
         lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
         try:
             holder = self.lease.leases.take(uri, name)
-            if holder is not None:
+            if holder is not None:  # a live run took the guest since the lease was read
                 return [f"{name}: held by live {holder.describe()}; left alone"]
             try:
-                return self.repair(name, dom, uri)
+                lines = self.repair(name, dom, uri)
             finally:
                 self.lease.leases.release(uri, name)
         finally:
             lock.release()
+        if dead_lease is not None:
+            dead = dead_lease.holder
+            lines.append(f"{name}: removed the lease of dead run {dead.run_id} (pid {dead.pid} on {dead.host})")
+        return lines
 
     def unused_locks(self, dry_run: bool) -> list[str]:
         """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""
