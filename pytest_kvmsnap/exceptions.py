@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 
 class KvmSnapError(Exception):
@@ -26,13 +27,25 @@ class ConnectionFailed(KvmSnapError):
     @classmethod
     def from_libvirt(cls, uri: str, detail: str) -> ConnectionFailed:
         lowered = detail.lower()
+        remote = urlsplit(uri).hostname  # qemu+ssh://user@host/system: another host's daemon
         # A non-root client of qemu:///system is checked by polkit over D-Bus;
         # without a system bus that fails before any permission answer.
-        if any(word in lowered for word in ("permission denied", "authentication", "polkit",
+        if remote and any(word in lowered for word in ("publickey", "host key verification")):
+            hint = (
+                f"SSH to {remote} refused: check the user in the URI, its key (?keyfile=...) and "
+                "root's known_hosts for that host"
+            )
+        elif any(word in lowered for word in ("permission denied", "authentication", "polkit",
                                             "system bus", "access denied", "not authorized")):
             hint = (
                 "permission was denied: run as root, add your user to the 'libvirt' group, "
                 "or use qemu:///session for guests you own"
+            )
+        elif remote and any(word in lowered for word in ("connection refused", "unable to connect",
+                                                          "no route", "timed out", "could not resolve")):
+            hint = (
+                f"the hypervisor host {remote} cannot be reached, or its libvirtd does not listen: "
+                "check that host (is it up, is libvirtd running there, does the transport's port answer?)"
             )
         elif "no such file" in lowered or "connection refused" in lowered or "failed to connect" in lowered:
             hint = (

@@ -109,3 +109,24 @@ def test_strict_inplace_refuses_a_libvirt_revert(pytester: pytest.Pytester, test
     result.stdout.fnmatch_lines(["*kvm_revert_method=inplace: cannot revert * in place: the TEST driver "
                                  "has no QEMU monitor. Use --kvm-revert-method=auto*"])
     assert testdriver.snapshots(name) == []
+
+
+@pytest.mark.parametrize(("uri", "said", "hint"), [
+    ("qemu+unix:///system?socket=/x", "Failed to connect socket to '/x': No such file or directory",
+     "libvirtd does not seem to be running: start it (systemctl start libvirtd"),
+    ("qemu+tcp://hv2.example/system", "unable to connect to server at 'hv2.example:16509': Connection refused",
+     "the hypervisor host hv2.example cannot be reached, or its libvirtd does not listen: check that host"),
+    ("qemu+ssh://ci@hv3/system", "Cannot recv data: ssh: connect to host hv3 port 22: Connection timed out",
+     "the hypervisor host hv3 cannot be reached"),
+    ("qemu+ssh://ci@hv3/system", "Cannot recv data: ci@hv3: Permission denied (publickey).",
+     "SSH to hv3 refused: check the user in the URI, its key (?keyfile=...)"),
+    ("qemu:///system", "authentication unavailable: no polkit agent available",
+     "permission was denied: run as root"),
+])
+def test_a_connection_failure_blames_the_host_it_happened_on(uri: str, said: str, hint: str) -> None:
+    """A local daemon's advice (systemctl start libvirtd) is never given for another host's."""
+    from pytest_kvmsnap.exceptions import ConnectionFailed
+
+    message = str(ConnectionFailed.from_libvirt(uri, said))
+    assert message.startswith(f"cannot open libvirt connection {uri!r}: {hint}"), message
+    assert said in message
