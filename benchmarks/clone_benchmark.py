@@ -39,19 +39,20 @@ import libvirt
 
 from pytest_kvmsnap import backend, clones, storage
 from pytest_kvmsnap.locking import CloneSource, process_token
+from pytest_kvmsnap.ownership import Owner, clone_name, owner_description
 from pytest_kvmsnap.testing import Console, build_image, define_guest, remove_guest
 
 GUEST = "kvmsnap-bench"
 
 
-def owner() -> backend.Owner:
-    return backend.Owner(uuid.uuid4().hex[:8], os.getpid(), os.uname().nodename, time.time(),
+def owner() -> Owner:
+    return Owner(uuid.uuid4().hex[:8], os.getpid(), os.uname().nodename, time.time(),
                          process_token(os.getpid()))
 
 
-def start_clones(uri: str, source: CloneSource, count: int, run: backend.Owner) -> float:
+def start_clones(uri: str, source: CloneSource, count: int, run: Owner) -> float:
     """Start ``count`` clones at once, one thread and connection each; the wall time."""
-    names = [clones.clone_name(GUEST, run.run_id, slot) for slot in range(count)]
+    names = [clone_name(GUEST, run.run_id, slot) for slot in range(count)]
     errors: list[BaseException] = []
 
     def start(name: str) -> None:
@@ -80,7 +81,7 @@ def measure(uri: str, counts: list[int], rounds: int) -> dict[str, float]:
     dom = conn.lookupByName(GUEST)
     run = owner()
     snap = dom.snapshotCreateXML(f"<domainsnapshot><name>bench-{run.run_id}</name>"
-                                 f"<description>{backend.owner_description(run)}</description></domainsnapshot>", 0)
+                                 f"<description>{owner_description(run)}</description></domainsnapshot>", 0)
     try:
         begin = time.perf_counter()
         source = clones.make_source(dom, snap, run)

@@ -10,37 +10,31 @@ address as libvirt sees it.  No pytest here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pytest_kvmsnap import backend
+from pytest_kvmsnap.engine import Engine, Machine
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import GuestState
 
-if TYPE_CHECKING:
-    import libvirt
 
-
-def guest_address(conn: libvirt.virConnect, dom: libvirt.virDomain, state: GuestState, name: str,
-                  port: int) -> tuple[str, int]:
+def guest_address(engine: Engine, machine: Machine, state: GuestState, name: str, port: int) -> tuple[str, int]:
     """(host, port) where this host connects to the held guest's ``port``."""
     record = state.record
     assert record is not None, "a test's guest is held"
-    netdev = backend.user_netdev(dom)
+    netdev = machine.user_network()
     if netdev is None:
-        address = backend.guest_ipv4(dom)
+        address = machine.ipv4()
         if address is None:
             raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
                                "libvirt network, no guest agent, no ARP entry)")
         return address, port
-    if not backend.is_this_host(conn):
-        raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {conn.getHostname()}: a forwarded "
+    if not engine.is_this_host():
+        raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {engine.hostname()}: a forwarded "
                            f"port would listen on that host's 127.0.0.1, which this host cannot reach. Put "
                            "the guest on a libvirt network (NAT or bridge) to test it from here.")
-    identity = backend.process_identity(dom)
+    identity = machine.process_identity()
     process = identity[0] if identity else -1
     forward = record.forwards.get(str(port))
     if forward is None or forward[1] != process:  # a new QEMU process has no forwards yet
-        forward = [backend.forward_port(dom, netdev, port), process]
+        forward = [machine.forward_port(netdev, port), process]
         record.forwards[str(port)] = forward
         state.lock.write(record)
     return "127.0.0.1", forward[0]

@@ -19,10 +19,10 @@ import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
+from pytest_kvmsnap import ownership
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
     ConnectionLost,
@@ -32,13 +32,11 @@ from pytest_kvmsnap.exceptions import (
     SnapshotNotFound,
     UnsupportedGuest,
 )
+from pytest_kvmsnap.ownership import Owner, is_damaged, owner_description
 
 if TYPE_CHECKING:
     import libvirt
 
-OWNER = "pytest-kvmsnap"
-PREFIX = "kvmsnap-"
-_DESCRIPTION_TAG = "pytest-kvmsnap baseline "
 # QEMU's HMP parser treats quotes and spaces specially; only plain tags go there.
 _HMP_SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 # libvirt 10.10 was the first to take, revert and delete internal snapshots of
@@ -136,43 +134,6 @@ def lookup_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnaps
 # --- ownership -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Owner:
-    """The record every snapshot the plugin creates carries in its description."""
-
-    run_id: str
-    pid: int
-    host: str
-    started: float
-    proc: str = ""  # the owner process's token (locking.process_token): a reused pid is not it
-
-    def to_json(self) -> str:
-        return json.dumps({"owner": OWNER, "run": self.run_id, "pid": self.pid,
-                           "host": self.host, "started": self.started, "proc": self.proc})
-
-    @classmethod
-    def from_description(cls, text: str | None) -> Owner | None:
-        if not text or not text.startswith(_DESCRIPTION_TAG):
-            return None
-        return cls.from_json(text[len(_DESCRIPTION_TAG):])
-
-    @classmethod
-    def from_json(cls, text: str) -> Owner | None:
-        try:
-            data = json.loads(text)
-            if data.get("owner") != OWNER:
-                return None
-            return cls(str(data["run"]), int(data["pid"]), str(data["host"]),
-                       float(data["started"]), str(data.get("proc", "")))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-
-def owner_description(owner: Owner) -> str:
-    """The text that marks a snapshot or clone domain as this plugin's."""
-    return _DESCRIPTION_TAG + owner.to_json()
-
-
 def snapshot_description(snap: libvirt.virDomainSnapshot) -> str:
     """The snapshot's description: where the plugin's ownership and kept marks live."""
     return ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
@@ -192,12 +153,7 @@ def owned_snapshots(dom: libvirt.virDomain) -> list[tuple[Owner, libvirt.virDoma
 def damaged_snapshots(dom: libvirt.virDomain) -> list[str]:
     """Snapshots whose description starts like this plugin's but does not parse (hand-edited,
     cut short): they count as the user's, and are never reverted to or deleted."""
-    found = []
-    for snap in dom.listAllSnapshots():
-        text = snapshot_description(snap)
-        if text.startswith(_DESCRIPTION_TAG) and Owner.from_description(text) is None:
-            found.append(snap.getName())
-    return found
+    return [snap.getName() for snap in dom.listAllSnapshots() if is_damaged(snapshot_description(snap))]
 
 
 def snapshot_state(snap: libvirt.virDomainSnapshot) -> str:
@@ -293,49 +249,31 @@ def delete_snapshot(snap: libvirt.virDomainSnapshot) -> None:
 
 # --- kept for the user: a failed test's state, and what it showed -----------------
 
-# A snapshot kept for the user carries this tag, never the baseline's: recovery,
-# cleanup and rival detection look only for the baseline tag, so nothing the
-# plugin does ever removes or reverts to a kept snapshot.
-_KEPT_TAG = "pytest-kvmsnap kept for the user "
-
-
-def kept_description(record: dict[str, Any]) -> str:
-    """The mark of a snapshot (or a clone's domain) kept for the user."""
-    return _KEPT_TAG + json.dumps({"owner": OWNER, **record})
-
-
-def create_kept(dom: libvirt.virDomain, name: str, record: dict[str, Any]) -> None:
-    """Save the guest's state now (memory too while it runs) as snapshot ``name``, marked kept."""
+def create_kept(dom: libvirt.virDomain, name: str, description: str) -> None:
+    """Save the guest's state now (memory too while it runs) as snapshot ``name``, with the kept mark
+    ``description`` (ownership.kept_description)."""
     root = ET.Element("domainsnapshot")
     ET.SubElement(root, "name").text = name
-    ET.SubElement(root, "description").text = kept_description(record)
+    ET.SubElement(root, "description").text = description
     dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), 0)
 
 
-def mark_kept(snap: libvirt.virDomainSnapshot, record: dict[str, Any]) -> None:
-    """Make a baseline the user asked to keep (``--kvm-keep-snapshot``) a snapshot kept for
-    the user: the same snapshot, its description now the kept tag, so that no later run
-    takes it for a dead run's orphan and reverts to it or deletes it."""
+def redescribe(snap: libvirt.virDomainSnapshot, description: str) -> None:
+    """Replace the snapshot's description in place (libvirt's redefine): how a baseline the user
+    asked to keep (``--kvm-keep-snapshot``) gets the kept mark, so that no later run takes it for
+    a dead run's orphan and reverts to it or deletes it."""
     root = ET.fromstring(snap.getXMLDesc(0))
-    description = root.find("description")
-    if description is None:
-        description = ET.SubElement(root, "description")
-    description.text = kept_description(record)
+    element = root.find("description")
+    if element is None:
+        element = ET.SubElement(root, "description")
+    element.text = description
     snap.getDomain().snapshotCreateXML(ET.tostring(root, encoding="unicode"),
                                        lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
 
 def kept_records(dom: libvirt.virDomain) -> list[dict[str, Any]]:
     """The records of the guest's snapshots kept for the user (any run), with their names."""
-    found = []
-    for snap in dom.listAllSnapshots():
-        text = snapshot_description(snap)
-        if text.startswith(_KEPT_TAG):
-            with contextlib.suppress(ValueError):
-                record = json.loads(text[len(_KEPT_TAG):])
-                if isinstance(record, dict) and record.get("owner") == OWNER:
-                    found.append({**record, "name": snap.getName()})
-    return found
+    return ownership.kept_records((snap.getName(), snapshot_description(snap)) for snap in dom.listAllSnapshots())
 
 
 def console_log(dom: libvirt.virDomain) -> str | None:

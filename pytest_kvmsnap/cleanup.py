@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import KvmSnapError
@@ -59,8 +58,8 @@ def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, po
     """Clean one hypervisor: True if something could not be done, None if it could not be reached."""
     coordinator = Coordinator(settings, run, directory)
     try:
-        names = settings.domains or sorted(d.name() for d in coordinator.connection().listAllDomains()
-                                           if not leasedomain.is_lease_name(d.name()))
+        engine = coordinator.hypervisor.engine()
+        names = settings.domains or sorted(name for name in engine.guest_names() if not engine.is_lease_name(name))
     except KvmSnapError as exc:
         print(f"kvmsnap: {settings.uri} skipped: {exc}" if pooled else f"kvmsnap: {exc}")
         coordinator.finish()
@@ -70,7 +69,7 @@ def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, po
     for name in names:
         try:
             lines = coordinator.recovery.cleanup(name, dry_run)
-        except (KvmSnapError, backend.lib().libvirtError) as exc:
+        except (KvmSnapError, coordinator.hypervisor.kind.refusal) as exc:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:
             print(f"  {line}")

@@ -37,16 +37,10 @@ from typing import TYPE_CHECKING
 from pytest_kvmsnap import backend, storage
 from pytest_kvmsnap.exceptions import UnsupportedGuest
 from pytest_kvmsnap.locking import CloneSource
+from pytest_kvmsnap.ownership import MARK, Owner, kept_clone_name, kept_description, owner_description
 
 if TYPE_CHECKING:
     import libvirt
-
-MARK = "-kvmsnap-"
-
-
-def clone_name(domain: str, run_id: str, slot: int) -> str:
-    return f"{domain}{MARK}{run_id}-{slot}"
-
 
 def source_pool_name(domain: str, run_id: str) -> str:
     """The run's pool of the original's copies (a clone's pool is named as the clone)."""
@@ -90,7 +84,7 @@ def _disk_target(disk: ET.Element) -> str:
     return disk.find("target").get("dev", "")  # type: ignore[union-attr]
 
 
-def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: backend.Owner) -> libvirt.virStoragePool:
+def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: Owner) -> libvirt.virStoragePool:
     """A new pool ``name`` of the run's, in a directory of that name in ``parent``."""
     return storage.make_pool(conn, name, posixpath.join(parent, name), owner)
 
@@ -98,7 +92,7 @@ def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: backend.O
 # --- once per run: the source images --------------------------------------
 
 
-def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: backend.Owner) -> CloneSource:
+def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: Owner) -> CloneSource:
     """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
     libvirt = backend.lib()
     conn = dom.connect()
@@ -142,7 +136,7 @@ def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
 
 
 def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, name: str,
-               owner: backend.Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+               owner: Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
     """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
     libvirt = backend.lib()
     try:
@@ -156,7 +150,7 @@ def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, nam
     return dom, snap
 
 
-def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner: backend.Owner) -> dict[str, str]:
+def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner: Owner) -> dict[str, str]:
     """Copy the run's images into clone ``name``'s own pool; return target device -> file."""
     origin = conn.storagePoolLookupByName(source.pool)
     pool = _new_pool(conn, posixpath.dirname(source.directory), name, owner)
@@ -176,7 +170,7 @@ def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.vir
                                  backend.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
 
-def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Owner,
+def _clone_xml(source: CloneSource, original: str, name: str, owner: Owner,
                disk_files: dict[str, str]) -> ET.Element:
     """The original's XML with a new name, no UUID, the plugin's ownership record, the
     clone's disk copies (``disk_files``: target device -> file) and its own sockets and logs."""
@@ -187,7 +181,7 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: backend.Own
     description = root.find("description")
     if description is None:
         description = ET.SubElement(root, "description")
-    description.text = backend.owner_description(owner)
+    description.text = owner_description(owner)
     for disk in _writable_disks(root):
         disk.find("source").set("file", disk_files[_disk_target(disk)])  # type: ignore[union-attr]
     # Unix sockets QEMU listens on (serial consoles, channels) and files it
@@ -225,15 +219,6 @@ def destroy(conn: libvirt.virConnect, name: str) -> None:
 
 # --- a clone kept for the user (--kvm-keep-failed) ---------------------------
 
-KEPT_MARK = "-kept-"
-
-
-def kept_clone_name(clone: str) -> str:
-    """The shut-off domain a clone with kept failed states becomes after the run: not a
-    clone's name (recovery looks for those), and the same in every process of the run."""
-    return clone.replace(MARK, KEPT_MARK, 1)
-
-
 def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict[str, object]) -> str:
     """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
 
@@ -252,7 +237,7 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
     if dom.isActive():
         dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
     root.find("name").text = kept  # type: ignore[union-attr]
-    root.find("description").text = backend.kept_description(record)  # type: ignore[union-attr]
+    root.find("description").text = kept_description(record)  # type: ignore[union-attr]
     kept_dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
     for xml in snapshot_xml:
         _redefine_snapshot(kept_dom, xml)
@@ -265,14 +250,14 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
 
 
 def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain,
-            dead: Callable[[backend.Owner], bool]) -> tuple[list[str], list[str]]:
+            dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
     """Clones of ``dom`` that dead runs left, and their other pools (copies of ``dom``, or
     a clone's copies whose domain is gone)."""
     prefix = dom.name() + MARK
     clones = []
     for other in conn.listAllDomains():
         if other.name().startswith(prefix):
-            owner = backend.Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
+            owner = Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
             if owner is not None and dead(owner):
                 clones.append(other.name())
     pools = []

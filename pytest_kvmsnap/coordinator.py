@@ -20,11 +20,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
-from pytest_kvmsnap import backend, deadlock, postmortem
+from pytest_kvmsnap import deadlock, postmortem
 from pytest_kvmsnap.addressing import guest_address
 from pytest_kvmsnap.config import Settings, Spec, this_host
+from pytest_kvmsnap.engine import EngineKind, Machine, refusal
 from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
 from pytest_kvmsnap.exceptions import (
     ConfigError,
@@ -42,6 +43,7 @@ from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
+from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.placement import Probe, place, worker_slot
 from pytest_kvmsnap.provisioning import Provisioner
 from pytest_kvmsnap.readiness import Readiness
@@ -49,9 +51,6 @@ from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import Reverter
 from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
 from pytest_kvmsnap.witness import Witness
-
-if TYPE_CHECKING:
-    import libvirt
 
 T = TypeVar("T")
 
@@ -62,7 +61,8 @@ TRANSIENT = (ConnectionLost, ConnectionFailed)
 class Coordinator:
     def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
                  finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None,
-                 ready_hook: Callable[[Guest, float], None] | None = None, worker: str = "") -> None:
+                 ready_hook: Callable[[Guest, float], None] | None = None, worker: str = "",
+                 engine_kind: EngineKind | None = None) -> None:
         self.settings = settings
         self.run_id = run_id
         self.finisher = finisher
@@ -71,14 +71,14 @@ class Coordinator:
         self.worker = worker or "main"  # xdist's gwN, for the summary's "served by"
         self.store = RecordStore(lock_dir, report)
         pid = owner_pid or os.getpid()
-        owner = backend.Owner(run_id, pid, this_host(), time.time(), process_token(pid))
-        self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected)
+        owner = Owner(run_id, pid, this_host(), time.time(), process_token(pid))
+        self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected, kind=engine_kind)
         self.leases = RunLeases(self.hypervisor, owner, settings.lease_expiry)
         self.lease = Lease(self.hypervisor, owner, settings.lock_timeout, self.leases)
         self.recovery = Recovery(self.hypervisor, self.lease, self.store)
         self.provisioner = Provisioner(self.hypervisor, self.lease, self.recovery, self.store, self._incident)
         self.reverter = Reverter(settings, report)
-        self.readiness = Readiness(settings, report, self._ready_hook)
+        self.readiness = Readiness(settings, report, self._ready_hook, self.hypervisor.kind.agent_unavailable)
         self.ready_hook = ready_hook  # the user's pytest_kvmsnap_ready, for --kvm-wait=hook
         self.finishing = Finisher(self.hypervisor, self.reverter, self.store)
         self.witness = Witness(self.hypervisor, run_id)
@@ -97,12 +97,13 @@ class Coordinator:
         held = [state.record for state in self._states.values() if state.lock.held and state.record]
         self._incident(text, held[0] if held else None)
 
-    def connection(self) -> libvirt.virConnect:
-        return self.hypervisor.connection()
+    def connection(self) -> Any:
+        """The engine's own connection object (libvirt: ``virConnect``): the kvm_connection fixture."""
+        return self.hypervisor.engine().native
 
     def guest(self, name: str) -> Guest:
         state = self._states[name]
-        return Guest(state, self.hypervisor.connection(state.uri), self._domain(state),
+        return Guest(state, self.hypervisor.engine(state.uri).native, self._machine(state).native,
                      lambda reason: self._manual_revert(state, name, reason),
                      lambda port: self._address(state, name, port))
 
@@ -113,7 +114,7 @@ class Coordinator:
         self.ready_hook(self.guest(name), timeout)
 
     def _address(self, state: GuestState, name: str, port: int) -> tuple[str, int]:
-        return guest_address(self.hypervisor.connection(state.uri), self._domain(state), state, name, port)
+        return guest_address(self.hypervisor.engine(state.uri), self._machine(state), state, name, port)
 
     # --- once per guest ------------------------------------------------------
 
@@ -133,8 +134,8 @@ class Coordinator:
             self._failures[name] = exc
             raise
 
-    def _domain(self, state: GuestState) -> libvirt.virDomain:
-        return self.hypervisor.domain(state.name, state.uri)
+    def _machine(self, state: GuestState) -> Machine:
+        return self.hypervisor.machine(state.name, state.uri)
 
     def _prepared(self, name: str) -> GuestState:
         """This process's state for guest ``name``, prepared once: its host chosen, the domain
@@ -142,13 +143,24 @@ class Coordinator:
         clone named."""
         if name not in self._states:
             uri = self._first_use(name, lambda: self._host_for(name))
-            self._first_use(name, lambda: self.hypervisor.domain(name, uri))
+            self._first_use(name, lambda: self._check_engine(uri))
+            self._first_use(name, lambda: self.hypervisor.machine(name, uri))
             real, slot = name, self.clone_slot
             if slot is not None:
                 real = self._first_use(name, lambda: self.provisioner.clone_source(name, slot, uri))
             self._states[name] = GuestState(real, uri, self.store.lock(uri, real),
                                             clone_of=name if real != name else "")
         return self._states[name]
+
+    def _check_engine(self, uri: str) -> None:
+        """Refuse, before any guest is touched, a run the engine at ``uri`` cannot serve."""
+        settings = self.settings
+        why = refusal(self.hypervisor.engine(uri).capabilities(), clones=self.clone_slot is not None,
+                      revert_method=settings.revert_method, agent_required="on" in (settings.sync_clock,
+                                                                                    settings.reseed),
+                      wait=settings.wait)
+        if why:
+            raise ConfigError(f"the hypervisor at {uri} cannot serve this run: {why}")
 
     def _host_for(self, name: str) -> str:
         """The hypervisor this process uses guest ``name`` on (placement.py); the one URI without a pool."""
@@ -162,7 +174,7 @@ class Coordinator:
 
     def _probe(self, name: str, uri: str) -> Probe:
         try:
-            self.hypervisor.domain(name, uri)
+            self.hypervisor.machine(name, uri)
         except ConnectionFailed as exc:
             return Probe(uri, problem=f"it cannot be reached ({exc})")
         except KvmSnapError as exc:
@@ -242,9 +254,9 @@ class Coordinator:
         self.hypervisor.reconnect_if_lost()
         self.figures = {}
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
-            with backend.libvirt_errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
+            with self.hypervisor.errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
                 state = self._prepared(name)
-            with backend.libvirt_errors(state.uri, f"preparing guest {name!r} for {nodeid}"):
+            with self.hypervisor.errors(state.uri, f"preparing guest {name!r} for {nodeid}"):
                 self._figures(state)
                 state.console = None  # set again once the guest is protected for this test
                 self._start_guest(state, name, spec, unit, nodeid)
@@ -261,7 +273,7 @@ class Coordinator:
                               "clones start from the state the guest is found in")
         if spec.snapshot and not state.lock.held:
             # Checked first, so the error lists only the user's snapshots.
-            backend.lookup_snapshot(self._domain(state), spec.snapshot)
+            self._machine(state).snapshot(spec.snapshot)
         if state.broken:
             raise RevertFailed(f"guest {name!r} is unusable for the rest of this run: {state.broken}")
         self._check_lease(state)
@@ -284,7 +296,7 @@ class Coordinator:
         record = state.record
         assert record is not None, "a held guest is settled"
         start = time.perf_counter()
-        steps = self.readiness.settle(name, self._domain(state),
+        steps = self.readiness.settle(name, self._machine(state),
                                       lambda port: self._address(state, name, port),
                                       restored=record.settle_restored)
         seconds = time.perf_counter() - start
@@ -315,7 +327,7 @@ class Coordinator:
 
     def _begin_unit(self, state: GuestState, spec: Spec, unit: str) -> None:
         assert state.record is not None, "a unit begins on a held guest"
-        died = backend.crash_reason(self._domain(state))
+        died = self._machine(state).crash_reason()
         if died:  # after the last unit's end: it is not clean, whatever the record says
             self._incident(f"kvmsnap: {state.name}: went down between tests ({died}); restoring it "
                            f"before {unit}", state.record)
@@ -367,8 +379,8 @@ class Coordinator:
         """End the guest's unit if it ends here (or the guest went down); the errors."""
         errors = []
         try:
-            with backend.libvirt_errors(state.uri, f"checking guest {name!r} after the test"):
-                died = backend.crash_reason(self._domain(state))
+            with self.hypervisor.errors(state.uri, f"checking guest {name!r} after the test"):
+                died = self._machine(state).crash_reason()
                 if died:  # the test errors; the guest is restored now, whatever the unit or mode
                     errors.append(f"guest {name!r} went down during the test: {died}; "
                                   "it is being restored to its baseline for the next test")
@@ -416,7 +428,7 @@ class Coordinator:
         try:
             self.hypervisor.retrying(
                 f"reverting {state.name!r} to {target!r}",
-                lambda: self.reverter.revert(record, self._domain(state), target, reason),
+                lambda: self.reverter.revert(record, self._machine(state), target, reason),
                 state.uri)
         except BaseException as exc:
             if isinstance(exc, RevertFailed):

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.engine import Machine, snapshot_owner
 from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.ownership import kept_description
 from pytest_kvmsnap.readiness import poll
 from pytest_kvmsnap.revert import Reverter
-
-if TYPE_CHECKING:
-    import libvirt
 
 AGENT_AFTER_FINAL = 5.0  # seconds the agent gets to answer after the end-of-session revert
 
@@ -54,7 +51,7 @@ class Finisher:
                 leases.release_left(uri, unfinished)
             except ConnectionFailed:
                 continue  # a host of the pool that was skipped: the run took nothing there
-            except (KvmSnapError, backend.lib().libvirtError) as exc:
+            except (KvmSnapError, self.hypervisor.kind.refusal) as exc:
                 problems.append(f"this run's leases at {uri} could not all be given back (they expire by "
                                 f"themselves): {exc}")
         return problems
@@ -76,20 +73,22 @@ class Finisher:
                 if record.clone_source:
                     leases.release(record.uri, record.domain)
                 return None
-            dom = self.hypervisor.domain(record.domain, record.uri)
-            self._check_ours(record, dom)
+            machine = self.hypervisor.machine(record.domain, record.uri)
+            self._check_ours(record, machine)
             restored = record.settle_restored  # a last revert whose clock no next test fixed
             if record.clean_at != record.baseline:
-                self.reverter.revert(record, dom, record.baseline, "end of session", final=True)
+                self.reverter.revert(record, machine, record.baseline, "end of session", final=True)
                 record.clean_at, restored = record.baseline, True
             if restored:
-                self._clock_as_found(dom)
-            self._remove_forwards(record, dom)
-            baseline = backend.lookup_snapshot(dom, record.baseline)
+                self._clock_as_found(machine)
+            self._remove_forwards(record, machine)
+            baseline = machine.snapshot(record.baseline)
             if settings.keep_snapshot:
-                backend.mark_kept(baseline, {"run": record.run_id, "kept_at": time.time(), "baseline": True})
+                # Marked kept, so that no later run takes it for a dead run's orphan.
+                machine.redescribe(baseline, kept_description({"run": record.run_id, "kept_at": time.time(),
+                                                               "baseline": True}))
             else:
-                backend.delete_snapshot(baseline)
+                machine.delete_snapshot(baseline)
             lock.remove()
             leases.release(record.uri, record.domain)
             return None
@@ -101,27 +100,27 @@ class Finisher:
             lock.release()
 
     @staticmethod
-    def _check_ours(record: RunRecord, dom: libvirt.virDomain) -> None:
+    def _check_ours(record: RunRecord, machine: Machine) -> None:
         """The snapshot the record names carries this run's ownership record, or nothing is
         reverted or deleted: a record alone (a file) is never enough."""
-        owner = backend.snapshot_owner(backend.lookup_snapshot(dom, record.baseline))
+        owner = snapshot_owner(machine.snapshot(record.baseline))
         if owner is None or owner.run_id != record.run_id:
             raise KvmSnapError(f"its snapshot {record.baseline!r} is not this run's (its description says "
                                f"{'someone else' if owner is None else 'run ' + owner.run_id}); left alone")
 
-    def _clock_as_found(self, dom: libvirt.virDomain) -> None:
+    def _clock_as_found(self, machine: Machine) -> None:
         """The baseline's clock is the run's start: set it to now, where the agent answers."""
-        if self.hypervisor.settings.sync_clock == "off" or not backend.has_agent_channel(dom):
+        if self.hypervisor.settings.sync_clock == "off" or not machine.has_agent():
             return
-        if not poll(lambda: backend.agent_answers(dom, timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
+        if not poll(lambda: machine.agent_answers(timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
             return
         try:
-            backend.sync_clock(dom)
-        except (KvmSnapError, backend.lib().libvirtError) as exc:  # restored all the same
-            self.hypervisor.report(Notice(f"kvmsnap: {dom.name()}: restored, but its clock could not be "
+            machine.sync_clock()
+        except (KvmSnapError, self.hypervisor.kind.refusal) as exc:  # restored all the same
+            self.hypervisor.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
                                           f"set to the host's: {exc}"))
 
-    def _remove_forwards(self, record: RunRecord, dom: libvirt.virDomain) -> None:
+    def _remove_forwards(self, record: RunRecord, machine: Machine) -> None:
         """The host ports the run forwarded to the guest (Guest.address) go with it.
 
         Best effort: a forward dies with its QEMU process anyway, and the guest
@@ -129,20 +128,20 @@ class Finisher:
         """
         if not record.forwards:
             return  # most guests: no libvirt round trips for nothing
-        netdev = backend.user_netdev(dom)
-        identity = backend.process_identity(dom)
+        network = machine.user_network()
+        identity = machine.process_identity()
         for host_port, process in record.forwards.values():
-            if netdev is not None and identity is not None and identity[0] == process:
-                with contextlib.suppress(KvmSnapError, backend.lib().libvirtError):
-                    backend.hmp(dom, f"hostfwd_remove {netdev} tcp:127.0.0.1:{int(host_port)}")
+            if network is not None and identity is not None and identity[0] == process:
+                with contextlib.suppress(KvmSnapError, self.hypervisor.kind.refusal):
+                    machine.remove_forward(network, host_port)
 
     def _keep_clone(self, record: RunRecord) -> None:
-        conn = self.hypervisor.connection(record.uri)
+        engine = self.hypervisor.engine(record.uri)
         try:
-            clones.keep(conn, record.domain, record.kept, {"run": record.run_id, "clone_of": record.clone_of,
+            engine.keep_clone(record.domain, record.kept, {"run": record.run_id, "clone_of": record.clone_of,
                                                             "kept_at": time.time()})
-        except (OSError, backend.lib().libvirtError) as exc:
-            clones.destroy(conn, record.domain)  # nothing of the run is left behind half-kept
+        except (OSError, self.hypervisor.kind.refusal) as exc:
+            engine.destroy_clone(record.domain)  # nothing of the run is left behind half-kept
             raise KvmSnapError(f"the clone with failed states kept for you could not be kept ({exc}); "
                                "it was removed") from None
 
@@ -152,6 +151,6 @@ class Finisher:
         if record.clone_of and record.kept:
             self._keep_clone(record)
         elif record.clone_of:
-            clones.destroy(self.hypervisor.connection(record.uri), record.domain)
+            self.hypervisor.engine(record.uri).destroy_clone(record.domain)
         if record.clone_source:
-            clones.remove_source(self.hypervisor.connection(record.uri), record.clone_source)
+            self.hypervisor.engine(record.uri).remove_source(record.clone_source)

@@ -1,4 +1,5 @@
-"""This run's leases on its guests' hypervisors (``leasedomain.py``), kept alive by a thread.
+"""This run's leases on its guests' hypervisors (the engine's, ``leasedomain.py`` on libvirt),
+kept alive by a thread.
 
 Every process of the run that uses a guest holds its lease here and renews it
 every quarter of ``kvm_lease_expiry`` on a connection of its own, so a slow
@@ -21,17 +22,13 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.config import this_host
+from pytest_kvmsnap.engine import Engine, LeaseHandle
 from pytest_kvmsnap.exceptions import KvmSnapError, LeaseLost
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.leasedomain import LeaseRecord, Taken
 from pytest_kvmsnap.locking import running
-
-if TYPE_CHECKING:
-    import libvirt
+from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken
 
 Key = tuple[str, str]  # (uri, guest)
 TAKE_ATTEMPTS = 3  # reads of a lease that keeps changing hands under us before giving up
@@ -40,12 +37,12 @@ RETRY_AFTER_FAILURE = 1.0  # seconds to the next renewal after a failed one (lib
 
 @dataclass
 class _Held:
-    uuid: str  # the lease domain's: a renewal by UUID fails once another run took it over
+    id: str  # the lease's (libvirt: its domain's UUID): a renewal by it fails once another run took it over
     expires: float
 
 
 class RunLeases:
-    def __init__(self, hypervisor: Hypervisor, owner: backend.Owner, expiry: float) -> None:
+    def __init__(self, hypervisor: Hypervisor, owner: Owner, expiry: float) -> None:
         self.hypervisor = hypervisor
         self.owner = owner
         self.expiry = expiry
@@ -54,7 +51,7 @@ class RunLeases:
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._connections: dict[str, libvirt.virConnect] = {}  # the renewing thread's own
+        self._engines: dict[str, Engine] = {}  # the renewing thread's own connections
 
     @property
     def quarter(self) -> float:
@@ -73,7 +70,7 @@ class RunLeases:
 
     def live_holder(self, uri: str, guest: str) -> LeaseRecord | None:
         """Another run's lease on the guest, while it entitles that run to it; else None."""
-        found = leasedomain.read(self.hypervisor.connection(uri), guest)
+        found = self.hypervisor.engine(uri).read_lease(guest)
         if found is None or found[1].holder.run_id == self.owner.run_id or not self.holder_alive(found[1]):
             return None
         return found[1]
@@ -82,28 +79,28 @@ class RunLeases:
 
     def take(self, uri: str, guest: str) -> LeaseRecord | None:
         """Take the guest's lease for this run: None once held, else the live holder's lease (wait)."""
-        conn = self.hypervisor.connection(uri)
+        engine = self.hypervisor.engine(uri)
         for _ in range(TAKE_ATTEMPTS):
-            found = leasedomain.read(conn, guest)
+            found = engine.read_lease(guest)
             lease = self._new(guest)
             try:
                 if found is None:
-                    dom = leasedomain.define(conn, lease)
+                    handle = engine.define_lease(lease)
                 elif found[1].holder.run_id == self.owner.run_id and self._why_not_ours(found[1]) is None:
                     # The run's, from a step that failed: another of its processes may renew it
                     # by its UUID, so it is renewed, not replaced.
-                    dom = found[0]
-                    if not leasedomain.renew(dom, lease):
+                    handle = found[0]
+                    if not engine.renew_lease(handle, lease):
                         continue
                 elif found[1].holder.run_id != self.owner.run_id and self.holder_alive(found[1]):
                     return found[1]
                 else:  # expired, or its holder is dead: taken over, atomically
-                    dom = leasedomain.take_over(conn, found[0], lease)
+                    handle = engine.take_over_lease(found[0], lease)
             except Taken:
                 continue  # another host was first: read again who holds it now
-            self._keep((uri, guest), dom, lease.expires)
+            self._keep((uri, guest), handle, lease.expires)
             return None
-        found = leasedomain.read(conn, guest)
+        found = engine.read_lease(guest)
         if found is not None and found[1].holder.run_id != self.owner.run_id:
             return found[1]
         raise KvmSnapError(f"the lease on guest {guest!r} changed hands {TAKE_ATTEMPTS} times while this run "
@@ -121,12 +118,13 @@ class RunLeases:
         if known:
             self.check(uri, guest)
             return
-        found = leasedomain.read(self.hypervisor.connection(uri), guest)
+        engine = self.hypervisor.engine(uri)
+        found = engine.read_lease(guest)
         why = self._why_not_ours(found[1] if found else None)
         if why is None:
             assert found is not None, "checked above"
             renewed = self._new(guest)
-            if leasedomain.renew(found[0], renewed):
+            if engine.renew_lease(found[0], renewed):
                 self._keep(key, found[0], renewed.expires)
                 return
             why = "it was taken over just now"
@@ -146,9 +144,9 @@ class RunLeases:
         return (f"it was not renewed in time (less than {self.quarter:.0f} s of it left; this process was "
                 "stopped, or the hypervisor could not be reached)")
 
-    def _keep(self, key: Key, dom: libvirt.virDomain, expires: float) -> None:
+    def _keep(self, key: Key, handle: LeaseHandle, expires: float) -> None:
         with self._mutex:
-            self._held[key] = _Held(dom.UUIDString(), expires)
+            self._held[key] = _Held(handle.id, expires)
             self._lost.pop(key, None)
         if self._thread is None:
             self._thread = threading.Thread(target=self._renew_all, name="kvmsnap-lease-renewal", daemon=True)
@@ -184,24 +182,20 @@ class RunLeases:
                     self._renew(key, lease)
                 except Exception:  # unreachable now, or libvirtd restarted: a new connection, soon
                     with contextlib.suppress(Exception):
-                        self._connections.pop(key[0]).close()
+                        self._engines.pop(key[0]).close()
                     pause = min(self.quarter, RETRY_AFTER_FAILURE)
 
     def _renew(self, key: Key, lease: _Held) -> None:
         uri, guest = key
-        libvirt = backend.lib()
-        conn = self._connections.get(uri) or self._connections.setdefault(uri, backend.open_connection(uri))
-        try:
-            dom = conn.lookupByUUIDString(lease.uuid)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise
-            now = leasedomain.read(conn, guest)  # who has it now, for the message
+        engine = self._engines.get(uri) or self._engines.setdefault(uri, self.hypervisor.kind.open(uri))
+        handle = engine.lease_by_id(lease.id)
+        if handle is None:
+            now = engine.read_lease(guest)  # who has it now, for the message
             self._lose(key, self._why_not_ours(now[1] if now else None) or "another run took it over")
             return
-        why = self._why_not_ours(leasedomain.reread(dom))
+        why = self._why_not_ours(engine.reread_lease(handle))
         renewed = self._new(guest)
-        if why is None and not leasedomain.renew(dom, renewed):
+        if why is None and not engine.renew_lease(handle, renewed):
             why = "another run took it over"
         if why is not None:
             self._lose(key, why)
@@ -216,22 +210,24 @@ class RunLeases:
         """Give the guest's lease back (the run is done with it); a lease no longer ours is left."""
         with self._mutex:
             self._held.pop((uri, guest), None)
-        found = leasedomain.read(self.hypervisor.connection(uri), guest)
+        engine = self.hypervisor.engine(uri)
+        found = engine.read_lease(guest)
         if found is not None and found[1].holder.run_id == self.owner.run_id:
-            leasedomain.release(found[0])
+            engine.release_lease(found[0])
 
     def release_left(self, uri: str, keep: set[Key]) -> None:
         """Give back every other lease of the run at ``uri`` (failed baseline steps took them)."""
-        for dom, record in leasedomain.all_leases(self.hypervisor.connection(uri)):
+        engine = self.hypervisor.engine(uri)
+        for handle, record in engine.all_leases():
             if record.holder.run_id == self.owner.run_id and (uri, record.guest) not in keep:
-                leasedomain.release(dom)
+                engine.release_lease(handle)
 
     def stop(self) -> None:
         """No more renewals from this process (the leases themselves are left to the finisher)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for conn in self._connections.values():
+        for engine in self._engines.values():
             with contextlib.suppress(Exception):
-                conn.close()
-        self._connections.clear()
+                engine.close()
+        self._engines.clear()

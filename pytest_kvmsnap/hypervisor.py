@@ -1,4 +1,4 @@
-"""Connections to libvirt, the domains looked up through them, and reconnects.
+"""Engines (connections to hypervisors), the guests looked up through them, and reconnects.
 
 A connection does not survive a libvirtd restart, but the guests' QEMU
 processes do: a lost connection is noticed (one cheap round trip), a new one
@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from contextlib import AbstractContextManager
+from typing import TypeVar
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.engine import Engine, EngineKind, Machine
 from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost
-
-if TYPE_CHECKING:
-    import libvirt
+from pytest_kvmsnap.libvirt_engine import LIBVIRT
 
 T = TypeVar("T")
 RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted libvirtd to answer again
@@ -28,34 +27,39 @@ RECONNECT_POLL = 0.5
 
 class Hypervisor:
     def __init__(self, settings: Settings, report: Reporter,
-                 on_reconnect: Callable[[str], None] = lambda _text: None) -> None:
+                 on_reconnect: Callable[[str], None] = lambda _text: None, kind: EngineKind | None = None) -> None:
         self.settings = settings
         self.report = report
         self.on_reconnect = on_reconnect  # told once per reconnect: the coordinator records it
-        self._connections: dict[str, libvirt.virConnect] = {}
-        self._domains: dict[tuple[str, str], libvirt.virDomain] = {}
+        # Which engine the URIs name: libvirt unless told (the one place that default is made).
+        self.kind: EngineKind = kind or LIBVIRT
+        self._engines: dict[str, Engine] = {}
+        self._machines: dict[tuple[str, str], Machine] = {}
 
-    def connection(self, uri: str | None = None) -> libvirt.virConnect:
+    def engine(self, uri: str | None = None) -> Engine:
         uri = uri or self.settings.uri
-        if uri not in self._connections:
-            self._connections[uri] = backend.open_connection(uri)
-        return self._connections[uri]
+        if uri not in self._engines:
+            self._engines[uri] = self.kind.open(uri)
+        return self._engines[uri]
 
-    def domain(self, name: str, uri: str | None = None) -> libvirt.virDomain:
-        """Look the domain up and preflight it once, before any snapshot is taken."""
+    def machine(self, name: str, uri: str | None = None) -> Machine:
+        """Look the guest up and check it once, before any snapshot is taken."""
         uri = uri or self.settings.uri
-        conn = self.connection(uri)  # first: a reconnect drops the cached domains
-        if (uri, name) not in self._domains:
-            dom = backend.lookup_domain(conn, name)
-            backend.preflight(conn, dom)
+        engine = self.engine(uri)  # first: a reconnect drops the cached guests
+        if (uri, name) not in self._machines:
+            machine = engine.machine(name)
             if self.settings.snapshot:
-                backend.lookup_snapshot(dom, self.settings.snapshot)
-            self._domains[uri, name] = dom
-        return self._domains[uri, name]
+                machine.snapshot(self.settings.snapshot)
+            self._machines[uri, name] = machine
+        return self._machines[uri, name]
+
+    def errors(self, uri: str, action: str) -> AbstractContextManager[None]:
+        """The engine's failures inside as the plugin's one-line errors (see EngineKind.errors)."""
+        return self.kind.errors(uri, action)
 
     def reconnect_if_lost(self) -> None:
-        for uri, conn in list(self._connections.items()):
-            if not backend.is_alive(conn):
+        for uri, engine in list(self._engines.items()):
+            if not engine.is_alive():
                 self.reconnect(uri)
 
     def reconnect(self, uri: str) -> None:
@@ -64,7 +68,7 @@ class Hypervisor:
         deadline = time.monotonic() + RECONNECT_TIMEOUT
         while True:
             try:
-                self.connection(uri)
+                self.engine(uri)
                 break
             except ConnectionFailed as exc:
                 if time.monotonic() >= deadline:
@@ -82,23 +86,23 @@ class Hypervisor:
         """
         uri = uri or self.settings.uri
         try:
-            with backend.libvirt_errors(uri, action):
+            with self.errors(uri, action):
                 return step()
         except ConnectionLost as exc:
             self.report(Notice(f"kvmsnap: {exc}; reconnecting and trying once more"))
         self.reconnect(uri)
-        with backend.libvirt_errors(uri, action):
+        with self.errors(uri, action):
             return step()
 
     def _drop(self, uri: str) -> None:
         with contextlib.suppress(Exception):  # already broken; nothing to release
-            self._connections.pop(uri).close()
-        for key in [key for key in self._domains if key[0] == uri]:
-            del self._domains[key]
+            self._engines.pop(uri).close()
+        for key in [key for key in self._machines if key[0] == uri]:
+            del self._machines[key]
 
     def close(self) -> None:
-        for conn in self._connections.values():
+        for engine in self._engines.values():
             with contextlib.suppress(Exception):  # the daemon may be gone; nothing to release
-                conn.close()
-        self._connections.clear()
-        self._domains.clear()
+                engine.close()
+        self._engines.clear()
+        self._machines.clear()

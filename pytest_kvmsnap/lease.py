@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import this_host
+from pytest_kvmsnap.engine import Snapshot, owned_snapshots
 from pytest_kvmsnap.events import Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import GuestLock, RunRecord, running
-
-if TYPE_CHECKING:
-    import libvirt
+from pytest_kvmsnap.ownership import Owner
 
 RIVAL_POLL = 2.0  # seconds between looks at a guest another lock directory's run holds
-Rival = tuple[backend.Owner, str]  # the other run, and its baseline snapshot on the guest
+Rival = tuple[Owner, str]  # the other run, and its baseline snapshot on the guest
 
 
-def record_owner(record: RunRecord) -> backend.Owner:
-    return backend.Owner(record.run_id, record.owner_pid, record.host, record.started, record.owner_proc)
+def record_owner(record: RunRecord) -> Owner:
+    return Owner(record.run_id, record.owner_pid, record.host, record.started, record.owner_proc)
 
 
 class Outraced(Exception):
@@ -41,14 +38,14 @@ class Outraced(Exception):
 
 
 class Lease:
-    def __init__(self, hypervisor: Hypervisor, owner: backend.Owner, lock_timeout: float,
+    def __init__(self, hypervisor: Hypervisor, owner: Owner, lock_timeout: float,
                  leases: RunLeases) -> None:
         self.hypervisor = hypervisor
         self.owner = owner
         self.lock_timeout = lock_timeout
         self.leases = leases
 
-    def alive(self, owner: backend.Owner, uri: str, guest: str) -> bool:
+    def alive(self, owner: Owner, uri: str, guest: str) -> bool:
         """Is the run that owns something of ``guest`` (a snapshot, a clone, a record) alive?
 
         On this host its process tells.  On another host, its lease on the guest
@@ -114,17 +111,17 @@ class Lease:
 
     def rival(self, name: str, uri: str) -> Rival | None:
         """The oldest other live run whose baseline snapshot is on the guest."""
-        rivals = [(owner, snap.getName())
-                  for owner, snap in backend.owned_snapshots(self.hypervisor.domain(name, uri))
+        rivals = [(owner, snap.name)
+                  for owner, snap in owned_snapshots(self.hypervisor.machine(name, uri))
                   if owner.run_id != self.owner.run_id and self.alive(owner, uri, name)]
         return min(rivals, key=lambda r: (r[0].started, r[0].run_id), default=None)
 
-    def keep_or_back_off(self, name: str, uri: str, snap: libvirt.virDomainSnapshot) -> None:
+    def keep_or_back_off(self, name: str, uri: str, snap: Snapshot) -> None:
         """Two runs that share no lock directory took baselines at once: the older run
         keeps the guest; this one deletes its snapshot, backs off and waits."""
         rival = self.rival(name, uri)
         if rival is not None and (rival[0].started, rival[0].run_id) < (self.owner.started, self.owner.run_id):
-            backend.delete_snapshot(snap)
+            self.hypervisor.machine(name, uri).delete_snapshot(snap)
             raise Outraced(rival)
 
     def _wait(self, name: str, who: str, deadline: float, remedy: str) -> None:

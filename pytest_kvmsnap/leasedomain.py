@@ -20,58 +20,18 @@ it is.  No pytest here.
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.ownership import LeaseRecord, Taken
 
 if TYPE_CHECKING:
     import libvirt
 
 SUFFIX = ".kvmsnap-lease"
-_TAG = "pytest-kvmsnap lease: "
-
-
-class Taken(Exception):
-    """Another host defined or took over the lease first."""
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    guest: str
-    holder: backend.Owner
-    expires: float  # seconds since the epoch, by the holder's clock
-
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) >= self.expires
-
-    def describe(self) -> str:
-        """'run R (pid P on host H), lease until 12:00:00 UTC' for wait and error lines."""
-        until = time.strftime("%H:%M:%S UTC", time.gmtime(self.expires))
-        holder = self.holder
-        return f"run {holder.run_id} (pid {holder.pid} on {holder.host}), its lease on the hypervisor until {until}"
-
-    def to_description(self) -> str:
-        return _TAG + json.dumps({"guest": self.guest, "expires": self.expires,
-                                  "holder": json.loads(self.holder.to_json())})
-
-    @classmethod
-    def from_description(cls, text: str | None) -> LeaseRecord | None:
-        if not text or not text.startswith(_TAG):
-            return None
-        try:
-            data = json.loads(text[len(_TAG):])
-            holder = backend.Owner.from_json(json.dumps(data["holder"]))
-            if holder is None:
-                return None
-            return cls(str(data["guest"]), holder, float(data["expires"]))
-        except (ValueError, KeyError, TypeError):
-            return None
 
 
 def lease_name(guest: str) -> str:
@@ -100,6 +60,17 @@ def read(conn: libvirt.virConnect, guest: str) -> tuple[libvirt.virDomain, Lease
         raise KvmSnapError(f"domain {lease_name(guest)!r} exists but is not a pytest-kvmsnap lease; the plugin "
                            f"keeps the lease on guest {guest!r} under that name: rename that domain")
     return dom, record
+
+
+def by_uuid(conn: libvirt.virConnect, lease_uuid: str) -> libvirt.virDomain | None:
+    """The lease with that UUID, or None once it is gone (taken over, released)."""
+    libvirt = backend.lib()
+    try:
+        return conn.lookupByUUIDString(lease_uuid)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
+        return None
 
 
 def reread(dom: libvirt.virDomain) -> LeaseRecord | None:

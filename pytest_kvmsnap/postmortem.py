@@ -4,7 +4,7 @@ Plain code, no pytest; the glue (``plugin.py``) asks for it when a report fails.
 
 - **Keep**: before the failed test's guests are reverted, their state (memory
   and disk) is saved as a snapshot named from the test and marked *kept for
-  the user* (``backend.create_kept``), which no cleanup or recovery of the
+  the user* (``ownership.kept_description``), which no cleanup or recovery of the
   plugin ever touches.  At most ``kvm_keep_failed_max`` per guest and run.
 - **Console**: what the guest wrote to its serial console's log file during
   the test, the last N lines, with a kernel panic, oops or hung task called out.
@@ -21,12 +21,9 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
-
-if TYPE_CHECKING:
-    import libvirt
+from pytest_kvmsnap.engine import Machine, kept_for_user
+from pytest_kvmsnap.ownership import kept_description
 
 # What a kernel says when the guest, not the test, went wrong; most serious first.
 TROUBLE = tuple(re.compile(pattern) for pattern in (
@@ -120,9 +117,9 @@ class ConsoleTail:
         return cut + "\n".join(self.lines)
 
 
-def console_mark(dom: libvirt.virDomain, local: bool) -> ConsoleMark:
+def console_mark(machine: Machine, local: bool) -> ConsoleMark:
     """Where the guest's console log ends now: a failed test's console starts there."""
-    path = backend.console_log(dom)
+    path = machine.console_log()
     if path is None:
         return ConsoleMark(None, unavailable="its serial console is not written to a file; give the "
                            "<serial> a <log file='...' append='on'/> (or make it type='file')")
@@ -176,23 +173,24 @@ class Kept:
         return look, f"{virsh} snapshot-delete {guest} {snap}"
 
 
-def keep(dom: libvirt.virDomain, guest: str, nodeid: str, run_id: str, limit: int) -> Kept:
+def keep(machine: Machine, guest: str, nodeid: str, run_id: str, limit: int) -> Kept:
     """Save the guest's state as a snapshot kept for the user, unless the run kept ``limit`` already.
 
     The caller holds the guest's lock: counting and creating cannot race another
     process of the run.
     """
-    ours = [record for record in backend.kept_records(dom) if record.get("run") == run_id]
+    ours = [record for record in kept_for_user(machine) if record.get("run") == run_id]
     if len(ours) >= limit:
         return Kept(guest, nodeid, None, f"{len(ours)} kept for this run already (kvm_keep_failed_max={limit})")
     # A guest that is shut off (it powered off, or QEMU died) keeps its disks only.
     name = kept_name(nodeid, run_id, len(ours) + 1)
-    backend.create_kept(dom, name, {"run": run_id, "test": nodeid, "guest": guest, "kept_at": time.time()})
+    machine.save_state(name, kept_description({"run": run_id, "test": nodeid, "guest": guest,
+                                               "kept_at": time.time()}))
     return Kept(guest, nodeid, name)
 
 
-def save_screenshot(dom: libvirt.virDomain, directory: Path, stem: str) -> Path:
-    mime, image = backend.screenshot(dom)
+def save_screenshot(machine: Machine, directory: Path, stem: str) -> Path:
+    mime, image = machine.screenshot()
     path = directory / f"{stem}.png"
     path.write_bytes(image if mime == "image/png" else png_from_ppm(image))
     return path

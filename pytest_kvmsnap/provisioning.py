@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from pytest_kvmsnap import backend, clones
+from pytest_kvmsnap.engine import Machine, Snapshot, owned_snapshots, snapshot_owner
 from pytest_kvmsnap.events import BaselineTaken, Notice
 from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed, UnsupportedGuest
 from pytest_kvmsnap.guest import GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord
+from pytest_kvmsnap.ownership import clone_name
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import remember_loaded
 
-if TYPE_CHECKING:
-    import libvirt
+SNAPSHOT_PREFIX = "kvmsnap-"  # a run's baseline: kvmsnap-<run id>
 
 T = TypeVar("T")
 Incident = Callable[[str, "RunRecord | None"], None]  # record an event of the run (in ``record``)
@@ -43,7 +43,7 @@ class Provisioner:
 
     @property
     def snapshot_name(self) -> str:
-        return f"{backend.PREFIX}{self.owner.run_id}"
+        return f"{SNAPSHOT_PREFIX}{self.owner.run_id}"
 
     def _new_record(self, uri: str, name: str, clone_of: str = "") -> RunRecord:
         """This run's record for guest ``name``, its owner's identity in it (the pid and what
@@ -58,7 +58,7 @@ class Provisioner:
         """The run's first use of the guest (under its lock): repair, snapshot, record."""
         record = self._new_record(state.uri, state.name, clone_of=state.clone_of)
         try:
-            dom, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
+            machine, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
                                        if state.clone_of else self._snapshot(state, record))
         except BaseException:
             if not state.clone_of:  # a clone that failed to start is destroyed on the spot
@@ -67,7 +67,7 @@ class Provisioner:
         record.clean_at = record.baseline
         record.settle_pending = True  # the first test waits for the guest like any later one
         record.settle_restored = bool(state.clone_of)  # a clone was started from the snapshot
-        remember_loaded(record, dom, snap)  # this QEMU process took it: it may load it in place
+        remember_loaded(record, machine, snap)  # this QEMU process took it: it may load it in place
         self.hypervisor.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record
 
@@ -88,44 +88,42 @@ class Provisioner:
         record.baseline_seconds = time.perf_counter() - start
         return result
 
-    def _snapshot(self, state: GuestState,
-                  record: RunRecord) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
-        def repair_and_take() -> libvirt.virDomainSnapshot:  # both steps are safe to repeat
-            for repaired in self.recovery.repair(state.name, self.hypervisor.domain(state.name, state.uri),
+    def _snapshot(self, state: GuestState, record: RunRecord) -> tuple[Machine, Snapshot]:
+        def repair_and_take() -> Snapshot:  # both steps are safe to repeat
+            for repaired in self.recovery.repair(state.name, self.hypervisor.machine(state.name, state.uri),
                                                  state.uri):
                 self.incident(repaired, record)
             return self._create(state.name, state.uri)
 
         snap = self.hypervisor.retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take,
                                         state.uri)
-        return self.hypervisor.domain(state.name, state.uri), snap
+        return self.hypervisor.machine(state.name, state.uri), snap
 
-    def _create(self, name: str, uri: str) -> libvirt.virDomainSnapshot:
+    def _create(self, name: str, uri: str) -> Snapshot:
         """Take this run's baseline of ``name``, or adopt the one an interrupted call left."""
-        dom = self.hypervisor.domain(name, uri)
-        left = backend.find_snapshot(dom, self.snapshot_name)
-        snap = self._adopt(name, dom, left) if left is not None else None
+        machine = self.hypervisor.machine(name, uri)
+        left = machine.find_snapshot(self.snapshot_name)
+        snap = self._adopt(name, machine, left) if left is not None else None
         if snap is None:
-            snap = backend.create_baseline(dom, self.snapshot_name, self.owner)
+            snap = machine.take_baseline(self.snapshot_name, self.owner)
         self.lease.keep_or_back_off(name, uri, snap)
         return snap
 
-    def _adopt(self, name: str, dom: libvirt.virDomain,
-               snap: libvirt.virDomainSnapshot) -> libvirt.virDomainSnapshot | None:
+    def _adopt(self, name: str, machine: Machine, snap: Snapshot) -> Snapshot | None:
         """This run's snapshot is already there: an earlier call lost its connection
         while libvirt went on and finished it.  Nothing used the guest since (that
         test errored in setup), so a complete one is the baseline; else retake it.
         """
-        owner = backend.snapshot_owner(snap)
+        owner = snapshot_owner(snap)
         if owner is None or owner.run_id != self.owner.run_id:
-            raise KvmSnapError(f"guest {name!r} has a snapshot {snap.getName()!r} that this run did not "
+            raise KvmSnapError(f"guest {name!r} has a snapshot {snap.name!r} that this run did not "
                                "create; rename or delete it (virsh snapshot-delete)")
-        backend.resume_if_paused_by_snapshot(dom)
-        if not dom.isActive() or backend.qemu_holds_vm_state(dom, snap.getName()):
-            self.hypervisor.report(Notice(f"kvmsnap: {name}: using baseline {snap.getName()} that libvirt "
+        machine.resume_if_paused_by_snapshot()
+        if not machine.is_running() or machine.holds_memory(snap.name):
+            self.hypervisor.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that libvirt "
                                           "finished after the connection was lost"))
             return snap
-        backend.delete_snapshot(snap)
+        machine.delete_snapshot(snap)
         return None
 
     def drop_failed(self) -> list[str]:
@@ -141,10 +139,11 @@ class Provisioner:
                 record = lock.acquire(self.lease.lock_timeout, self.hypervisor.report)
                 if record is not None and record.run_id == self.owner.run_id:
                     continue
-                with backend.libvirt_errors(uri, f"removing this run's snapshot of {name!r}"):
-                    for owner, snap in backend.owned_snapshots(self.hypervisor.domain(name, uri)):
+                with self.hypervisor.errors(uri, f"removing this run's snapshot of {name!r}"):
+                    machine = self.hypervisor.machine(name, uri)
+                    for owner, snap in owned_snapshots(machine):
                         if owner.run_id == self.owner.run_id:
-                            backend.delete_snapshot(snap)
+                            machine.delete_snapshot(snap)
             except KvmSnapError as exc:
                 problems.append(f"{name}: {exc}")
             finally:
@@ -159,41 +158,41 @@ class Provisioner:
         The original's record stays as the run's lease on it until the finisher
         has removed the clones and the copies.
         """
-        dom = self.hypervisor.domain(name, uri)
-        clones.check_copyable(dom)
+        machine = self.hypervisor.machine(name, uri)
+        self.hypervisor.engine(uri).check_copyable(machine)
         lock = self.store.lock(uri, name)
         try:
-            self.lease.hold(lock, name, lambda: self._new_clone_source(name, dom, lock))
+            self.lease.hold(lock, name, lambda: self._new_clone_source(name, machine, lock))
             # Every process with a clone keeps the original's lease alive: it covers the
             # clones too, which another host's recovery would otherwise count as orphans.
             self.lease.leases.adopt(lock.uri, name)
         finally:
             lock.release()
-        return clones.clone_name(name, self.owner.run_id, slot)
+        return clone_name(name, self.owner.run_id, slot)
 
-    def _new_clone_source(self, name: str, dom: libvirt.virDomain, lock: GuestLock) -> RunRecord:
+    def _new_clone_source(self, name: str, machine: Machine, lock: GuestLock) -> RunRecord:
         # Its baseline is the snapshot inside the copies; the original keeps none.
         record = self._new_record(lock.uri, name)
-        self._recorded(lock, record, lambda: self._copy_original(name, dom, record))
+        self._recorded(lock, record, lambda: self._copy_original(name, machine, record))
         lock.write(record)  # now with the copies' whereabouts
         return record
 
-    def _copy_original(self, name: str, dom: libvirt.virDomain, record: RunRecord) -> None:
+    def _copy_original(self, name: str, machine: Machine, record: RunRecord) -> None:
         uri = record.uri
-        for repaired in self.recovery.repair(name, dom, uri):
+        for repaired in self.recovery.repair(name, machine, uri):
             self.incident(repaired, record)
-        if not dom.isActive():
+        if not machine.is_running():
             raise UnsupportedGuest(f"guest {name!r} is shut off; --kvm-clones needs a running or "
                                    "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
         snap = self._create(name, uri)
         try:
-            record.clone_source = clones.make_source(dom, snap, self.owner)
+            record.clone_source = self.hypervisor.engine(uri).make_source(machine, snap, self.owner)
         finally:
-            backend.delete_snapshot(snap)  # the copies hold it; the original is as found
+            machine.delete_snapshot(snap)  # the copies hold it; the original is as found
 
-    def _start_clone(self, state: GuestState) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
+    def _start_clone(self, state: GuestState) -> tuple[Machine, Snapshot]:
         source = self.store.lock(state.uri, state.clone_of).read()
         if source is None or source.clone_source is None:
             raise RevertFailed(f"the run's copies of {state.clone_of!r} are gone; cannot clone it")
-        return clones.make_clone(self.hypervisor.connection(state.uri), source.clone_source, state.clone_of, state.name,
-                                 self.owner)
+        return self.hypervisor.engine(state.uri).make_clone(source.clone_source, state.clone_of, state.name,
+                                                            self.owner)

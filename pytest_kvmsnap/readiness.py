@@ -18,15 +18,12 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.engine import Machine
 from pytest_kvmsnap.events import Notice, Reporter
 from pytest_kvmsnap.exceptions import KvmSnapError
-
-if TYPE_CHECKING:
-    import libvirt
 
 T = TypeVar("T")
 AGENT_GRACE = 15.0  # seconds an "auto" agent gets to answer before it counts as absent
@@ -41,31 +38,33 @@ Address = Callable[[int], tuple[str, int]]  # guest port -> where the host conne
 
 
 class Readiness:
-    def __init__(self, settings: Settings, report: Reporter, ready_hook: Callable[[str, float], None]) -> None:
+    def __init__(self, settings: Settings, report: Reporter, ready_hook: Callable[[str, float], None],
+                 agent_unavailable: Callable[[Exception], bool]) -> None:
         self.settings = settings
         self.report = report
         self.ready_hook = ready_hook  # (guest name, timeout): the user's pytest_kvmsnap_ready
+        self.agent_unavailable = agent_unavailable  # the engine's EngineKind.agent_unavailable
         self._agent: dict[str, bool] = {}  # guest -> whether its agent is used
 
-    def settle(self, name: str, dom: libvirt.virDomain, address: Address, *, restored: bool) -> list[str]:
+    def settle(self, name: str, machine: Machine, address: Address, *, restored: bool) -> list[str]:
         """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot."""
         deadline = time.monotonic() + self.settings.wait_timeout
         steps = []
-        if restored and self._uses_agent(name, dom, deadline):
+        if restored and self._uses_agent(name, machine, deadline):
             if self.settings.sync_clock != "off":
-                self._through_agent(dom, deadline, lambda: backend.sync_clock(dom))
+                self._through_agent(machine, deadline, machine.sync_clock)
                 steps.append("clock")
             if self.settings.reseed != "off":
-                partial = self._through_agent(dom, deadline, lambda: backend.reseed(dom))
+                partial = self._through_agent(machine, deadline, machine.reseed)
                 if partial:
                     self.report(Notice(f"kvmsnap: {name}: reseed: {partial}"))
                 steps.append("reseed")
         if self.settings.wait:
-            self._wait(name, dom, address, deadline)
+            self._wait(name, machine, address, deadline)
             steps.append(self.settings.wait)
         return steps
 
-    def _uses_agent(self, name: str, dom: libvirt.virDomain, deadline: float) -> bool:
+    def _uses_agent(self, name: str, machine: Machine, deadline: float) -> bool:
         """Whether clock and entropy go through the agent: 'on' needs it; 'auto' uses it
         when the guest has the channel and the agent answers (decided once per run)."""
         wanted = {self.settings.sync_clock, self.settings.reseed} - {"off"}
@@ -73,10 +72,10 @@ class Readiness:
             return False
         if name not in self._agent:
             required = "on" in wanted
-            present = required or backend.has_agent_channel(dom)
+            present = required or machine.has_agent()
             if present:
                 limit = deadline if required else min(deadline, time.monotonic() + AGENT_GRACE)
-                present = poll(lambda: backend.agent_answers(dom), limit)
+                present = poll(machine.agent_answers, limit)
                 if not present and required:
                     raise NotReady(f"guest {name!r}: its guest agent did not answer within "
                                    f"{self.settings.wait_timeout:.0f} s, and --kvm-sync-clock/--kvm-reseed=on "
@@ -87,24 +86,23 @@ class Readiness:
             self._agent[name] = present
         return self._agent[name]
 
-    @staticmethod
-    def _through_agent(dom: libvirt.virDomain, deadline: float, step: Callable[[], T]) -> T:
+    def _through_agent(self, machine: Machine, deadline: float, step: Callable[[], T]) -> T:
         """Run an agent step, again while the agent's channel is still reconnecting."""
         while True:
             try:
                 return step()
             except Exception as exc:
-                if not backend.is_agent_unavailable(exc) or time.monotonic() >= deadline:
+                if not self.agent_unavailable(exc) or time.monotonic() >= deadline:
                     raise
-            poll(lambda: backend.agent_answers(dom), deadline)
+            poll(machine.agent_answers, deadline)
 
-    def _wait(self, name: str, dom: libvirt.virDomain, address: Address, deadline: float) -> None:
+    def _wait(self, name: str, machine: Machine, address: Address, deadline: float) -> None:
         kind = self.settings.wait
         if kind == "hook":
             self.ready_hook(name, max(0.0, deadline - time.monotonic()))
             return
         if kind == "agent":
-            what, ready = "the guest agent to answer guest-ping", lambda: backend.agent_answers(dom)
+            what, ready = "the guest agent to answer guest-ping", lambda: machine.agent_answers()
         else:
             port = 22 if kind == "ssh" else int(kind.split(":")[1])
             host, host_port = address(port)

@@ -7,18 +7,13 @@ naming a dead run is touched; a live run's things are listed at most.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pytest_kvmsnap import backend, clones, leasedomain
+from pytest_kvmsnap.engine import Machine, Snapshot, damaged_snapshots, owned_snapshots
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
-from pytest_kvmsnap.leasedomain import LeaseRecord
 from pytest_kvmsnap.locking import RecordStore
+from pytest_kvmsnap.ownership import LeaseRecord, Owner
 
-if TYPE_CHECKING:
-    import libvirt
-
-Orphan = tuple[backend.Owner, "libvirt.virDomainSnapshot"]
+Orphan = tuple[Owner, Snapshot]
 
 
 class Recovery:
@@ -27,40 +22,40 @@ class Recovery:
         self.lease = lease
         self.store = store
 
-    def _dead_other(self, owner: backend.Owner, uri: str, name: str) -> bool:
+    def _dead_other(self, owner: Owner, uri: str, name: str) -> bool:
         """Was ``owner`` another run, now dead (so what it left of guest ``name`` is an orphan)?"""
         return owner.run_id != self.lease.owner.run_id and not self.lease.alive(owner, uri, name)
 
-    def orphans(self, dom: libvirt.virDomain, uri: str) -> list[Orphan]:
+    def orphans(self, machine: Machine, uri: str) -> list[Orphan]:
         """The guest's snapshots that dead runs of this plugin left, oldest first."""
-        found = [(owner, snap) for owner, snap in backend.owned_snapshots(dom)
-                 if self._dead_other(owner, uri, dom.name())]
+        found = [(owner, snap) for owner, snap in owned_snapshots(machine)
+                 if self._dead_other(owner, uri, machine.name)]
         return sorted(found, key=lambda pair: pair[0].started)
 
-    def _orphan_clones(self, dom: libvirt.virDomain, uri: str) -> tuple[list[str], list[str]]:
-        return clones.orphans(self.hypervisor.connection(uri), dom,
-                              lambda owner: self._dead_other(owner, uri, dom.name()))
+    def _orphan_clones(self, machine: Machine, uri: str) -> tuple[list[str], list[str]]:
+        return self.hypervisor.engine(uri).orphan_clones(
+            machine, lambda owner: self._dead_other(owner, uri, machine.name))
 
-    def repair(self, name: str, dom: libvirt.virDomain, uri: str) -> list[str]:
+    def repair(self, name: str, machine: Machine, uri: str) -> list[str]:
         """Put the guest back, drop dead runs' snapshots, clones and copies; one line each."""
         done = [f"kvmsnap: {name}: snapshot {snap} has a damaged pytest-kvmsnap record in its description; "
-                "it counts as yours and is left alone" for snap in backend.damaged_snapshots(dom)]
-        orphans = self.orphans(dom, uri)
+                "it counts as yours and is left alone" for snap in damaged_snapshots(machine)]
+        orphans = self.orphans(machine, uri)
         if orphans:
             oldest, snap = orphans[0]
-            backend.revert_libvirt(dom, snap)  # the dead run left the guest mid-test
+            machine.revert_cold(snap)  # the dead run left the guest mid-test
             for _, orphan in orphans:
-                backend.delete_snapshot(orphan)
-            done.append(f"kvmsnap: {name}: restored to {snap.getName()} left by dead run {oldest.run_id} "
+                machine.delete_snapshot(orphan)
+            done.append(f"kvmsnap: {name}: restored to {snap.name} left by dead run {oldest.run_id} "
                         f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
-        dead_clones, pools = self._orphan_clones(dom, uri)
-        conn = self.hypervisor.connection(uri)
+        dead_clones, pools = self._orphan_clones(machine, uri)
+        engine = self.hypervisor.engine(uri)
         for clone in dead_clones:
-            clones.destroy(conn, clone)
+            engine.destroy_clone(clone)
             # Its name holds the dead run's id: no one will lock it again.
             self.store.lock(uri, clone).remove(lock_file=True)
         for pool in pools:
-            clones.remove_own_pool(conn, pool)
+            engine.remove_pool(pool)
         if dead_clones or pools:
             done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(pools)} "
                         "pool(s) of disk copies left by dead runs")
@@ -69,28 +64,28 @@ class Recovery:
     def cleanup(self, name: str, dry_run: bool) -> list[str]:
         """``--kvm-cleanup``: repair one guest dead runs left, under its lock and its lease."""
         uri = self.hypervisor.settings.uri
-        dom = backend.lookup_domain(self.hypervisor.connection(uri), name)
-        lines = [f"{name}: {snap.getName()} belongs to live run {owner.run_id} "
+        machine = self.hypervisor.engine(uri).machine(name, checked=False)
+        lines = [f"{name}: {snap.name} belongs to live run {owner.run_id} "
                  f"(pid {owner.pid} on {owner.host}); left alone"
-                 for owner, snap in backend.owned_snapshots(dom) if self.lease.alive(owner, uri, name)]
-        orphans = self.orphans(dom, uri)
-        dead_clones, pools = self._orphan_clones(dom, uri)
-        lease = leasedomain.read(self.hypervisor.connection(uri), name)
+                 for owner, snap in owned_snapshots(machine) if self.lease.alive(owner, uri, name)]
+        orphans = self.orphans(machine, uri)
+        dead_clones, pools = self._orphan_clones(machine, uri)
+        lease = self.hypervisor.engine(uri).read_lease(name)
         dead_lease = lease is not None and not self.lease.leases.holder_alive(lease[1])
         if dry_run:
             if orphans:
-                names = ", ".join(snap.getName() for _, snap in orphans)
-                lines.append(f"{name}: would restore the guest to {orphans[0][1].getName()} "
+                names = ", ".join(snap.name for _, snap in orphans)
+                lines.append(f"{name}: would restore the guest to {orphans[0][1].name} "
                              f"and delete orphan snapshot(s) {names}")
             lines.extend(f"{name}: would remove clone {clone}" for clone in dead_clones)
             lines.extend(f"{name}: would remove pool {pool} (disk copies)" for pool in pools)
             if dead_lease and lease is not None:
                 lines.append(f"{name}: would remove the lease of dead run {lease[1].holder.run_id}")
         elif orphans or dead_clones or pools or dead_lease:
-            lines.extend(self._repair_held(name, dom, uri, lease[1] if dead_lease and lease else None))
+            lines.extend(self._repair_held(name, machine, uri, lease[1] if dead_lease and lease else None))
         return lines or [f"{name}: nothing to clean"]
 
-    def _repair_held(self, name: str, dom: libvirt.virDomain, uri: str,
+    def _repair_held(self, name: str, machine: Machine, uri: str,
                      dead_lease: LeaseRecord | None) -> list[str]:
         """Repair under the guest's lock and its lease (a dead run's lease is taken over, then
         given back: it is gone)."""
@@ -101,7 +96,7 @@ class Recovery:
             if holder is not None:  # a live run took the guest since the lease was read
                 return [f"{name}: held by live {holder.describe()}; left alone"]
             try:
-                lines = self.repair(name, dom, uri)
+                lines = self.repair(name, machine, uri)
             finally:
                 self.lease.leases.release(uri, name)
         finally:
@@ -113,7 +108,7 @@ class Recovery:
 
     def unused_locks(self, dry_run: bool) -> list[str]:
         """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""
-        existing = {dom.name() for dom in self.hypervisor.connection().listAllDomains()}
+        existing = set(self.hypervisor.engine().guest_names())
         return self.store.remove_unused_locks(self.hypervisor.settings.uri, existing.__contains__, dry_run)
 
     def stale_records(self, dry_run: bool) -> list[str]:

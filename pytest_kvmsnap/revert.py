@@ -1,24 +1,22 @@
-"""Putting a guest back to a snapshot: in place with QEMU's ``loadvm``, or with libvirt.
+"""Putting a guest back to a snapshot: in place (QEMU's ``loadvm``), or a cold revert.
 
 An in-place ``loadvm`` is safe only into the very QEMU process (same devices)
 that took or last loaded the snapshot; the run record remembers which process
-that was (``inplace_ok``).  Anything else goes through libvirt's revert, which
-starts a new QEMU from the snapshot -- which then may load it in place.
+that was (``inplace_ok``).  Anything else goes through the engine's cold revert
+(libvirt's), which starts a new QEMU from the snapshot -- which then may load
+it in place.  Decisions only: the engine (engine.py) does the work.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.engine import Machine, Snapshot
 from pytest_kvmsnap.events import Reporter, Reverted, RevertStarting
 from pytest_kvmsnap.exceptions import RevertFailed
 from pytest_kvmsnap.locking import RunRecord
-
-if TYPE_CHECKING:
-    import libvirt
 
 
 class GuestFacts(Protocol):
@@ -55,28 +53,28 @@ def why_not_inplace(method: str, facts: GuestFacts, snapshot: str, loaded_by: li
     return None
 
 
-class LibvirtFacts:
-    """:class:`GuestFacts` from libvirt, for one domain and one of its snapshots."""
+class MachineFacts:
+    """:class:`GuestFacts` from the engine, for one guest and one of its snapshots."""
 
-    def __init__(self, dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot) -> None:
-        self.dom, self.snap = dom, snap
+    def __init__(self, machine: Machine, snap: Snapshot) -> None:
+        self.machine, self.snap = machine, snap
 
     def monitor_problem(self, snapshot: str) -> str | None:
-        return backend.inplace_possible(self.dom.connect(), snapshot)
+        return self.machine.hot_revert_problem(snapshot)
 
     def snapshot_state(self, snapshot: str) -> str:
-        return backend.snapshot_state(self.snap)
+        return self.snap.state()
 
     def process_identity(self) -> tuple[int, str] | None:
-        return backend.process_identity(self.dom)
+        return self.machine.process_identity()
 
 
-def remember_loaded(record: RunRecord, dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot) -> None:
-    """The QEMU process running ``dom`` now holds ``snap``'s state: while it lives, it may
+def remember_loaded(record: RunRecord, machine: Machine, snap: Snapshot) -> None:
+    """The VM process running the guest now holds ``snap``'s state: while it lives, it may
     load ``snap`` in place."""
-    identity = backend.process_identity(dom)
-    if identity is not None and backend.snapshot_state(snap) == "running":
-        record.inplace_ok[snap.getName()] = list(identity)
+    identity = machine.process_identity()
+    if identity is not None and snap.state() == "running":
+        record.inplace_ok[snap.name] = list(identity)
 
 
 QEMU_GONE_WAIT = 15.0  # seconds libvirt may take, on a loaded host, to notice that QEMU exited
@@ -87,13 +85,13 @@ class Reverter:
         self.settings = settings
         self.report = report
 
-    def revert(self, record: RunRecord, dom: libvirt.virDomain, target: str, reason: str,
+    def revert(self, record: RunRecord, machine: Machine, target: str, reason: str,
                *, final: bool = False) -> None:
-        """Put ``dom`` back to ``target``, timed into ``record``; ``final`` at the session's end."""
-        snap = backend.lookup_snapshot(dom, target)
-        why_not = why_not_inplace(self.settings.revert_method, LibvirtFacts(dom, snap), target,
+        """Put the guest back to ``target``, timed into ``record``; ``final`` at the session's end."""
+        snap = machine.snapshot(target)
+        why_not = why_not_inplace(self.settings.revert_method, MachineFacts(machine, snap), target,
                                   record.inplace_ok.get(target))
-        if why_not and self.settings.revert_method == "inplace" and not final and dom.isActive():
+        if why_not and self.settings.revert_method == "inplace" and not final and machine.is_running():
             # Strict mode: the user asked never to pay for a QEMU restart between
             # tests.  A guest whose QEMU is gone needs one anyway, and the
             # end-of-session restore (final) may too: a guest left dirty is worse.
@@ -104,30 +102,29 @@ class Reverter:
             record.revert_methods.setdefault(target, f"libvirt ({why_not})")
         self.report(RevertStarting(record.domain, target, reason))
         start = time.perf_counter()
-        method = self._revert(record, dom, snap, "libvirt" if why_not else "inplace")
+        method = self._revert(record, machine, snap, "libvirt" if why_not else "inplace")
         seconds = time.perf_counter() - start
         record.reverts.append((seconds, method, target, reason))
         self.report(Reverted(record.domain, target, seconds, method, reason))
 
-    def _revert(self, record: RunRecord, dom: libvirt.virDomain,
-                snap: libvirt.virDomainSnapshot, method: str) -> str:
-        name = snap.getName()
+    def _revert(self, record: RunRecord, machine: Machine, snap: Snapshot, method: str) -> str:
+        name = snap.name
         if method == "inplace":
             try:
-                backend.revert_inplace(dom, name)
+                machine.revert_hot(name)
                 record.revert_methods.setdefault(name, "inplace (QEMU loadvm)")
                 return "inplace"
             except RevertFailed as exc:
                 record.revert_methods[name] = f"libvirt (in-place load failed: {exc})"
                 method = "libvirt-fallback"
         try:
-            backend.revert_libvirt(dom, snap)
+            machine.revert_cold(snap)
         except RevertFailed:
             # QEMU died under the revert (killed, crashed) and libvirt has not yet seen it
             # go ("domain is no longer running"): once it has, the guest is shut off, and
             # libvirt's revert starts a new QEMU from the snapshot.
-            if not backend.wait_until_down(dom, QEMU_GONE_WAIT):
+            if not machine.wait_until_down(QEMU_GONE_WAIT):
                 raise
-            backend.revert_libvirt(dom, snap)
-        remember_loaded(record, dom, snap)  # the new QEMU process was started from it
+            machine.revert_cold(snap)
+        remember_loaded(record, machine, snap)  # the new QEMU process was started from it
         return method

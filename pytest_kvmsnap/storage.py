@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.exceptions import UnsupportedGuest
+from pytest_kvmsnap.ownership import Owner
 
 if TYPE_CHECKING:
     import libvirt
@@ -171,7 +172,7 @@ def read_volume(volume: libvirt.virStorageVol) -> bytes:
 # --- the plugin's own pools ---------------------------------------------------
 
 
-def make_pool(conn: libvirt.virConnect, name: str, path: str, owner: backend.Owner) -> libvirt.virStoragePool:
+def make_pool(conn: libvirt.virConnect, name: str, path: str, owner: Owner) -> libvirt.virStoragePool:
     """Define, build (mkdir on the hypervisor) and start pool ``name`` at ``path``, owned by ``owner``.
 
     Defined and autostarted, so that after a libvirtd restart it is still there and
@@ -189,14 +190,14 @@ def make_pool(conn: libvirt.virConnect, name: str, path: str, owner: backend.Own
     return pool
 
 
-def pool_owner(pool: libvirt.virStoragePool) -> backend.Owner | None:
+def pool_owner(pool: libvirt.virStoragePool) -> Owner | None:
     """The run that made ``pool``; None when it is not one of the plugin's, or unreadable
     (an inactive pool is not started to find out: the plugin's own start with libvirtd)."""
     libvirt = backend.lib()
     try:
         if not pool.isActive():
             return None
-        return backend.Owner.from_json(read_volume(pool.storageVolLookupByName(OWNER_VOLUME)).decode())
+        return Owner.from_json(read_volume(pool.storageVolLookupByName(OWNER_VOLUME)).decode())
     except (libvirt.libvirtError, UnicodeDecodeError):
         return None
 

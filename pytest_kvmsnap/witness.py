@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pytest_kvmsnap import backend, clones, postmortem
+from pytest_kvmsnap import postmortem
 from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.figures import GuestFigures
 from pytest_kvmsnap.guest import GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.ownership import kept_clone_name
 
 
 class Witness:
@@ -30,14 +31,14 @@ class Witness:
         """A protected test starts: note where the guest's console log ends now."""
         if not self.settings.console_lines and self.settings.artifacts is None:
             return
-        with backend.libvirt_errors(state.uri, f"finding guest {name!r}'s console log"):
-            dom = self.hypervisor.domain(state.name, state.uri)
-            state.console = postmortem.console_mark(dom, self._local(state.uri))
+        with self.hypervisor.errors(state.uri, f"finding guest {name!r}'s console log"):
+            machine = self.hypervisor.machine(state.name, state.uri)
+            state.console = postmortem.console_mark(machine, self._local(state.uri))
 
     def _local(self, uri: str) -> bool:
         """Is the hypervisor this host (asked once per URI: a round trip)?"""
         if uri not in self._local_uris:
-            self._local_uris[uri] = backend.is_this_host(self.hypervisor.connection(uri))
+            self._local_uris[uri] = self.hypervisor.engine(uri).is_this_host()
         return self._local_uris[uri]
 
     def evidence(self, state: GuestState, nodeid: str,
@@ -56,11 +57,11 @@ class Witness:
 
     def _screenshot(self, state: GuestState, directory: Path, stem: str) -> list[Path]:
         try:
-            dom = self.hypervisor.domain(state.name, state.uri)
-            if not dom.isActive() or not backend.has_screen(dom):
+            machine = self.hypervisor.machine(state.name, state.uri)
+            if not machine.is_running() or not machine.has_screen():
                 return []
-            return [postmortem.save_screenshot(dom, directory, stem)]
-        except (KvmSnapError, OSError, ValueError, backend.lib().libvirtError) as exc:
+            return [postmortem.save_screenshot(machine, directory, stem)]
+        except (KvmSnapError, OSError, ValueError, self.hypervisor.kind.refusal) as exc:
             self.report(Notice(f"kvmsnap: {state.name}: no screenshot: {exc}"))
             return []
 
@@ -69,14 +70,14 @@ class Witness:
         record = state.record
         assert record is not None, "a held guest's state is kept"
         try:
-            with backend.libvirt_errors(state.uri, f"saving {name!r}'s state"):
-                dom = self.hypervisor.domain(state.name, state.uri)
-                kept = postmortem.keep(dom, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
+            with self.hypervisor.errors(state.uri, f"saving {name!r}'s state"):
+                machine = self.hypervisor.machine(state.name, state.uri)
+                kept = postmortem.keep(machine, state.name, nodeid, self.run_id, self.settings.keep_failed_max)
                 if state.clone_of and kept.snapshot:
                     # The run ends by removing its clones: this one is kept instead (finishing.py).
                     record.kept.append(kept.snapshot)
                     state.lock.write(record)
-                    kept = dataclasses.replace(kept, guest=clones.kept_clone_name(state.name),
+                    kept = dataclasses.replace(kept, guest=kept_clone_name(state.name),
                                                pool=state.name)
         except KvmSnapError as exc:
             kept = postmortem.Kept(state.name, nodeid, None, str(exc))

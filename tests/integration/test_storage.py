@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from pytest_kvmsnap import backend, storage
+from pytest_kvmsnap import storage
+from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.testing.guest import guest_dir
 from tests.integration.conftest import URI
 
@@ -44,7 +45,7 @@ def test_a_copy_is_byte_for_byte_and_outlives_another_runs_pool(image_dir: Path,
     import libvirt
 
     conn = libvirt.open(URI)
-    owner = backend.Owner("storagetest", 1, "nowhere", time.time())
+    owner = Owner("storagetest", 1, "nowhere", time.time())
     target = storage.make_pool(conn, "kvmsnap-storagetest", str(image_dir / "copies"), owner)
     # Another run's transient pool over the image's directory, as when two guests there
     # are cloned at once: it is used for the read, and goes away just before the download.

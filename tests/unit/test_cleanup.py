@@ -13,6 +13,7 @@ import pytest
 from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.events import to_stdout
 from pytest_kvmsnap.locking import GuestLock, RunRecord
+from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from tests.conftest import TestDriver
 
 
@@ -23,7 +24,7 @@ def dead_pid() -> int:
 
 
 def plugin_snapshot(testdriver: TestDriver, name: str, run: str, pid: int) -> None:
-    owner = backend.Owner(run, pid, os.uname().nodename, time.time())
+    owner = Owner(run, pid, os.uname().nodename, time.time())
     backend.create_baseline(testdriver.conn.lookupByName(name), f"kvmsnap-{run}", owner)
 
 
@@ -125,7 +126,7 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
         # An older live run snapshots the guest a moment before this run does,
         # through the real test driver, after this run looked and saw no one.
         if not dom.listAllSnapshots():
-            real(dom, "kvmsnap-olderrun", backend.Owner("olderrun", os.getpid(), owner.host, 1.0))
+            real(dom, "kvmsnap-olderrun", Owner("olderrun", os.getpid(), owner.host, 1.0))
         return real(dom, snapshot, owner)
 
     monkeypatch.setattr(backend, "create_baseline", racing)  # the inner run is in this process
@@ -177,9 +178,9 @@ def test_cleanup_removes_lock_files_of_guests_that_no_longer_exist_when_no_run_u
 
 def remote_run(testdriver: TestDriver, guest: str, run: str, expires_in: float) -> None:
     """What a run on another host left: its baseline snapshot, and its lease expiring in ``expires_in`` s."""
-    owner = backend.Owner(run, 4242, "another-host", time.time())
+    owner = Owner(run, 4242, "another-host", time.time())
     backend.create_baseline(testdriver.conn.lookupByName(guest), f"kvmsnap-{run}", owner)
-    leasedomain.define(testdriver.conn, leasedomain.LeaseRecord(guest, owner, time.time() + expires_in))
+    leasedomain.define(testdriver.conn, LeaseRecord(guest, owner, time.time() + expires_in))
 
 
 def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.Pytester,

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_kvmsnap import backend
-from pytest_kvmsnap.clones import _clone_xml, clone_name, orphans
+from pytest_kvmsnap.clones import _clone_xml, orphans
 from pytest_kvmsnap.locking import CloneSource
+from pytest_kvmsnap.ownership import Owner, clone_name
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit
 
@@ -32,12 +32,12 @@ ORIGINAL = """
 def test_clone_xml() -> None:
     source = CloneSource(directory="/images/web-kvmsnap-run1", disks={"vda": "vda.qcow2"},
                          domain_xml=ORIGINAL, snapshot_xml="<domainsnapshot/>", pool="web-kvmsnap-run1")
-    owner = backend.Owner("run1", 123, "host", time.time())
+    owner = Owner("run1", 123, "host", time.time())
     name = clone_name("web", "run1", 0)
     root = _clone_xml(source, "web", name, owner, {"vda": f"/images/{name}/vda.qcow2"})
     assert name == "web-kvmsnap-run1-0"
     assert root.findtext("name") == name and root.find("uuid") is None
-    assert backend.Owner.from_description(root.findtext("description")) == owner
+    assert Owner.from_description(root.findtext("description")) == owner
     sources = [d.find("source").get("file") for d in root.iterfind("devices/disk")]  # type: ignore[union-attr]
     assert sources == [f"/images/{name}/vda.qcow2", "/images/iso.img"]  # read-only: shared
     paths = [s.get("path") for s in root.iterfind("devices/*/source[@mode='bind']")]

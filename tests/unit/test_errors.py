@@ -94,8 +94,10 @@ def test_special_names_are_data(pytester: pytest.Pytester, testdriver: TestDrive
     assert testdriver.snapshots(name) == []
 
 
-def test_strict_inplace_refuses_a_libvirt_revert(pytester: pytest.Pytester, testdriver: TestDriver) -> None:
-    """inplace is strict between tests; the end-of-session restore may still use libvirt."""
+def test_strict_inplace_is_refused_where_the_engine_has_no_hot_revert(pytester: pytest.Pytester,
+                                                                     testdriver: TestDriver) -> None:
+    """inplace promises no cold revert between tests: an engine without in-place reverts (libvirt's
+    test driver has no QEMU monitor) is refused before the guest is touched."""
     name = testdriver.define()
     pytester.makepyfile(f"""
         import pytest
@@ -105,9 +107,9 @@ def test_strict_inplace_refuses_a_libvirt_revert(pytester: pytest.Pytester, test
             pass
     """)
     result = pytester.runpytest("--kvm-uri=test:///default", "--kvm-revert-method=inplace")
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*kvm_revert_method=inplace: cannot revert * in place: the TEST driver "
-                                 "has no QEMU monitor. Use --kvm-revert-method=auto*"])
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*the hypervisor at test:///default cannot serve this run: it has no in-place "
+                                 "revert: use --kvm-revert-method=auto*"])
     assert testdriver.snapshots(name) == []
 
 

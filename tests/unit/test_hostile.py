@@ -18,6 +18,7 @@ from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord, process_token, running
+from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.revert import Reverter
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit as run
@@ -58,7 +59,7 @@ def test_the_finisher_reverts_and_deletes_only_a_snapshot_that_says_it_is_this_r
     events: list[Event] = []
     hypervisor = Hypervisor(settings, events.append)
     finisher = Finisher(hypervisor, Reverter(settings, events.append), RecordStore(tmp_path, events.append))
-    leases = RunLeases(hypervisor, backend.Owner("run1", os.getpid(), "h", 1.0), settings.lease_expiry)
+    leases = RunLeases(hypervisor, Owner("run1", os.getpid(), "h", 1.0), settings.lease_expiry)
     assert leases.take("test:///default", name) is None  # the run's lease is no forgery
     problems = finisher.finish_run("run1", leases)
     leases.stop()
@@ -104,7 +105,7 @@ def test_a_dead_runs_pid_reused_by_another_process_is_not_its_owner(
     dom = testdriver.conn.lookupByName(name)
     token = process_token(os.getpid())
     assert token and running(socket.gethostname(), os.getpid(), token)
-    reused = backend.Owner("deadrun", os.getpid(), socket.gethostname(), 1.0, token.split(":")[0] + ":1")
+    reused = Owner("deadrun", os.getpid(), socket.gethostname(), 1.0, token.split(":")[0] + ":1")
     assert not running(reused.host, reused.pid, reused.proc)
     assert running(reused.host, reused.pid, "")  # an old record without a token: the pid decides
     backend.create_baseline(dom, "kvmsnap-deadrun", reused)

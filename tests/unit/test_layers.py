@@ -11,13 +11,17 @@ import pytest_kvmsnap
 PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
-    "exceptions", "config", "events", "figures", "backend", "leasedomain", "storage", "postmortem", "locking",
-    "deadlock", "clones", "units", "placement", "hypervisor", "heartbeat", "revert", "lease", "recovery",
+    "exceptions", "config", "events", "figures", "ownership", "locking", "engine",
+    # the libvirt engine: the only modules that know libvirt
+    "backend", "leasedomain", "storage", "clones", "libvirt_engine",
+    # what the plugin does, through engine.py's interface
+    "postmortem", "deadlock", "units", "placement", "hypervisor", "heartbeat", "revert", "lease", "recovery",
     "readiness", "finishing", "guest", "addressing", "provisioning", "witness", "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]
 PYTEST_FREE = LAYERS[:LAYERS.index("markers")]
+LIBVIRT_ENGINE = {"backend", "leasedomain", "storage", "clones", "libvirt_engine"}
 
 
 def runtime_imports(module: str) -> set[str]:
@@ -54,3 +58,14 @@ def test_imports_go_one_way() -> None:
 def test_lower_layers_do_not_import_pytest() -> None:
     for module in PYTEST_FREE:
         assert "pytest" not in runtime_imports(module), f"{module} imports pytest"
+
+
+def test_only_the_libvirt_engine_knows_libvirt() -> None:
+    """Above the engine, everything goes through engine.py's interface: a second engine is a
+    second implementation of it, not edits all over.  Only the hypervisor names the default."""
+    for module in LAYERS[LAYERS.index("libvirt_engine") + 1:]:
+        imports = runtime_imports(module)
+        own = {name.split(".")[1] for name in imports if name.startswith("pytest_kvmsnap.")}
+        allowed = {"libvirt_engine"} if module == "hypervisor" else set()
+        assert not (own & LIBVIRT_ENGINE) - allowed, f"{module} imports {sorted(own & LIBVIRT_ENGINE)}"
+        assert not {"libvirt", "libvirt_qemu"} & imports, f"{module} imports libvirt"

@@ -16,6 +16,7 @@ from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
 
@@ -25,7 +26,7 @@ GUEST = "leased-guest"
 
 def runner(run_id: str, host: str, expiry: float = 60.0) -> RunLeases:
     """A run on ``host`` (another host than this one unless it is this one's name)."""
-    owner = backend.Owner(run_id, os.getpid(), host, time.time())
+    owner = Owner(run_id, os.getpid(), host, time.time())
     return RunLeases(Hypervisor(Settings(uri=URI), lambda _event: None), owner, expiry)
 
 
@@ -57,7 +58,7 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced_off(runs: l
     stalled.stop()  # a runner that stopped renewing (kill -9, powered off, SIGSTOP)
     time.sleep(0.5)
     assert taker.take(URI, GUEST) is None
-    found = leasedomain.read(taker.hypervisor.connection(URI), GUEST)
+    found = leasedomain.read(taker.hypervisor.engine(URI).native, GUEST)
     assert found is not None and found[1].holder.run_id == "run-b"
     # Woken up, it knows by its own clock that it may have lost the guest: it touches it no more.
     with pytest.raises(LeaseLost, match="lease on guest 'leased-guest' at test:///default is lost: it was not "
@@ -71,11 +72,11 @@ def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(runs:
     holder = runner("run-a", "host-a", expiry=0.8)
     runs.append(holder)
     assert holder.take(URI, GUEST) is None
-    conn = holder.hypervisor.connection(URI)
+    conn = holder.hypervisor.engine(URI).native
     found = leasedomain.read(conn, GUEST)
     assert found is not None
-    intruder = backend.Owner("run-b", 1, "host-b", 1.0)
-    leasedomain.take_over(conn, found[0], leasedomain.LeaseRecord(GUEST, intruder, time.time() + 60))
+    intruder = Owner("run-b", 1, "host-b", 1.0)
+    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, intruder, time.time() + 60))
     time.sleep(0.5)  # more than one renewal
     with pytest.raises(LeaseLost, match="another run took it over: run run-b"):
         holder.check(URI, GUEST)
@@ -94,7 +95,7 @@ def test_of_two_hosts_taking_over_one_expired_lease_at_once_exactly_one_wins(run
         results_by_run = dict(zip([run.owner.run_id for run in takers], results, strict=True))
         winners = [run_id for run_id, holder in results_by_run.items() if holder is None]
         assert len(winners) == 1, results_by_run
-        found = leasedomain.read(takers[0].hypervisor.connection(URI), guest)
+        found = leasedomain.read(takers[0].hypervisor.engine(URI).native, guest)
         assert found is not None and found[1].holder.run_id == winners[0]
 
 
@@ -111,9 +112,9 @@ def test_a_holder_renews_its_lease_while_it_lives(runs: list[RunLeases]) -> None
 def test_a_dead_process_on_this_host_frees_its_lease_at_once(runs: list[RunLeases]) -> None:
     import socket
 
-    gone = backend.Owner("run-gone", 2**22 + 7, socket.gethostname(), 1.0)  # no such pid
-    conn = runner("x", "y").hypervisor.connection(URI)
-    leasedomain.define(conn, leasedomain.LeaseRecord(GUEST, gone, time.time() + 3600))
+    gone = Owner("run-gone", 2**22 + 7, socket.gethostname(), 1.0)  # no such pid
+    conn = runner("x", "y").hypervisor.engine(URI).native
+    leasedomain.define(conn, LeaseRecord(GUEST, gone, time.time() + 3600))
     taker = runner("run-b", socket.gethostname())
     runs.append(taker)
     assert taker.take(URI, GUEST) is None
@@ -143,11 +144,11 @@ def expire(uri: str, guest: str) -> None:
     found = leasedomain.read(conn, guest)
     assert found is not None
     dom, record = found
-    leasedomain.renew(dom, leasedomain.LeaseRecord(record.guest, record.holder, time.time() - 1))
+    leasedomain.renew(dom, LeaseRecord(record.guest, record.holder, time.time() - 1))
 
 
 def read_expiry(run: RunLeases) -> float:
-    found = leasedomain.read(run.hypervisor.connection(URI), GUEST)
+    found = leasedomain.read(run.hypervisor.engine(URI).native, GUEST)
     assert found is not None
     return found[1].expires
 

@@ -1,0 +1,268 @@
+"""The :class:`~pytest_kvmsnap.engine.Engine` over libvirt: QEMU/KVM guests, local or remote.
+
+Thin on purpose: each method is one of the helpers in ``backend.py`` (snapshots,
+reverts, agent, monitor), ``clones.py`` and ``storage.py`` (copies), or
+``leasedomain.py`` (leases), which hold the libvirt knowledge and its tests.
+This module only fits them to the interface: libvirt objects stay in here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, cast
+
+from pytest_kvmsnap import backend, clones, leasedomain
+from pytest_kvmsnap.engine import Capabilities, LeaseHandle, Machine, Snapshot
+from pytest_kvmsnap.locking import CloneSource
+from pytest_kvmsnap.ownership import LeaseRecord, Owner
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+class LibvirtSnapshot:
+    def __init__(self, snap: libvirt.virDomainSnapshot) -> None:
+        self.native = snap
+
+    @property
+    def name(self) -> str:
+        return str(self.native.getName())
+
+    def description(self) -> str:
+        return backend.snapshot_description(self.native)
+
+    def state(self) -> str:
+        return backend.snapshot_state(self.native)
+
+
+class LibvirtLease:
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.native = dom
+
+    @property
+    def id(self) -> str:
+        return str(self.native.UUIDString())
+
+
+def _snap(snapshot: Snapshot) -> libvirt.virDomainSnapshot:
+    return cast(LibvirtSnapshot, snapshot).native
+
+
+def _lease(handle: LeaseHandle) -> libvirt.virDomain:
+    return cast(LibvirtLease, handle).native
+
+
+def _wrapped(snap: libvirt.virDomainSnapshot | None) -> LibvirtSnapshot | None:
+    return None if snap is None else LibvirtSnapshot(snap)
+
+
+class LibvirtMachine:
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.native = dom
+
+    @property
+    def name(self) -> str:
+        return str(self.native.name())
+
+    def snapshot(self, name: str) -> Snapshot:
+        return LibvirtSnapshot(backend.lookup_snapshot(self.native, name))
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        return _wrapped(backend.find_snapshot(self.native, name))
+
+    def snapshots(self) -> list[Snapshot]:
+        return [LibvirtSnapshot(snap) for snap in self.native.listAllSnapshots()]
+
+    def take_baseline(self, name: str, owner: Owner) -> Snapshot:
+        return LibvirtSnapshot(backend.create_baseline(self.native, name, owner))
+
+    def save_state(self, name: str, description: str) -> None:
+        backend.create_kept(self.native, name, description)
+
+    def redescribe(self, snapshot: Snapshot, description: str) -> None:
+        backend.redescribe(_snap(snapshot), description)
+
+    def delete_snapshot(self, snapshot: Snapshot) -> None:
+        backend.delete_snapshot(_snap(snapshot))
+
+    def holds_memory(self, snapshot: str) -> bool:
+        return backend.qemu_holds_vm_state(self.native, snapshot)
+
+    def resume_if_paused_by_snapshot(self) -> None:
+        backend.resume_if_paused_by_snapshot(self.native)
+
+    def hot_revert_problem(self, snapshot: str) -> str | None:
+        return backend.inplace_possible(self.native.connect(), snapshot)
+
+    def revert_hot(self, snapshot: str) -> None:
+        backend.revert_inplace(self.native, snapshot)
+
+    def revert_cold(self, snapshot: Snapshot) -> None:
+        backend.revert_libvirt(self.native, _snap(snapshot))
+
+    def process_identity(self) -> tuple[int, str] | None:
+        return backend.process_identity(self.native)
+
+    def is_running(self) -> bool:
+        return bool(self.native.isActive())
+
+    def crash_reason(self) -> str | None:
+        return backend.crash_reason(self.native)
+
+    def wait_until_down(self, seconds: float) -> bool:
+        return backend.wait_until_down(self.native, seconds)
+
+    def has_agent(self) -> bool:
+        return backend.has_agent_channel(self.native)
+
+    def agent_answers(self, timeout: int = 2) -> bool:
+        return backend.agent_answers(self.native, timeout)
+
+    def sync_clock(self) -> None:
+        backend.sync_clock(self.native)
+
+    def reseed(self) -> str | None:
+        return backend.reseed(self.native)
+
+    def console_log(self) -> str | None:
+        return backend.console_log(self.native)
+
+    def has_screen(self) -> bool:
+        return backend.has_screen(self.native)
+
+    def screenshot(self) -> tuple[str, bytes]:
+        return backend.screenshot(self.native)
+
+    def user_network(self) -> str | None:
+        return backend.user_netdev(self.native)
+
+    def forward_port(self, network: str, guest_port: int) -> int:
+        return backend.forward_port(self.native, network, guest_port)
+
+    def remove_forward(self, network: str, host_port: int) -> None:
+        backend.hmp(self.native, f"hostfwd_remove {network} tcp:127.0.0.1:{int(host_port)}")
+
+    def ipv4(self) -> str | None:
+        return backend.guest_ipv4(self.native)
+
+
+def _dom(machine: Machine) -> libvirt.virDomain:
+    return cast(LibvirtMachine, machine).native
+
+
+class LibvirtEngine:
+    def __init__(self, uri: str, conn: libvirt.virConnect) -> None:
+        self._uri = uri
+        self.native = conn
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def capabilities(self) -> Capabilities:
+        # The in-place revert and port forwarding go through QEMU's monitor; other
+        # libvirt drivers (test:///, Xen) have none and fall back per guest.
+        qemu = str(self.native.getType()).upper().startswith("QEMU")
+        return Capabilities(hot_revert=qemu, memory=True, clones=True, leases=True, agent=qemu,
+                            screenshot=True, port_forward=qemu)
+
+    def is_alive(self) -> bool:
+        return backend.is_alive(self.native)
+
+    def hostname(self) -> str:
+        return str(self.native.getHostname())
+
+    def is_this_host(self) -> bool:
+        return backend.is_this_host(self.native)
+
+    def machine(self, name: str, *, checked: bool = True) -> Machine:
+        dom = backend.lookup_domain(self.native, name)
+        if checked:
+            backend.preflight(self.native, dom)
+        return LibvirtMachine(dom)
+
+    def guest_names(self) -> list[str]:
+        return [str(dom.name()) for dom in self.native.listAllDomains()]
+
+    def close(self) -> None:
+        self.native.close()
+
+    # --- clones ---------------------------------------------------------------
+
+    def check_copyable(self, machine: Machine) -> None:
+        clones.check_copyable(_dom(machine))
+
+    def make_source(self, machine: Machine, baseline: Snapshot, owner: Owner) -> CloneSource:
+        return clones.make_source(_dom(machine), _snap(baseline), owner)
+
+    def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
+        dom, snap = clones.make_clone(self.native, source, original, name, owner)
+        return LibvirtMachine(dom), LibvirtSnapshot(snap)
+
+    def destroy_clone(self, name: str) -> None:
+        clones.destroy(self.native, name)
+
+    def keep_clone(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+        return clones.keep(self.native, name, snapshots, record)
+
+    def remove_source(self, source: CloneSource) -> None:
+        clones.remove_source(self.native, source)
+
+    def orphan_clones(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+        return clones.orphans(self.native, _dom(machine), dead)
+
+    def remove_pool(self, name: str) -> None:
+        clones.remove_own_pool(self.native, name)
+
+    # --- leases ---------------------------------------------------------------
+
+    def read_lease(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
+        found = leasedomain.read(self.native, guest)
+        return None if found is None else (LibvirtLease(found[0]), found[1])
+
+    def reread_lease(self, handle: LeaseHandle) -> LeaseRecord | None:
+        return leasedomain.reread(_lease(handle))
+
+    def lease_by_id(self, lease_id: str) -> LeaseHandle | None:
+        dom = leasedomain.by_uuid(self.native, lease_id)
+        return None if dom is None else LibvirtLease(dom)
+
+    def define_lease(self, record: LeaseRecord) -> LeaseHandle:
+        return LibvirtLease(leasedomain.define(self.native, record))
+
+    def take_over_lease(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
+        return LibvirtLease(leasedomain.take_over(self.native, _lease(expired), record))
+
+    def renew_lease(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
+        return leasedomain.renew(_lease(handle), record)
+
+    def release_lease(self, handle: LeaseHandle) -> None:
+        leasedomain.release(_lease(handle))
+
+    def all_leases(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
+        return [(LibvirtLease(dom), record) for dom, record in leasedomain.all_leases(self.native)]
+
+    def is_lease_name(self, name: str) -> bool:
+        return leasedomain.is_lease_name(name)
+
+
+class LibvirtKind:
+    """Engines over libvirt, one per URI."""
+
+    @property
+    def refusal(self) -> type[Exception]:
+        return cast(type[Exception], backend.lib().libvirtError)
+
+    def open(self, uri: str) -> LibvirtEngine:
+        return LibvirtEngine(uri, backend.open_connection(uri))
+
+    def errors(self, uri: str, action: str) -> AbstractContextManager[None]:
+        return backend.libvirt_errors(uri, action)
+
+    def agent_unavailable(self, exc: Exception) -> bool:
+        return backend.is_agent_unavailable(exc)
+
+
+LIBVIRT = LibvirtKind()
+
