@@ -18,9 +18,9 @@ import shutil
 import socket
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pytest_kvmsnap import ownership
 from pytest_kvmsnap.exceptions import (
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 # QEMU's HMP parser treats quotes and spaces specially; only plain tags go there.
 _HMP_SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+T = TypeVar("T")
 # libvirt 10.10 was the first to take, revert and delete internal snapshots of
 # guests whose firmware is in pflash (with qcow2 NVRAM).
 PFLASH_MIN_VERSION = 10_010_000
@@ -96,6 +97,18 @@ def libvirt_errors(uri: str, action: str) -> Iterator[None]:
         if is_lost_connection(exc):
             raise ConnectionLost(uri, action, str(exc)) from None
         raise KvmSnapError(f"libvirt failed while {action}: {exc}") from None
+
+
+def unless_missing(call: Callable[[], T], missing: int) -> T | None:
+    """``call()``, or None when libvirt answers that what it asks for is not there (error
+    code ``missing``: no such domain, snapshot ...); every other refusal is raised."""
+    libvirt = lib()
+    try:
+        return call()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != missing:
+            raise
+        return None
 
 
 def is_alive(conn: libvirt.virConnect) -> bool:
@@ -210,13 +223,7 @@ def _space_hint(dom: libvirt.virDomain) -> str:
 
 def find_snapshot(dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
     """The snapshot called ``name``, or None (no listing of the user's snapshots)."""
-    libvirt = lib()
-    try:
-        return dom.snapshotLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-            raise
-        return None
+    return unless_missing(lambda: dom.snapshotLookupByName(name), lib().VIR_ERR_NO_DOMAIN_SNAPSHOT)
 
 
 def resume_if_paused_by_snapshot(dom: libvirt.virDomain) -> None:

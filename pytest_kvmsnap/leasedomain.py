@@ -64,24 +64,13 @@ def read(conn: libvirt.virConnect, guest: str) -> tuple[libvirt.virDomain, Lease
 
 def by_uuid(conn: libvirt.virConnect, lease_uuid: str) -> libvirt.virDomain | None:
     """The lease with that UUID, or None once it is gone (taken over, released)."""
-    libvirt = backend.lib()
-    try:
-        return conn.lookupByUUIDString(lease_uuid)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            raise
-        return None
+    return backend.unless_missing(lambda: conn.lookupByUUIDString(lease_uuid), backend.lib().VIR_ERR_NO_DOMAIN)
 
 
 def reread(dom: libvirt.virDomain) -> LeaseRecord | None:
     """What the lease ``dom`` (a handle, so by UUID) says now; None once it is gone or replaced."""
-    libvirt = backend.lib()
-    try:
-        return LeaseRecord.from_description(_description(dom))
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise
+    text = backend.unless_missing(lambda: _description(dom), backend.lib().VIR_ERR_NO_DOMAIN)
+    return None if text is None else LeaseRecord.from_description(text)
 
 
 def define(conn: libvirt.virConnect, record: LeaseRecord) -> libvirt.virDomain:
@@ -128,12 +117,7 @@ def renew(dom: libvirt.virDomain, record: LeaseRecord) -> bool:
 
 def release(dom: libvirt.virDomain) -> None:
     """Undefine the lease ``dom``; one already gone (taken over, removed by hand) is left as it is."""
-    libvirt = backend.lib()
-    try:
-        dom.undefine()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            raise
+    backend.unless_missing(dom.undefine, backend.lib().VIR_ERR_NO_DOMAIN)
 
 
 def all_leases(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, LeaseRecord]]:
