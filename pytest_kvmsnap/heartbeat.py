@@ -191,12 +191,15 @@ class RunLeases:
         handle = engine.lease_by_id(lease.id)
         if handle is None:
             now = engine.read_lease(guest)  # who has it now, for the message
-            self._lose(key, self._why_not_ours(now[1] if now else None) or "another run took it over")
+            # Under its name now: another run's lease, none, or (None from _why_not_ours) a new one of
+            # this run's, which another of its processes took once this one's had run out.
+            self._lose(key, self._why_not_ours(now[1] if now else None)
+                       or "another process of this run replaced it with a new lease after it had run out")
             return
         why = self._why_not_ours(engine.reread_lease(handle))
         renewed = self._new(guest)
         if why is None and not engine.renew_lease(handle, renewed):
-            why = "another run took it over"
+            why = "it was taken over just now"
         if why is not None:
             self._lose(key, why)
             return

@@ -82,6 +82,21 @@ def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(runs:
         holder.check(URI, GUEST)
 
 
+def test_a_lease_replaced_by_another_process_of_the_run_says_so(runs: list[RunLeases]) -> None:
+    """The run took the guest anew (another of its processes, after this one's lease ran out):
+    this process stops using the guest all the same, and its message says what happened."""
+    holder = runner("run-a", "host-a", expiry=0.8)
+    runs.append(holder)
+    assert holder.take(URI, GUEST) is None
+    conn = holder.hypervisor.engine(URI).native
+    found = leasedomain.read(conn, GUEST)
+    assert found is not None
+    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, holder.owner, time.time() + 60))
+    time.sleep(0.5)  # more than one renewal
+    with pytest.raises(LeaseLost, match="another process of this run replaced it with a new lease"):
+        holder.check(URI, GUEST)
+
+
 def test_of_two_hosts_taking_over_one_expired_lease_at_once_exactly_one_wins(runs: list[RunLeases]) -> None:
     dead = runner("run-dead", "host-dead")
     runs.append(dead)
