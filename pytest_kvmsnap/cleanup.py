@@ -17,8 +17,9 @@ import pytest
 
 from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.coordinator import Coordinator
+from pytest_kvmsnap.engine import EngineKind
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.session import lock_dir, run_id
+from pytest_kvmsnap.session import engine_kind, lock_dir, run_id
 
 CLEANUP_HELP = ("list and repair what killed runs left (orphan snapshots of dead runs: the guest "
                 "is restored to the oldest and they are deleted; stale run records; lock files of guests "
@@ -43,20 +44,22 @@ def run_cleanup(config: pytest.Config) -> int:
         print(f"kvmsnap: {exc}")
         return pytest.ExitCode.USAGE_ERROR
     pooled = len(settings.pool) > 1
+    kind = engine_kind(config)
     results = [_clean_host(dataclasses.replace(settings, uri=uri, uris=(uri,)), run_id(config), directory, dry_run,
-                           pooled) for uri in settings.pool]
+                           pooled, kind) for uri in settings.pool]
     if all(result is None for result in results):
         return pytest.ExitCode.USAGE_ERROR  # no host could be reached
-    coordinator = Coordinator(settings, run_id(config), directory)  # the lock directory's own records
+    coordinator = Coordinator(settings, run_id(config), directory, engine_kind=kind)  # the lock directory's records
     for line in coordinator.recovery.stale_records(dry_run):
         print(f"  {line}")
     coordinator.finish()
     return pytest.ExitCode.TESTS_FAILED if any(results) else pytest.ExitCode.OK
 
 
-def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, pooled: bool) -> bool | None:
+def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, pooled: bool,
+                kind: EngineKind | None) -> bool | None:
     """Clean one hypervisor: True if something could not be done, None if it could not be reached."""
-    coordinator = Coordinator(settings, run, directory)
+    coordinator = Coordinator(settings, run, directory, engine_kind=kind)
     try:
         engine = coordinator.hypervisor.engine()
         names = settings.domains or sorted(name for name in engine.guest_names() if not engine.is_lease_name(name))

@@ -46,3 +46,12 @@ def pytest_kvmsnap_after_revert(config: pytest.Config, domain: str, generation: 
 def pytest_kvmsnap_ready(config: pytest.Config, guest: object, timeout: float) -> object:
     """With --kvm-wait=hook: return once ``guest`` (a :class:`pytest_kvmsnap.Guest`) is
     ready for the next test, or raise.  ``timeout`` is what is left of --kvm-wait-timeout."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_kvmsnap_engine(config: pytest.Config) -> object:
+    """Return the engine kind (a :class:`pytest_kvmsnap.engine.EngineKind`) that the run's
+    ``--kvm-uri`` values name, for a hypervisor other than libvirt; None (the default): libvirt.
+
+    A plugin for another engine implements it (``docs/backends.md`` says what an engine must do).
+    """

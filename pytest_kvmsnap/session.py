@@ -11,11 +11,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from pytest_kvmsnap.config import Settings, Spec
 from pytest_kvmsnap.coordinator import Coordinator
+from pytest_kvmsnap.engine import EngineKind
 from pytest_kvmsnap.events import BaselineTaken, Event, Ready, Reverted, RevertStarting, Waiting
 from pytest_kvmsnap.guest import Guest
 from pytest_kvmsnap.locking import default_lock_dir, prepare_lock_dir
@@ -82,9 +84,14 @@ def coordinator_for(config: pytest.Config) -> Coordinator:
             settings, run_id(config), lock_dir(settings), owner_pid=workerinput.get(WORKER_OWNER),
             finisher=not is_worker(config), report=SessionReporter(config),
             clone_slot=clone_slot(config, settings), ready_hook=_ready_hook(config),
-            worker=str(workerinput.get("workerid", "")))
+            worker=str(workerinput.get("workerid", "")), engine_kind=engine_kind(config))
         _terminate_like_ctrl_c()
     return config.stash[COORDINATOR_KEY]
+
+
+def engine_kind(config: pytest.Config) -> EngineKind | None:
+    """The engine a plugin provides (pytest_kvmsnap_engine); None: libvirt."""
+    return cast("EngineKind | None", config.pluginmanager.hook.pytest_kvmsnap_engine(config=config))
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -29,6 +29,8 @@ from pytest_kvmsnap.exceptions import (
 from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken, owner_description
 
+PROVIDED: FakeKind | None = None  # what an inner run's conftest returns from pytest_kvmsnap_engine
+
 FULL = Capabilities(hot_revert=True, memory=True, clones=True, leases=True, agent=True, screenshot=True,
                     port_forward=True)
 

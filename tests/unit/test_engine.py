@@ -19,6 +19,7 @@ from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.engine import Capabilities, refusal
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, RevertFailed
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, owner_description
+from tests.unit import fake_engine
 from tests.unit.fake_engine import FULL, FakeHost, FakeKind, FakeSnapshot
 
 SPEC = Spec(("g",), "after", "function", None)
@@ -152,3 +153,32 @@ def test_an_engine_without_hot_reverts_serves_auto_with_cold_ones(tmp_path: Path
     no_clones = Capabilities(True, True, False, True, True, True, True)
     assert refusal(no_clones, clones=True, revert_method="auto", agent_required=False,
                    wait="") == "it cannot clone guests: drop --kvm-clones"
+
+
+def test_a_plugin_provides_the_engine_and_pytest_runs_on_it(pytester: pytest.Pytester) -> None:
+    """The whole plugin, through pytest, on the second engine a conftest provides
+    (``pytest_kvmsnap_engine``): the marker, the fixture, the summary, the guest as found."""
+    host = FakeHost()
+    guest = host.add("g", state="clean")
+    fake_engine.PROVIDED = FakeKind(a=host)
+    pytester.makeconftest("""
+        from tests.unit import fake_engine
+
+        def pytest_kvmsnap_engine(config):
+            return fake_engine.PROVIDED
+    """)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.kvm_snapshot("g")
+        @pytest.mark.parametrize("i", range(3))
+        def test_t(i, kvm_guest):
+            disk = kvm_guest.domain.disk  # the engine's own object for the guest
+            assert disk == {"state": "clean"}
+            disk["state"] = f"changed by test {i}"
+    """)
+    result = pytester.runpytest("--kvm-uri=fake://a", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*g: baseline kvmsnap-* taken in *, 3 revert(s)*"])
+    assert guest.disk == {"state": "clean"} and guest.saved == {} and host.leases == {}
+    assert [step.split()[0] for step in guest.log] == ["take", "hot", "hot", "hot", "delete"]
