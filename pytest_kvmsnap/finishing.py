@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from pytest_kvmsnap.engine import Machine, snapshot_owner
+from pytest_kvmsnap.engine import Machine, Snapshot, snapshot_owner
 from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
@@ -74,7 +74,7 @@ class Finisher:
                     leases.release(record.uri, record.domain)
                 return None
             machine = self.hypervisor.machine(record.domain, record.uri)
-            self._check_ours(record, machine)
+            baseline = self._ours(record, machine)
             restored = record.settle_restored  # a last revert whose clock no next test fixed
             if record.clean_at != record.baseline:
                 self.reverter.revert(record, machine, record.baseline, "end of session", final=True)
@@ -82,7 +82,6 @@ class Finisher:
             if restored:
                 self._clock_as_found(machine)
             self._remove_forwards(record, machine)
-            baseline = machine.snapshot(record.baseline)
             if settings.keep_snapshot:
                 # Marked kept, so that no later run takes it for a dead run's orphan.
                 machine.redescribe(baseline, kept_description({"run": record.run_id, "kept_at": time.time(),
@@ -100,13 +99,15 @@ class Finisher:
             lock.release()
 
     @staticmethod
-    def _check_ours(record: RunRecord, machine: Machine) -> None:
-        """The snapshot the record names carries this run's ownership record, or nothing is
+    def _ours(record: RunRecord, machine: Machine) -> Snapshot:
+        """The snapshot the record names, if it carries this run's ownership record; else nothing is
         reverted or deleted: a record alone (a file) is never enough."""
-        owner = snapshot_owner(machine.snapshot(record.baseline))
+        baseline = machine.snapshot(record.baseline)
+        owner = snapshot_owner(baseline)
         if owner is None or owner.run_id != record.run_id:
             raise KvmSnapError(f"its snapshot {record.baseline!r} is not this run's (its description says "
                                f"{'someone else' if owner is None else 'run ' + owner.run_id}); left alone")
+        return baseline
 
     def _clock_as_found(self, machine: Machine) -> None:
         """The baseline's clock is the run's start: set it to now, where the agent answers."""
