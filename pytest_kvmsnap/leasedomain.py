@@ -1,7 +1,7 @@
 """A run's lease on a guest, kept on the guest's own hypervisor: an inert domain.
 
 ``<guest>.kvmsnap-lease`` is a domain that is never started.  Its description
-holds the holder (an :class:`~pytest_kvmsnap.backend.Owner`) and when the lease
+holds the holder (an :class:`~pytest_kvmsnap.ownership.Owner`) and when the lease
 expires by the holder's clock.  Why a domain: it is the one record every libvirt
 hypervisor keeps that any host reaches over the remote protocol, with the two
 properties a lease needs (checked on libvirt 9.0, see docs/backends.md):
