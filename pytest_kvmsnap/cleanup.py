@@ -62,7 +62,7 @@ def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, po
     coordinator = Coordinator(settings, run, directory, engine_kind=kind)
     try:
         engine = coordinator.hypervisor.engine()
-        names = settings.domains or sorted(name for name in engine.guest_names() if not engine.is_lease_name(name))
+        names = settings.domains or sorted(name for name in engine.guest_names() if not engine.leases.is_lease(name))
     except KvmSnapError as exc:
         print(f"kvmsnap: {settings.uri} skipped: {exc}" if pooled else f"kvmsnap: {exc}")
         coordinator.finish()

@@ -143,8 +143,59 @@ class Machine(Protocol):
         """The guest's routable IPv4 address, as the engine sees it."""
 
 
+class Leases(Protocol):
+    """11: leases, a compare-and-swap on a small record the hypervisor keeps."""
+
+    def read(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None: ...
+
+    def reread(self, handle: LeaseHandle) -> LeaseRecord | None: ...
+
+    def by_id(self, lease_id: str) -> LeaseHandle | None:
+        """The lease with that id if it still exists (not taken over since)."""
+
+    def define(self, record: LeaseRecord) -> LeaseHandle:
+        """A new lease; :class:`~pytest_kvmsnap.ownership.Taken` if one exists already."""
+
+    def take_over(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
+        """Replace ``expired`` by a new lease; Taken if someone else did first."""
+
+    def renew(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
+        """Write ``record`` through ``handle``; False if it was taken over."""
+
+    def release(self, handle: LeaseHandle) -> None: ...
+
+    def all(self) -> list[tuple[LeaseHandle, LeaseRecord]]: ...
+
+    def is_lease(self, guest: str) -> bool:
+        """Is guest ``name`` a lease (never a guest to test or clean)?"""
+
+
+class Clones(Protocol):
+    """10: clones, copies made by the engine, never by pytest."""
+
+    def check_copyable(self, machine: Machine) -> None: ...
+
+    def make_source(self, machine: Machine, baseline: Snapshot, owner: Owner) -> CloneSource:
+        """Copy the guest's disks (``baseline`` inside) once per run, for its clones."""
+
+    def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
+        """Start clone ``name`` at the baseline; it and its baseline."""
+
+    def destroy(self, name: str) -> None: ...
+
+    def keep(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+        """Turn the clone into a guest that keeps ``snapshots`` for the user; its name."""
+
+    def remove_source(self, source: CloneSource) -> None: ...
+
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+        """Clones dead runs left of the guest, and pools of copies."""
+
+    def remove_pool(self, name: str) -> None: ...
+
+
 class Engine(Protocol):
-    """One hypervisor, reached at ``uri``."""
+    """One hypervisor, reached at ``uri``: its guests, and its leases and clones."""
 
     @property
     def uri(self) -> str: ...
@@ -152,6 +203,13 @@ class Engine(Protocol):
     @property
     def native(self) -> Any:
         """The engine's own connection object (libvirt: ``virConnect``), for tests."""
+
+    @property
+    def leases(self) -> Leases: ...
+
+    @property
+    def clones(self) -> Clones:
+        """An engine without clones (``capabilities().clones`` False) finds no orphans and makes none."""
 
     def capabilities(self) -> Capabilities: ...
 
@@ -170,50 +228,6 @@ class Engine(Protocol):
     def guest_names(self) -> list[str]: ...
 
     def close(self) -> None: ...
-
-    # 10: clones
-    def check_copyable(self, machine: Machine) -> None: ...
-
-    def make_source(self, machine: Machine, baseline: Snapshot, owner: Owner) -> CloneSource:
-        """Copy the guest's disks (``baseline`` inside) once per run, for its clones."""
-
-    def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
-        """Start clone ``name`` at the baseline; it and its baseline."""
-
-    def destroy_clone(self, name: str) -> None: ...
-
-    def keep_clone(self, name: str, snapshots: list[str], record: dict[str, object]) -> str: ...
-
-    def remove_source(self, source: CloneSource) -> None: ...
-
-    def orphan_clones(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
-        """Clones dead runs left of the guest, and pools of copies."""
-
-    def remove_pool(self, name: str) -> None: ...
-
-    # 11: leases (compare-and-swap on a small record the hypervisor keeps)
-    def read_lease(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None: ...
-
-    def reread_lease(self, handle: LeaseHandle) -> LeaseRecord | None: ...
-
-    def lease_by_id(self, lease_id: str) -> LeaseHandle | None:
-        """The lease with that id if it still exists (not taken over since)."""
-
-    def define_lease(self, record: LeaseRecord) -> LeaseHandle:
-        """A new lease; :class:`~pytest_kvmsnap.ownership.Taken` if one exists already."""
-
-    def take_over_lease(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
-        """Replace ``expired`` by a new lease; Taken if someone else did first."""
-
-    def renew_lease(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
-        """Write ``record`` through ``handle``; False if it was taken over."""
-
-    def release_lease(self, handle: LeaseHandle) -> None: ...
-
-    def all_leases(self) -> list[tuple[LeaseHandle, LeaseRecord]]: ...
-
-    def is_lease_name(self, name: str) -> bool:
-        """Is guest ``name`` a lease (never a guest to test or clean)?"""
 
 
 class EngineKind(Protocol):

@@ -139,10 +139,10 @@ class Finisher:
     def _keep_clone(self, record: RunRecord) -> None:
         engine = self.hypervisor.engine(record.uri)
         try:
-            engine.keep_clone(record.domain, record.kept, {"run": record.run_id, "clone_of": record.clone_of,
+            engine.clones.keep(record.domain, record.kept, {"run": record.run_id, "clone_of": record.clone_of,
                                                             "kept_at": time.time()})
         except (OSError, self.hypervisor.kind.refusal) as exc:
-            engine.destroy_clone(record.domain)  # nothing of the run is left behind half-kept
+            engine.clones.destroy(record.domain)  # nothing of the run is left behind half-kept
             raise KvmSnapError(f"the clone with failed states kept for you could not be kept ({exc}); "
                                "it was removed") from None
 
@@ -152,6 +152,6 @@ class Finisher:
         if record.clone_of and record.kept:
             self._keep_clone(record)
         elif record.clone_of:
-            self.hypervisor.engine(record.uri).destroy_clone(record.domain)
+            self.hypervisor.engine(record.uri).clones.destroy(record.domain)
         if record.clone_source:
-            self.hypervisor.engine(record.uri).remove_source(record.clone_source)
+            self.hypervisor.engine(record.uri).clones.remove_source(record.clone_source)

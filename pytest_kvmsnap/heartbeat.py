@@ -70,7 +70,7 @@ class RunLeases:
 
     def live_holder(self, uri: str, guest: str) -> LeaseRecord | None:
         """Another run's lease on the guest, while it entitles that run to it; else None."""
-        found = self.hypervisor.engine(uri).read_lease(guest)
+        found = self.hypervisor.engine(uri).leases.read(guest)
         if found is None or found[1].holder.run_id == self.owner.run_id or not self.holder_alive(found[1]):
             return None
         return found[1]
@@ -81,26 +81,26 @@ class RunLeases:
         """Take the guest's lease for this run: None once held, else the live holder's lease (wait)."""
         engine = self.hypervisor.engine(uri)
         for _ in range(TAKE_ATTEMPTS):
-            found = engine.read_lease(guest)
+            found = engine.leases.read(guest)
             lease = self._new(guest)
             try:
                 if found is None:
-                    handle = engine.define_lease(lease)
+                    handle = engine.leases.define(lease)
                 elif found[1].holder.run_id == self.owner.run_id and self._why_not_ours(found[1]) is None:
                     # The run's, from a step that failed: another of its processes may renew it
                     # by its UUID, so it is renewed, not replaced.
                     handle = found[0]
-                    if not engine.renew_lease(handle, lease):
+                    if not engine.leases.renew(handle, lease):
                         continue
                 elif found[1].holder.run_id != self.owner.run_id and self.holder_alive(found[1]):
                     return found[1]
                 else:  # expired, or its holder is dead: taken over, atomically
-                    handle = engine.take_over_lease(found[0], lease)
+                    handle = engine.leases.take_over(found[0], lease)
             except Taken:
                 continue  # another host was first: read again who holds it now
             self._keep((uri, guest), handle, lease.expires)
             return None
-        found = engine.read_lease(guest)
+        found = engine.leases.read(guest)
         if found is not None and found[1].holder.run_id != self.owner.run_id:
             return found[1]
         raise KvmSnapError(f"the lease on guest {guest!r} changed hands {TAKE_ATTEMPTS} times while this run "
@@ -119,12 +119,12 @@ class RunLeases:
             self.check(uri, guest)
             return
         engine = self.hypervisor.engine(uri)
-        found = engine.read_lease(guest)
+        found = engine.leases.read(guest)
         why = self._why_not_ours(found[1] if found else None)
         if why is None:
             assert found is not None, "checked above"
             renewed = self._new(guest)
-            if engine.renew_lease(found[0], renewed):
+            if engine.leases.renew(found[0], renewed):
                 self._keep(key, found[0], renewed.expires)
                 return
             why = "it was taken over just now"
@@ -188,17 +188,17 @@ class RunLeases:
     def _renew(self, key: Key, lease: _Held) -> None:
         uri, guest = key
         engine = self._engines.get(uri) or self._engines.setdefault(uri, self.hypervisor.kind.open(uri))
-        handle = engine.lease_by_id(lease.id)
+        handle = engine.leases.by_id(lease.id)
         if handle is None:
-            now = engine.read_lease(guest)  # who has it now, for the message
+            now = engine.leases.read(guest)  # who has it now, for the message
             # Under its name now: another run's lease, none, or (None from _why_not_ours) a new one of
             # this run's, which another of its processes took once this one's had run out.
             self._lose(key, self._why_not_ours(now[1] if now else None)
                        or "another process of this run replaced it with a new lease after it had run out")
             return
-        why = self._why_not_ours(engine.reread_lease(handle))
+        why = self._why_not_ours(engine.leases.reread(handle))
         renewed = self._new(guest)
-        if why is None and not engine.renew_lease(handle, renewed):
+        if why is None and not engine.leases.renew(handle, renewed):
             why = "it was taken over just now"
         if why is not None:
             self._lose(key, why)
@@ -214,16 +214,16 @@ class RunLeases:
         with self._mutex:
             self._held.pop((uri, guest), None)
         engine = self.hypervisor.engine(uri)
-        found = engine.read_lease(guest)
+        found = engine.leases.read(guest)
         if found is not None and found[1].holder.run_id == self.owner.run_id:
-            engine.release_lease(found[0])
+            engine.leases.release(found[0])
 
     def release_left(self, uri: str, keep: set[Key]) -> None:
         """Give back every other lease of the run at ``uri`` (failed baseline steps took them)."""
         engine = self.hypervisor.engine(uri)
-        for handle, record in engine.all_leases():
+        for handle, record in engine.leases.all():
             if record.holder.run_id == self.owner.run_id and (uri, record.guest) not in keep:
-                engine.release_lease(handle)
+                engine.leases.release(handle)
 
     def stop(self) -> None:
         """No more renewals from this process (the leases themselves are left to the finisher)."""

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, cast
 
 from pytest_kvmsnap import backend, clones, leasedomain
-from pytest_kvmsnap.engine import Capabilities, LeaseHandle, Machine, Snapshot
+from pytest_kvmsnap.engine import Capabilities, Clones, LeaseHandle, Leases, Machine, Snapshot
 from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 
@@ -155,10 +155,19 @@ class LibvirtEngine:
     def __init__(self, uri: str, conn: libvirt.virConnect) -> None:
         self._uri = uri
         self.native = conn
+        self._leases, self._clones = LibvirtLeases(conn), LibvirtClones(conn)
 
     @property
     def uri(self) -> str:
         return self._uri
+
+    @property
+    def leases(self) -> Leases:
+        return self._leases
+
+    @property
+    def clones(self) -> Clones:
+        return self._clones
 
     def capabilities(self) -> Capabilities:
         # The in-place revert and port forwarding go through QEMU's monitor; other
@@ -188,7 +197,12 @@ class LibvirtEngine:
     def close(self) -> None:
         self.native.close()
 
-    # --- clones ---------------------------------------------------------------
+
+class LibvirtClones:
+    """Clones through libvirt's storage API and transient domains (clones.py, storage.py)."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
 
     def check_copyable(self, machine: Machine) -> None:
         clones.check_copyable(_dom(machine))
@@ -197,54 +211,59 @@ class LibvirtEngine:
         return clones.make_source(_dom(machine), _snap(baseline), owner)
 
     def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
-        dom, snap = clones.make_clone(self.native, source, original, name, owner)
+        dom, snap = clones.make_clone(self.conn, source, original, name, owner)
         return LibvirtMachine(dom), LibvirtSnapshot(snap)
 
-    def destroy_clone(self, name: str) -> None:
-        clones.destroy(self.native, name)
+    def destroy(self, name: str) -> None:
+        clones.destroy(self.conn, name)
 
-    def keep_clone(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
-        return clones.keep(self.native, name, snapshots, record)
+    def keep(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+        return clones.keep(self.conn, name, snapshots, record)
 
     def remove_source(self, source: CloneSource) -> None:
-        clones.remove_source(self.native, source)
+        clones.remove_source(self.conn, source)
 
-    def orphan_clones(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
-        return clones.orphans(self.native, _dom(machine), dead)
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+        return clones.orphans(self.conn, _dom(machine), dead)
 
     def remove_pool(self, name: str) -> None:
-        clones.remove_own_pool(self.native, name)
+        clones.remove_own_pool(self.conn, name)
 
-    # --- leases ---------------------------------------------------------------
 
-    def read_lease(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
-        found = leasedomain.read(self.native, guest)
+class LibvirtLeases:
+    """Leases as inert domains (leasedomain.py)."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
+
+    def read(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
+        found = leasedomain.read(self.conn, guest)
         return None if found is None else (LibvirtLease(found[0]), found[1])
 
-    def reread_lease(self, handle: LeaseHandle) -> LeaseRecord | None:
+    def reread(self, handle: LeaseHandle) -> LeaseRecord | None:
         return leasedomain.reread(_lease(handle))
 
-    def lease_by_id(self, lease_id: str) -> LeaseHandle | None:
-        dom = leasedomain.by_uuid(self.native, lease_id)
+    def by_id(self, lease_id: str) -> LeaseHandle | None:
+        dom = leasedomain.by_uuid(self.conn, lease_id)
         return None if dom is None else LibvirtLease(dom)
 
-    def define_lease(self, record: LeaseRecord) -> LeaseHandle:
-        return LibvirtLease(leasedomain.define(self.native, record))
+    def define(self, record: LeaseRecord) -> LeaseHandle:
+        return LibvirtLease(leasedomain.define(self.conn, record))
 
-    def take_over_lease(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
-        return LibvirtLease(leasedomain.take_over(self.native, _lease(expired), record))
+    def take_over(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
+        return LibvirtLease(leasedomain.take_over(self.conn, _lease(expired), record))
 
-    def renew_lease(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
+    def renew(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
         return leasedomain.renew(_lease(handle), record)
 
-    def release_lease(self, handle: LeaseHandle) -> None:
+    def release(self, handle: LeaseHandle) -> None:
         leasedomain.release(_lease(handle))
 
-    def all_leases(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
-        return [(LibvirtLease(dom), record) for dom, record in leasedomain.all_leases(self.native)]
+    def all(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
+        return [(LibvirtLease(dom), record) for dom, record in leasedomain.all_leases(self.conn)]
 
-    def is_lease_name(self, name: str) -> bool:
-        return leasedomain.is_lease_name(name)
+    def is_lease(self, guest: str) -> bool:
+        return leasedomain.is_lease_name(guest)
 
 
 class LibvirtKind:

@@ -159,7 +159,7 @@ class Provisioner:
         has removed the clones and the copies.
         """
         machine = self.hypervisor.machine(name, uri)
-        self.hypervisor.engine(uri).check_copyable(machine)
+        self.hypervisor.engine(uri).clones.check_copyable(machine)
         lock = self.store.lock(uri, name)
         try:
             self.lease.hold(lock, name, lambda: self._new_clone_source(name, machine, lock))
@@ -186,7 +186,7 @@ class Provisioner:
                                    "paused guest (clones start from its memory). Start it, or drop --kvm-clones.")
         snap = self._create(name, uri)
         try:
-            record.clone_source = self.hypervisor.engine(uri).make_source(machine, snap, self.owner)
+            record.clone_source = self.hypervisor.engine(uri).clones.make_source(machine, snap, self.owner)
         finally:
             machine.delete_snapshot(snap)  # the copies hold it; the original is as found
 
@@ -194,5 +194,5 @@ class Provisioner:
         source = self.store.lock(state.uri, state.clone_of).read()
         if source is None or source.clone_source is None:
             raise RevertFailed(f"the run's copies of {state.clone_of!r} are gone; cannot clone it")
-        return self.hypervisor.engine(state.uri).make_clone(source.clone_source, state.clone_of, state.name,
+        return self.hypervisor.engine(state.uri).clones.make_clone(source.clone_source, state.clone_of, state.name,
                                                             self.owner)

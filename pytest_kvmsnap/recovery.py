@@ -33,7 +33,7 @@ class Recovery:
         return sorted(found, key=lambda pair: pair[0].started)
 
     def _orphan_clones(self, machine: Machine, uri: str) -> tuple[list[str], list[str]]:
-        return self.hypervisor.engine(uri).orphan_clones(
+        return self.hypervisor.engine(uri).clones.orphans(
             machine, lambda owner: self._dead_other(owner, uri, machine.name))
 
     def repair(self, name: str, machine: Machine, uri: str) -> list[str]:
@@ -51,11 +51,11 @@ class Recovery:
         dead_clones, pools = self._orphan_clones(machine, uri)
         engine = self.hypervisor.engine(uri)
         for clone in dead_clones:
-            engine.destroy_clone(clone)
+            engine.clones.destroy(clone)
             # Its name holds the dead run's id: no one will lock it again.
             self.store.lock(uri, clone).remove(lock_file=True)
         for pool in pools:
-            engine.remove_pool(pool)
+            engine.clones.remove_pool(pool)
         if dead_clones or pools:
             done.append(f"kvmsnap: {name}: removed {len(dead_clones)} clone(s) and {len(pools)} "
                         "pool(s) of disk copies left by dead runs")
@@ -70,7 +70,7 @@ class Recovery:
                  for owner, snap in owned_snapshots(machine) if self.lease.alive(owner, uri, name)]
         orphans = self.orphans(machine, uri)
         dead_clones, pools = self._orphan_clones(machine, uri)
-        lease = self.hypervisor.engine(uri).read_lease(name)
+        lease = self.hypervisor.engine(uri).leases.read(name)
         dead_lease = lease is not None and not self.lease.leases.holder_alive(lease[1])
         if dry_run:
             if orphans:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_kvmsnap.engine import Capabilities, Engine, LeaseHandle, Machine, Snapshot
+from pytest_kvmsnap.engine import Capabilities, Clones, Engine, LeaseHandle, Leases, Machine, Snapshot
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
     ConnectionLost,
@@ -199,6 +199,14 @@ class FakeEngine:
     def native(self) -> Any:
         return self.host
 
+    @property
+    def leases(self) -> Leases:
+        return FakeLeases(self.host)
+
+    @property
+    def clones(self) -> Clones:
+        return NoClones()
+
     def capabilities(self) -> Capabilities:
         return self.host.capabilities
 
@@ -222,8 +230,12 @@ class FakeEngine:
     def close(self) -> None:
         pass
 
+
+class NoClones:
+    """An engine without clones (its capabilities say so): it finds no orphans and makes none."""
+
     def check_copyable(self, machine: Machine) -> None:
-        pass
+        raise Refused("the fake engine makes no clones")
 
     def make_source(self, machine: Machine, baseline: Snapshot, owner: Owner) -> CloneSource:
         raise Refused("the fake engine makes no clones")
@@ -231,63 +243,69 @@ class FakeEngine:
     def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
         raise Refused("the fake engine makes no clones")
 
-    def destroy_clone(self, name: str) -> None:
+    def destroy(self, name: str) -> None:
         pass
 
-    def keep_clone(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+    def keep(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
         raise Refused("the fake engine makes no clones")
 
     def remove_source(self, source: CloneSource) -> None:
         pass
 
-    def orphan_clones(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
         return [], []
 
     def remove_pool(self, name: str) -> None:
         pass
 
-    # Leases: a dict of guest -> (id, record), every write a compare-and-swap on the id.
-    def read_lease(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
+
+class FakeLeases:
+    """A dict of guest -> (id, record) on the fake host; every write a compare-and-swap on the id."""
+
+    def __init__(self, host: FakeHost) -> None:
+        self.host = host
+
+    def read(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
         found = self.host.leases.get(guest)
         return None if found is None else (FakeLease(found[0]), found[1])
 
-    def reread_lease(self, handle: LeaseHandle) -> LeaseRecord | None:
+    def reread(self, handle: LeaseHandle) -> LeaseRecord | None:
         return next((record for lease_id, record in self.host.leases.values() if lease_id == handle.id), None)
 
-    def lease_by_id(self, lease_id: str) -> LeaseHandle | None:
+    def by_id(self, lease_id: str) -> LeaseHandle | None:
         return FakeLease(lease_id) if any(found[0] == lease_id for found in self.host.leases.values()) else None
 
-    def define_lease(self, record: LeaseRecord) -> LeaseHandle:
+    def define(self, record: LeaseRecord) -> LeaseHandle:
         if record.guest in self.host.leases:
             raise Taken(f"a lease on {record.guest} exists")
         lease_id = f"lease-{next(self.host.ids)}"
         self.host.leases[record.guest] = (lease_id, record)
         return FakeLease(lease_id)
 
-    def take_over_lease(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
+    def take_over(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
         found = self.host.leases.get(record.guest)
         if found is None or found[0] != expired.id:
             raise Taken("someone else took it over first")
         del self.host.leases[record.guest]
-        return self.define_lease(record)
+        return self.define(record)
 
-    def renew_lease(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
+    def renew(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
         found = self.host.leases.get(record.guest)
         if found is None or found[0] != handle.id:
             return False
         self.host.leases[record.guest] = (handle.id, record)
         return True
 
-    def release_lease(self, handle: LeaseHandle) -> None:
+    def release(self, handle: LeaseHandle) -> None:
         for guest, (lease_id, _record) in list(self.host.leases.items()):
             if lease_id == handle.id:
                 del self.host.leases[guest]
 
-    def all_leases(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
+    def all(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
         return [(FakeLease(lease_id), record) for lease_id, record in self.host.leases.values()]
 
-    def is_lease_name(self, name: str) -> bool:
-        return name.endswith(".lease")
+    def is_lease(self, guest: str) -> bool:
+        return guest.endswith(".lease")
 
 
 @dataclass

@@ -66,34 +66,25 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced_off(runs: l
         stalled.check(URI, GUEST)
 
 
-def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(runs: list[RunLeases]) -> None:
-    """A host whose clock ran ahead took the lease while it was still being renewed:
-    the renewal, made by the lease's UUID, fails, and the holder stops at once."""
+@pytest.mark.parametrize(("new_holder", "why"), [
+    # A host whose clock ran ahead took the lease while it was still being renewed.
+    ("run-b", "another run took it over: run run-b"),
+    # The run took the guest anew (another of its processes, after this one's lease ran out).
+    ("run-a", "another process of this run replaced it with a new lease"),
+])
+def test_a_holder_whose_lease_was_replaced_learns_it_at_its_next_renewal(runs: list[RunLeases], new_holder: str,
+                                                                        why: str) -> None:
+    """The renewal, made by the lease's UUID, fails, the holder stops at once, and says who replaced it."""
     holder = runner("run-a", "host-a", expiry=0.8)
     runs.append(holder)
     assert holder.take(URI, GUEST) is None
     conn = holder.hypervisor.engine(URI).native
     found = leasedomain.read(conn, GUEST)
     assert found is not None
-    intruder = Owner("run-b", 1, "host-b", 1.0)
-    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, intruder, time.time() + 60))
+    owner = holder.owner if new_holder == "run-a" else Owner(new_holder, 1, "host-b", 1.0)
+    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, owner, time.time() + 60))
     time.sleep(0.5)  # more than one renewal
-    with pytest.raises(LeaseLost, match="another run took it over: run run-b"):
-        holder.check(URI, GUEST)
-
-
-def test_a_lease_replaced_by_another_process_of_the_run_says_so(runs: list[RunLeases]) -> None:
-    """The run took the guest anew (another of its processes, after this one's lease ran out):
-    this process stops using the guest all the same, and its message says what happened."""
-    holder = runner("run-a", "host-a", expiry=0.8)
-    runs.append(holder)
-    assert holder.take(URI, GUEST) is None
-    conn = holder.hypervisor.engine(URI).native
-    found = leasedomain.read(conn, GUEST)
-    assert found is not None
-    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, holder.owner, time.time() + 60))
-    time.sleep(0.5)  # more than one renewal
-    with pytest.raises(LeaseLost, match="another process of this run replaced it with a new lease"):
+    with pytest.raises(LeaseLost, match=why):
         holder.check(URI, GUEST)
 
 
