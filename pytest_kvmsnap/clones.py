@@ -123,12 +123,14 @@ def remove_source(conn: libvirt.virConnect, source: CloneSource) -> None:
 
 
 def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
-    """Remove pool ``name`` if it is there and the plugin's (its owner volume says so)."""
+    """Remove pool ``name`` if it is there and the plugin's: its owner volume says so, or it has
+    none and is empty (a run killed between defining it and writing that volume, the first
+    thing written into it: see :func:`orphans`)."""
     try:
         pool = conn.storagePoolLookupByName(name)
     except backend.lib().libvirtError:
         return
-    if storage.pool_owner(pool) is not None:
+    if storage.pool_owner(pool) is not None or storage.is_empty(pool):
         storage.remove_pool(pool)
 
 
@@ -249,20 +251,36 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
 # --- orphans ----------------------------------------------------------------
 
 
-def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain,
-            dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain, dead: Callable[[Owner], bool],
+            dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Clones of ``dom`` that dead runs left, and their other pools (copies of ``dom``, or
-    a clone's copies whose domain is gone)."""
+    a clone's copies whose domain is gone).
+
+    ``dead_runs``: ids of runs already known dead (by their snapshots on ``dom``).  A run
+    killed between defining a pool and writing its owner volume left a pool with no owner
+    and nothing in it; it is taken for that run's when its name is the run's
+    (``<guest>-kvmsnap-<run>[-<slot>]``) and the run is known dead by something it owned.
+    """
     prefix = dom.name() + MARK
+    runs = set(dead_runs)
     clones = []
     for other in conn.listAllDomains():
         if other.name().startswith(prefix):
             owner = Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
             if owner is not None and dead(owner):
                 clones.append(other.name())
-    pools = []
+                runs.add(owner.run_id)
+    pools, ownerless = [], []
     for pool in storage.pools(conn, prefix):
         owner = storage.pool_owner(pool)
-        if owner is not None and dead(owner) and pool.name() not in clones:  # a clone's goes with it
+        if owner is None:
+            ownerless.append(pool)
+        elif dead(owner):
+            runs.add(owner.run_id)
+            if pool.name() not in clones:  # a clone's goes with it
+                pools.append(pool.name())
+    for pool in ownerless:
+        run = pool.name()[len(prefix):].split("-")[0]
+        if run in runs and pool.name() not in clones and storage.is_empty(pool):
             pools.append(pool.name())
     return clones, sorted(pools)

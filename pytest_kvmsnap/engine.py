@@ -188,8 +188,10 @@ class Clones(Protocol):
 
     def remove_source(self, source: CloneSource) -> None: ...
 
-    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
-        """Clones dead runs left of the guest, and pools of copies."""
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool],
+                dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+        """Clones dead runs left of the guest, and pools of copies; ``dead_runs``: ids of runs
+        already known dead (an empty pool with no owner, named as one of theirs, is theirs)."""
 
     def remove_pool(self, name: str) -> None: ...
 

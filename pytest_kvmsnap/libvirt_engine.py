@@ -223,8 +223,9 @@ class LibvirtClones:
     def remove_source(self, source: CloneSource) -> None:
         clones.remove_source(self.conn, source)
 
-    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
-        return clones.orphans(self.conn, _dom(machine), dead)
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool],
+                dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+        return clones.orphans(self.conn, _dom(machine), dead, dead_runs)
 
     def remove_pool(self, name: str) -> None:
         clones.remove_own_pool(self.conn, name)

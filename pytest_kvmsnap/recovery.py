@@ -32,9 +32,12 @@ class Recovery:
                  if self._dead_other(owner, uri, machine.name)]
         return sorted(found, key=lambda pair: pair[0].started)
 
-    def _orphan_clones(self, machine: Machine, uri: str) -> tuple[list[str], list[str]]:
+    def _orphan_clones(self, machine: Machine, uri: str, orphans: list[Orphan]) -> tuple[list[str], list[str]]:
+        """Dead runs' clones and pools of copies; ``orphans``, their snapshots on the guest, say
+        which runs are dead even once those are gone."""
         return self.hypervisor.engine(uri).clones.orphans(
-            machine, lambda owner: self._dead_other(owner, uri, machine.name))
+            machine, lambda owner: self._dead_other(owner, uri, machine.name),
+            frozenset(owner.run_id for owner, _snap in orphans))
 
     def repair(self, name: str, machine: Machine, uri: str) -> list[str]:
         """Put the guest back, drop dead runs' snapshots, clones and copies; one line each."""
@@ -48,7 +51,7 @@ class Recovery:
                 machine.delete_snapshot(orphan)
             done.append(f"kvmsnap: {name}: restored to {snap.name} left by dead run {oldest.run_id} "
                         f"(pid {oldest.pid} on {oldest.host}) and deleted {len(orphans)} orphan snapshot(s)")
-        dead_clones, pools = self._orphan_clones(machine, uri)
+        dead_clones, pools = self._orphan_clones(machine, uri, orphans)
         engine = self.hypervisor.engine(uri)
         for clone in dead_clones:
             engine.clones.destroy(clone)
@@ -69,7 +72,7 @@ class Recovery:
                  f"(pid {owner.pid} on {owner.host}); left alone"
                  for owner, snap in owned_snapshots(machine) if self.lease.alive(owner, uri, name)]
         orphans = self.orphans(machine, uri)
-        dead_clones, pools = self._orphan_clones(machine, uri)
+        dead_clones, pools = self._orphan_clones(machine, uri, orphans)
         lease = self.hypervisor.engine(uri).leases.read(name)
         dead_lease = lease is not None and not self.lease.leases.holder_alive(lease[1])
         if dry_run:

@@ -202,6 +202,19 @@ def pool_owner(pool: libvirt.virStoragePool) -> Owner | None:
         return None
 
 
+def is_empty(pool: libvirt.virStoragePool) -> bool:
+    """Does the pool hold no volume at all (an inactive one is started to look; one whose
+    directory is gone holds nothing)?"""
+    libvirt = backend.lib()
+    if not pool.isActive():
+        with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
+            pool.create(0)
+    if not pool.isActive():
+        return True
+    pool.refresh(0)
+    return int(pool.numOfVolumes()) == 0
+
+
 def pools(conn: libvirt.virConnect, prefix: str) -> list[libvirt.virStoragePool]:
     return [pool for pool in conn.listAllStoragePools() if pool.name().startswith(prefix)]
 

@@ -105,6 +105,33 @@ def test_killed_clone_run_is_cleaned_by_the_next_run(inner, guest_a: RealGuest, 
     assert_as_found(guest_a)
 
 
+def test_an_empty_ownerless_pool_a_killed_run_left_is_removed_by_the_next(  # type: ignore[no-untyped-def]
+        inner, guest_a: RealGuest, spawn) -> None:
+    """Killed between defining a pool of copies and writing its owner volume (the first thing
+    in it), a run leaves a pool with no owner: the next run removes it, with its directory,
+    once the run is known dead by its snapshot on the guest."""
+    import libvirt
+
+    victim = start_run_stuck_mid_test(inner, spawn, guest_a, "victim")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    run = next(s for s in guest_a.snapshots() if s.startswith("kvmsnap-")).removeprefix("kvmsnap-")
+    conn = libvirt.open(guest_a.domain().connect().getURI())
+    name = f"{guest_a.name}-kvmsnap-{run}"
+    directory = guest_a.image.disk_for(guest_a.name).parent / name
+    pool = conn.storagePoolDefineXML(f"<pool type='dir'><name>{name}</name><target><path>{directory}</path>"
+                                     "</target></pool>", 0)
+    pool.build(0)
+    pool.create(0)  # what make_pool does before it writes the owner volume
+    conn.close()
+    assert leftovers(guest_a) == [f"pool {name}", str(directory)]
+    result = next_run_finds_it_clean(inner, guest_a)
+    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 0 clone(s) and 1 pool(s) of disk copies "
+                                 "left by dead runs"])
+    assert leftovers(guest_a) == []
+    assert_as_found(guest_a)
+
+
 def test_interrupted_clone_run_leaves_no_clone(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
     run = start_run_stuck_mid_test(inner, spawn, guest_a, "run", "--kvm-clones=1")
     os.kill(run.pid, signal.SIGINT)

@@ -252,7 +252,8 @@ class NoClones:
     def remove_source(self, source: CloneSource) -> None:
         pass
 
-    def orphans(self, machine: Machine, dead: Callable[[Owner], bool]) -> tuple[list[str], list[str]]:
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool],
+                dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
         return [], []
 
     def remove_pool(self, name: str) -> None:

@@ -90,3 +90,36 @@ def test_a_pool_without_the_plugins_owner_record_is_never_an_orphan(testdriver: 
         assert (clones_left, pools) == ([], [])
     finally:
         pool.undefine()
+
+
+@pytest.mark.parametrize("volume", [None, "disk.qcow2"])
+def test_an_empty_ownerless_pool_of_a_run_known_dead_is_its_orphan(testdriver: TestDriver,
+                                                                  volume: str | None) -> None:
+    """A run killed between defining a pool and writing its owner volume (the first thing in it)
+    left it ownerless and empty: once that run is known dead by what it owned (its snapshot on the
+    guest), the pool is its orphan and removed.  One with anything in it is never touched."""
+    from pytest_kvmsnap import clones, storage
+
+    name = testdriver.define()
+    dom = testdriver.conn.lookupByName(name)
+    pool = testdriver.conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}-kvmsnap-deadrun-1</name><target><path>/x/{name}</path></target></pool>", 0)
+    try:
+        if volume:
+            pool.create(0)
+            pool.createXML(storage._volume_xml(volume, 4096), 0)
+        found = orphans(testdriver.conn, dom, lambda owner: True, frozenset({"deadrun"}))
+        assert found == ([], [] if volume else [f"{name}-kvmsnap-deadrun-1"])
+        assert orphans(testdriver.conn, dom, lambda owner: True, frozenset({"otherrun"})) == ([], [])
+        if not volume:
+            clones.remove_own_pool(testdriver.conn, f"{name}-kvmsnap-deadrun-1")
+            assert f"{name}-kvmsnap-deadrun-1" not in testdriver.conn.listStoragePools() + \
+                testdriver.conn.listDefinedStoragePools()
+    finally:
+        for pool in testdriver.conn.listAllStoragePools():
+            if pool.name().startswith(f"{name}-kvmsnap-"):
+                if pool.isActive():
+                    for vol in pool.listAllVolumes(0):
+                        vol.delete(0)
+                    pool.destroy()
+                pool.undefine()
