@@ -121,15 +121,21 @@ def test_an_empty_ownerless_pool_a_killed_run_left_is_removed_by_the_next(  # ty
     directory = guest_a.image.disk_for(guest_a.name).parent / name
     pool = conn.storagePoolDefineXML(f"<pool type='dir'><name>{name}</name><target><path>{directory}</path>"
                                      "</target></pool>", 0)
-    pool.build(0)
-    pool.create(0)  # what make_pool does before it writes the owner volume
-    conn.close()
-    assert leftovers(guest_a) == [f"pool {name}", str(directory)]
-    result = next_run_finds_it_clean(inner, guest_a)
-    result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 0 clone(s) and 1 pool(s) of disk copies "
-                                 "left by dead runs"])
-    assert leftovers(guest_a) == []
-    assert_as_found(guest_a)
+    try:
+        pool.build(0)
+        pool.create(0)  # what make_pool does before it writes the owner volume
+        assert leftovers(guest_a) == [f"pool {name}", str(directory)]
+        result = next_run_finds_it_clean(inner, guest_a)
+        result.stdout.fnmatch_lines([f"kvmsnap: {guest_a.name}: removed 0 clone(s) and 1 pool(s) of disk copies "
+                                     "left by dead runs"])
+        assert leftovers(guest_a) == []
+        assert_as_found(guest_a)
+    finally:  # failed or not, no pool of this test's is left on the host
+        if name in conn.listStoragePools() + conn.listDefinedStoragePools():
+            from pytest_kvmsnap import storage
+
+            storage.remove_pool(conn.storagePoolLookupByName(name))
+        conn.close()
 
 
 def test_interrupted_clone_run_leaves_no_clone(inner, guest_a: RealGuest, spawn) -> None:  # type: ignore[no-untyped-def]
