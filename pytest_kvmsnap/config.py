@@ -85,6 +85,9 @@ SETTINGS = (
             "renews it every quarter of that while it lives, and a run on another host may take the guest "
             "over once it expired (a dead CI runner). Hosts' clocks must agree within a quarter of it. "
             "Default: 120.", default=120.0),
+    Setting("connect_timeout", "seconds to wait for a hypervisor to answer a new connection; one that does "
+            "not (a host that is down or drops packets, where TCP and SSH would wait minutes) counts as "
+            "unreachable, and a pool skips it. Default: 20.", default=20.0),
     Setting("lock_dir", "directory for guest locks and run records; may be shared by several users "
             "(default: $XDG_RUNTIME_DIR/pytest-kvmsnap, else /tmp/pytest-kvmsnap-<uid>)."),
     Setting("clones", "give each xdist worker its own clone of each guest, started at the baseline "
@@ -129,6 +132,7 @@ class Settings:
     revert_method: str = "auto"
     lock_timeout: float = 600.0
     lease_expiry: float = 120.0
+    connect_timeout: float = 20.0
     lock_dir: str | None = None
     clones: str = "0"
     keep_snapshot: bool = False
@@ -190,6 +194,9 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     values["lock_timeout"] = _seconds("kvm_lock_timeout", values["lock_timeout"])
     values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
     values["lease_expiry"] = _seconds("kvm_lease_expiry", values["lease_expiry"])
+    values["connect_timeout"] = _seconds("kvm_connect_timeout", values["connect_timeout"])
+    if not values["connect_timeout"]:
+        raise ConfigError("kvm_connect_timeout = 0: no hypervisor answers that fast; give it seconds (default 20)")
     if values["lease_expiry"] < MIN_LEASE_EXPIRY:
         raise ConfigError(f"kvm_lease_expiry = {values['lease_expiry']:g} is too short: a run renews its lease "
                           f"every quarter of it; use {MIN_LEASE_EXPIRY:g} s or more")

@@ -9,6 +9,7 @@ mid-way is run once more.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,6 +26,45 @@ RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted libvirtd to answer a
 RECONNECT_POLL = 0.5
 
 
+def open_within(kind: EngineKind, uri: str, seconds: float) -> Engine:
+    """``kind.open(uri)``, or :class:`ConnectionFailed` once ``seconds`` passed without an answer.
+
+    A host that is down or drops packets leaves TCP and SSH waiting for minutes,
+    and libvirt's keepalive starts only once a connection is open.  The attempt
+    goes on in a thread of its own; what it opens after the caller gave up, it closes.
+    """
+    lock = threading.Lock()
+    opened: list[Engine] = []
+    failed: list[BaseException] = []
+    gave_up = False
+
+    def attempt() -> None:
+        try:
+            engine = kind.open(uri)
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+            return
+        with lock:
+            if not gave_up:
+                opened.append(engine)
+                return
+        with contextlib.suppress(Exception):  # too late: nobody will use it
+            engine.close()
+
+    thread = threading.Thread(target=attempt, name=f"kvmsnap-connect {uri}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    with lock:
+        if failed:
+            raise failed[0]
+        if opened:
+            return opened[0]
+        gave_up = True
+    raise ConnectionFailed(f"the hypervisor at {uri} did not answer within {seconds:g} s (a host that is down, or a "
+                           "network or daemon that drops the connection): check that host, or raise "
+                           "--kvm-connect-timeout")
+
+
 class Hypervisor:
     def __init__(self, settings: Settings, report: Reporter,
                  on_reconnect: Callable[[str], None] = lambda _text: None, kind: EngineKind | None = None) -> None:
@@ -39,7 +79,7 @@ class Hypervisor:
     def engine(self, uri: str | None = None) -> Engine:
         uri = uri or self.settings.uri
         if uri not in self._engines:
-            self._engines[uri] = self.kind.open(uri)
+            self._engines[uri] = open_within(self.kind, uri, self.settings.connect_timeout)
         return self._engines[uri]
 
     def machine(self, name: str, uri: str | None = None) -> Machine:

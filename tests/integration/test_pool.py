@@ -102,6 +102,30 @@ def test_a_host_that_cannot_be_reached_is_skipped_with_one_line(
     assert_as_found(pool_guest)
 
 
+@pytest.fixture
+def silent_uri() -> Iterator[str]:
+    """A hypervisor host that takes the TCP connection and never answers (a hung daemon, or a
+    host gone behind a proxy): TCP alone would wait for ever."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield f"qemu+tcp://127.0.0.1:{server.getsockname()[1]}/system"
+
+
+def test_a_host_that_never_answers_is_skipped_after_the_connect_timeout(
+        pool_inner: pytest.Pytester, guest_a: RealGuest, pool_guest: RealGuest, silent_uri: str) -> None:
+    pool_inner.makepyfile(exclusive_tests(guest_a.name, n=2, pause=0.1))
+    result = pool_inner.runpytest_subprocess(f"--kvm-uri={silent_uri}", f"--kvm-uri={POOL_URI}",
+                                             "--kvm-connect-timeout=2", "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"kvmsnap: guest '{guest_a.name}': skipping {silent_uri}: it cannot be reached "
+                                 f"(the hypervisor at {silent_uri} did not answer within 2 s*--kvm-connect-timeout)"])
+    assert served(pool_inner) == {"main": {POOL_URI}}
+    assert_as_found(pool_guest)
+
+
 def test_a_host_whose_guest_another_run_holds_is_passed_over(
         pool_inner: pytest.Pytester, guest_a: RealGuest, pool_guest: RealGuest, spawn: Any, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_kvmsnap.exceptions import ConfigError
 from tests.conftest import TestDriver
 
 
@@ -132,3 +133,35 @@ def test_a_connection_failure_blames_the_host_it_happened_on(uri: str, said: str
     message = str(ConnectionFailed.from_libvirt(uri, said))
     assert message.startswith(f"cannot open libvirt connection {uri!r}: {hint}"), message
     assert said in message
+
+
+def test_a_hypervisor_that_never_answers_errors_the_test_after_the_connect_timeout(
+        pytester: pytest.Pytester) -> None:
+    """A host that takes the connection and never answers (hung, or gone behind a proxy): the
+    real libvirt client would wait for ever; the test errors after --kvm-connect-timeout."""
+    import socket
+
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.kvm_snapshot("web")
+        def test_x(kvm_guest):
+            pass
+    """)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        uri = f"qemu+tcp://127.0.0.1:{server.getsockname()[1]}/system"
+        result = pytester.runpytest_subprocess(f"--kvm-uri={uri}", "--kvm-connect-timeout=1.5", timeout=120)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*the hypervisor at {uri} did not answer within 1.5 s (a host that is down, *"
+                                 "check that host, or raise --kvm-connect-timeout*"])
+
+
+def test_the_connect_timeout_is_seconds(pytester: pytest.Pytester) -> None:
+    from pytest_kvmsnap.config import resolve
+
+    assert resolve(pytester.parseconfig(), env={}).connect_timeout == 20
+    assert resolve(pytester.parseconfig("--kvm-connect-timeout=3.5"), env={}).connect_timeout == 3.5
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(ConfigError, match="kvm_connect_timeout"):
+            resolve(pytester.parseconfig(f"--kvm-connect-timeout={bad}"), env={})
