@@ -60,8 +60,13 @@ class Provisioner:
         try:
             machine, snap = self._recorded(state.lock, record, lambda: self._start_clone(state)
                                        if state.clone_of else self._snapshot(state, record))
-        except BaseException:
-            if not state.clone_of:  # a clone that failed to start is destroyed on the spot
+        except Exception:
+            # A clone that failed to start is destroyed on the spot; a guest is given back now.
+            if not state.clone_of and not self._give_back(state):
+                self.failed.add((state.uri, state.name))
+            raise
+        except BaseException:  # interrupted: the run's end does it (drop_failed, release_left)
+            if not state.clone_of:
                 self.failed.add((state.uri, state.name))
             raise
         record.clean_at = record.baseline
@@ -70,6 +75,18 @@ class Provisioner:
         remember_loaded(record, machine, snap)  # this QEMU process took it: it may load it in place
         self.hypervisor.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record
+
+    def _give_back(self, state: GuestState) -> bool:
+        """After a failed baseline, the guest as found at once: this run's snapshot deleted (libvirt
+        may have finished it after the call failed) and its lease given back, so that other runs
+        need not wait for this run's end.  False if that failed too (drop_failed tries again then)."""
+        try:
+            with self.hypervisor.errors(state.uri, f"giving {state.name!r} back after its failed baseline"):
+                self._delete_own_snapshots(state.name, state.uri)
+                self.lease.leases.release(state.uri, state.name)
+        except KvmSnapError:
+            return False
+        return True
 
     def _recorded(self, lock: GuestLock, record: RunRecord, step: Callable[[], T]) -> T:
         """Write ``record``, then run ``step`` (timed into it); drop the record if it fails.
@@ -126,6 +143,12 @@ class Provisioner:
         machine.delete_snapshot(snap)
         return None
 
+    def _delete_own_snapshots(self, name: str, uri: str) -> None:
+        machine = self.hypervisor.machine(name, uri)
+        for owner, snap in owned_snapshots(machine):
+            if owner.run_id == self.owner.run_id:
+                machine.delete_snapshot(snap)
+
     def drop_failed(self) -> list[str]:
         """Delete this run's snapshots that failed baseline steps left, found by run id.
 
@@ -140,10 +163,7 @@ class Provisioner:
                 if record is not None and record.run_id == self.owner.run_id:
                     continue
                 with self.hypervisor.errors(uri, f"removing this run's snapshot of {name!r}"):
-                    machine = self.hypervisor.machine(name, uri)
-                    for owner, snap in owned_snapshots(machine):
-                        if owner.run_id == self.owner.run_id:
-                            machine.delete_snapshot(snap)
+                    self._delete_own_snapshots(name, uri)
             except KvmSnapError as exc:
                 problems.append(f"{name}: {exc}")
             finally:
