@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from pytest_kvmsnap import ownership
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
     ConnectionLost,
@@ -32,7 +31,7 @@ from pytest_kvmsnap.exceptions import (
     SnapshotNotFound,
     UnsupportedGuest,
 )
-from pytest_kvmsnap.ownership import Owner, is_damaged, owner_description
+from pytest_kvmsnap.ownership import Owner, owner_description
 
 if TYPE_CHECKING:
     import libvirt
@@ -152,23 +151,6 @@ def snapshot_description(snap: libvirt.virDomainSnapshot) -> str:
     return ET.fromstring(snap.getXMLDesc(0)).findtext("description") or ""
 
 
-def snapshot_owner(snap: libvirt.virDomainSnapshot) -> Owner | None:
-    """Who created ``snap``: an :class:`Owner` for ours, None for the user's."""
-    return Owner.from_description(snapshot_description(snap))
-
-
-def owned_snapshots(dom: libvirt.virDomain) -> list[tuple[Owner, libvirt.virDomainSnapshot]]:
-    """The guest's snapshots this plugin created (any run), with their owners."""
-    pairs = ((snapshot_owner(snap), snap) for snap in dom.listAllSnapshots())
-    return [(owner, snap) for owner, snap in pairs if owner is not None]
-
-
-def damaged_snapshots(dom: libvirt.virDomain) -> list[str]:
-    """Snapshots whose description starts like this plugin's but does not parse (hand-edited,
-    cut short): they count as the user's, and are never reverted to or deleted."""
-    return [snap.getName() for snap in dom.listAllSnapshots() if is_damaged(snapshot_description(snap))]
-
-
 def snapshot_state(snap: libvirt.virDomainSnapshot) -> str:
     """The guest state the snapshot recorded: running, paused, shutoff ..."""
     return ET.fromstring(snap.getXMLDesc(0)).findtext("state") or "unknown"
@@ -276,11 +258,6 @@ def redescribe(snap: libvirt.virDomainSnapshot, description: str) -> None:
     element.text = description
     snap.getDomain().snapshotCreateXML(ET.tostring(root, encoding="unicode"),
                                        lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
-
-
-def kept_records(dom: libvirt.virDomain) -> list[dict[str, Any]]:
-    """The records of the guest's snapshots kept for the user (any run), with their names."""
-    return ownership.kept_records((snap.getName(), snapshot_description(snap)) for snap in dom.listAllSnapshots())
 
 
 def console_log(dom: libvirt.virDomain) -> str | None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvmsnap import backend
+from pytest_kvmsnap.engine import kept_for_user
+from pytest_kvmsnap.libvirt_engine import LibvirtMachine
 from pytest_kvmsnap.testing import Console, GuestImage, define_guest, remove_guest
 from tests.integration.conftest import URI, RealGuest, _live, run_inner
 from tests.integration.test_semantics import CLEAN, assert_as_found
@@ -36,7 +38,7 @@ def properties(junit: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def kept_names(guest: RealGuest) -> list[str]:
-    return [str(record["name"]) for record in backend.kept_records(guest.domain())]
+    return [str(record["name"]) for record in kept_for_user(LibvirtMachine(guest.domain()))]
 
 
 def delete_kept(guest: RealGuest) -> None:

@@ -13,10 +13,12 @@ import pytest
 
 from pytest_kvmsnap import backend
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.engine import owned_snapshots
 from pytest_kvmsnap.events import Event, Notice
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.libvirt_engine import LibvirtMachine
 from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord, process_token, running
 from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.revert import Reverter
@@ -89,7 +91,7 @@ def test_a_damaged_ownership_record_makes_a_snapshot_the_users(pytester: pytest.
     dom = testdriver.conn.lookupByName(name)
     dom.snapshotCreateXML("<domainsnapshot><name>kvmsnap-x</name><description>pytest-kvmsnap baseline "
                           '{"owner": "pytest-kvmsnap", "run": "x", "pid": </description></domainsnapshot>', 0)
-    assert backend.owned_snapshots(dom) == []  # so no recovery or cleanup ever touches it
+    assert owned_snapshots(LibvirtMachine(dom)) == []  # so no recovery or cleanup ever touches it
     pytester.makepyfile(three_tests(name))
     result = run(pytester)
     result.assert_outcomes(passed=3)

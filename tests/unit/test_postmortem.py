@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap import backend, postmortem
+from pytest_kvmsnap import postmortem
+from pytest_kvmsnap.engine import kept_for_user
 from pytest_kvmsnap.figures import GuestFigures, from_properties, slow_entries
+from pytest_kvmsnap.libvirt_engine import LibvirtMachine
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit as run
 from tests.unit.helpers import three_tests
@@ -29,7 +31,7 @@ def guest(testdriver: TestDriver) -> str:
 
 
 def kept(testdriver: TestDriver, name: str) -> list[dict[str, object]]:
-    return sorted(backend.kept_records(testdriver.conn.lookupByName(name)), key=lambda r: str(r["name"]))
+    return sorted(kept_for_user(LibvirtMachine(testdriver.conn.lookupByName(name))), key=lambda r: str(r["name"]))
 
 
 def test_a_failed_tests_state_is_kept_for_the_user_and_survives_cleanup(pytester, guest, testdriver) -> None:  # type: ignore[no-untyped-def]

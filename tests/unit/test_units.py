@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_kvmsnap import backend
+from pytest_kvmsnap.engine import kept_for_user, owned_snapshots
+from pytest_kvmsnap.libvirt_engine import LibvirtMachine
 from tests.conftest import RevertLog, TestDriver
 from tests.unit.helpers import run_unit as run
 from tests.unit.helpers import three_tests
@@ -106,8 +107,8 @@ def test_keep_snapshot(pytester, guest, testdriver) -> None:  # type: ignore[no-
     # It is the user's now, marked kept: no later run takes it for a dead run's orphan
     # (tests/integration/test_semantics.py shows it with a real next run).
     dom = testdriver.conn.lookupByName(guest)
-    assert [r["name"] for r in backend.kept_records(dom) if r.get("baseline")] == kept
-    assert backend.owned_snapshots(dom) == []
+    assert [r["name"] for r in kept_for_user(LibvirtMachine(dom)) if r.get("baseline")] == kept
+    assert owned_snapshots(LibvirtMachine(dom)) == []
 
 
 def test_several_guests_per_test(pytester, testdriver, revert_log) -> None:  # type: ignore[no-untyped-def]
