@@ -205,14 +205,19 @@ def pool_owner(pool: libvirt.virStoragePool) -> Owner | None:
 def is_empty(pool: libvirt.virStoragePool) -> bool:
     """Does the pool hold no volume at all (an inactive one is started to look; one whose
     directory is gone holds nothing)?"""
-    libvirt = backend.lib()
-    if not pool.isActive():
-        with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
-            pool.create(0)
-    if not pool.isActive():
+    if not _started(pool):
         return True
     pool.refresh(0)
     return int(pool.numOfVolumes()) == 0
+
+
+def _started(pool: libvirt.virStoragePool) -> bool:
+    """Is the pool active, once started if it was not?  False: its directory is gone, only the
+    definition is left."""
+    if not pool.isActive():
+        with contextlib.suppress(backend.lib().libvirtError):
+            pool.create(0)
+    return bool(pool.isActive())
 
 
 def pools(conn: libvirt.virConnect, prefix: str) -> list[libvirt.virStoragePool]:
@@ -235,10 +240,7 @@ def remove_pool(pool: libvirt.virStoragePool) -> None:
     it, named with the run's id, so every volume in it is the run's.
     """
     libvirt = backend.lib()
-    if not pool.isActive():
-        with contextlib.suppress(libvirt.libvirtError):  # its directory is gone: only the definition is left
-            pool.create(0)
-    if pool.isActive():
+    if _started(pool):
         pool.refresh(0)
         for volume in pool.listAllVolumes(0):
             _delete_volume(volume)
