@@ -460,3 +460,10 @@ class Coordinator:
         self.hypervisor.close()
         self.store.close()
         return problems
+
+    def left_behind(self) -> str:
+        """What an interrupted :meth:`finish` left, from the run records alone (no hypervisor call:
+        this is asked on the way out after a second Ctrl-C)."""
+        left = [f"{r.domain} at {r.uri}" if len(self.settings.pool) > 1 else r.domain
+                for r in self.store.own_records(self.run_id)]
+        return ", ".join(sorted(left)) or "nothing"

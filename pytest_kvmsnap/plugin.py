@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
 
@@ -274,7 +275,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         coordinator = coordinator_for(config)
     if coordinator is None:
         return
-    problems = coordinator.finish()
+    try:
+        problems = coordinator.finish()
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or SIGTERM) during the restore: leave now, and say
+        # what is left and what repairs it, in one line, not a traceback.
+        sys.stderr.write(f"kvmsnap: interrupted while restoring the guests; left unrestored: "
+                         f"{coordinator.left_behind()}. Run `pytest --kvm-cleanup` (with this run's --kvm-uri) "
+                         "to restore them now; the next run that uses them repairs them too.\n")
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
+        return
     session.config.stash[PROBLEMS_KEY] = problems
     if problems and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,17 +163,76 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-@pytest.fixture
-def spawn(inner: pytest.Pytester) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    """Start ``pytest`` in the background (output in <name>.out); killed at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
+INNER_TIMEOUT = 200.0  # seconds an inner run may take: under the 240 s deadline, so its stacks are seen
 
-    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "pytest", f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-q", *args]
-        with open(inner.path / f"{name}.out", "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=inner.path)
-        started.append(proc)
-        return proc
+
+# Starts pytest with SIGINT and SIGQUIT at their defaults.  A shell without job
+# control starts its background commands with both ignored (POSIX), an ignored
+# signal stays ignored across exec, and Python then installs no
+# KeyboardInterrupt handler: an inner run the test interrupts would never see
+# the Ctrl-C (issue 26).  The inner run must not depend on how the outer suite
+# was started.  ``execv`` keeps the pid, which the tests signal.
+INTERRUPTIBLE = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                 "signal.signal(signal.SIGQUIT, signal.SIG_DFL); "
+                 "os.execv(sys.executable, [sys.executable, '-m', 'pytest', *sys.argv[1:]])")
+
+
+class InnerRun(subprocess.Popen[bytes]):
+    """An inner pytest run whose output goes to ``out``; a wait that times out explains itself.
+
+    On timeout the run gets SIGABRT: pytest's faulthandler (and
+    PYTHONFAULTHANDLER=1, for hangs after pytest let go of it) writes every
+    thread's stack into ``out``, and the failure shows that output, so an
+    intermittent hang is diagnosed from its first report.
+    """
+
+    out: Path
+    err: Path  # the same file as ``out`` when stderr is merged into it
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return super().wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGABRT)
+            try:
+                super().wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                super().wait()
+            tail = "".join(dict.fromkeys(path.read_text(errors="replace")[-8000:] for path in (self.out, self.err)))
+            raise AssertionError(f"the inner pytest run {self.args!r} did not end within {timeout} s; "
+                                 f"its output, ending with every thread's stack:\n{tail}") from None
+
+
+def start_inner(pytester: pytest.Pytester, name: str, *args: str, merge: bool = True) -> InnerRun:
+    """``pytest`` with the plugin against the test URI, in the background; output in ``<name>.out``
+    (its stderr too, if ``merge``; else in ``<name>.err``)."""
+    out = pytester.path / f"{name}.out"
+    err = out if merge else pytester.path / f"{name}.err"
+    basetemp = pytester.path / f"basetemp-{name}"
+    argv = [sys.executable, "-c", INTERRUPTIBLE, f"--basetemp={basetemp}", f"--kvm-uri={URI}", "-p", "no:cacheprovider",
+            *args]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pytester.path), env.get("PYTHONPATH", "")]))
+    with open(out, "wb") as sink, open(err, "ab") as err_sink:
+        run = InnerRun(argv, stdout=sink, stderr=subprocess.STDOUT if merge else err_sink,
+                       stdin=subprocess.DEVNULL, cwd=pytester.path, env=env)
+    run.out, run.err = out, err
+    return run
+
+
+Spawn = Callable[..., InnerRun]
+
+
+@pytest.fixture
+def spawn(inner: pytest.Pytester) -> Iterator[Spawn]:
+    """Start ``pytest`` in the background (output in <name>.out); killed at teardown."""
+    started: list[InnerRun] = []
+
+    def start(name: str, *args: str) -> InnerRun:
+        run = start_inner(inner, name, "-q", *args)
+        started.append(run)
+        return run
 
     yield start
     for proc in started:  # a failed test must not leave a run holding the guest
@@ -194,8 +254,15 @@ def _deadline() -> Iterator[None]:
     signal.signal(signal.SIGALRM, previous)
 
 
-def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(f"--kvm-uri={URI}", "-p", "no:cacheprovider", "-v", *args)
+def run_inner(pytester: pytest.Pytester, *args: str, timeout: float = INNER_TIMEOUT) -> pytest.RunResult:
+    """One inner run to its end (see :class:`InnerRun`: a hang fails with its threads' stacks)."""
+    start = time.monotonic()
+    name = f"inner-{len(list(pytester.path.glob('inner-*.out')))}"
+    run = start_inner(pytester, name, "-v", *args, merge=False)
+    code = run.wait(timeout)
+    out, err = (path.read_text(errors="replace").splitlines() for path in (run.out, run.err))
+    print("\n".join(out), "\n".join(err), sep="\n")  # shown with a failed test, as pytester's runs are
+    return pytest.RunResult(code, out, err, time.monotonic() - start)
 
 
 # --- the Debian guest: a real distribution, driven over SSH ---------------------------

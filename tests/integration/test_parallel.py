@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import RECORDER
-from tests.integration.conftest import RealGuest, run_inner
+from tests.integration.conftest import RealGuest, Spawn, run_inner
 from tests.integration.test_semantics import CLEAN, assert_as_found
 
 EXCLUSIVE = """
@@ -219,6 +219,31 @@ def test_interrupted_run_restores_the_guest(inner, guest_a: RealGuest, sig: int,
     assert run.wait(60) != 0
     out = (inner.path / "run.out").read_text()
     assert "= kvmsnap =" in out, out
+    assert_as_found(guest_a)
+
+
+def test_a_second_interrupt_during_the_restore_leaves_at_once_and_cleanup_repairs(
+        inner: pytest.Pytester, guest_a: RealGuest, spawn: Spawn) -> None:
+    """Ctrl-C mid-test, then Ctrl-C again while the run restores the guest: one line, then --kvm-cleanup."""
+    inner.makeconftest(inner.path.joinpath("conftest.py").read_text() + """
+import os, signal
+
+def pytest_kvmsnap_before_revert(config, domain, snapshot, reason):
+    if reason == "end of session":
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the guest is being restored
+""")
+    run = start_run_stuck_mid_test(inner, spawn, guest_a, "run")
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait(60) == pytest.ExitCode.INTERRUPTED
+    out = (inner.path / "run.out").read_text()
+    assert (f"kvmsnap: interrupted while restoring the guests; left unrestored: {guest_a.name}. "
+            "Run `pytest --kvm-cleanup`") in out, out
+    assert "Traceback" not in out, out
+    assert guest_a.snapshots() != [], "the run was to leave its snapshot for the cleanup"
+    (inner.path / "test_run.py").unlink()
+    cleanup = run_inner(inner, "--kvm-cleanup", f"--kvm-domain={guest_a.name}")
+    assert cleanup.ret == 0
+    cleanup.stdout.fnmatch_lines([f"*{guest_a.name}: restored to kvmsnap-* left by dead run*"])
     assert_as_found(guest_a)
 
 

@@ -165,3 +165,25 @@ def test_the_connect_timeout_is_seconds(pytester: pytest.Pytester) -> None:
     for bad in ("0", "-1", "soon", "inf"):
         with pytest.raises(ConfigError, match="kvm_connect_timeout"):
             resolve(pytester.parseconfig(f"--kvm-connect-timeout={bad}"), env={})
+
+
+def test_a_second_interrupt_during_the_restore_is_one_line(pytester: pytest.Pytester,
+                                                           testdriver: TestDriver) -> None:
+    """Ctrl-C while the run's end restores the guest: leave at once, say what is left and the fix."""
+    name = testdriver.define()
+    pytester.makeconftest("""
+        def pytest_kvmsnap_before_revert(config, domain, snapshot, reason):
+            if reason == "end of session":
+                raise KeyboardInterrupt  # what a second Ctrl-C raises there
+    """)
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot('{name}', revert="never")
+        def test_one(kvm_guest):
+            pass
+    """)
+    result = pytester.runpytest("--kvm-uri=test:///default")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stderr.fnmatch_lines([f"kvmsnap: interrupted while restoring the guests; left unrestored: {name}. "
+                                 "Run `pytest --kvm-cleanup` (with this run's --kvm-uri) to restore them now*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
