@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pytest_kvmsnap import deadlock, postmortem
 from pytest_kvmsnap.addressing import guest_address
+from pytest_kvmsnap.checkpoints import Checkpoints
 from pytest_kvmsnap.config import Settings, Spec, this_host
 from pytest_kvmsnap.engine import EngineKind, Machine, refusal
 from pytest_kvmsnap.events import Incident, Ready, Reporter, to_stdout
@@ -41,6 +42,7 @@ from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.layers import Fixture, carried_away, is_wider
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
 from pytest_kvmsnap.ownership import Owner
@@ -82,6 +84,12 @@ class Coordinator:
         self.ready_hook = ready_hook  # the user's pytest_kvmsnap_ready, for --kvm-wait=hook
         self.finishing = Finisher(self.hypervisor, self.reverter, self.store)
         self.witness = Witness(self.hypervisor, run_id)
+        self.checkpoints = Checkpoints(self.hypervisor, owner, self.worker, report)
+        # Wider fixtures that set up on the current test's guests since its last checkpoint,
+        # and whether a fixture of its unit's own scope or narrower began (layers.py).
+        self._pending: list[Fixture] = []
+        self._narrower_began = False
+        self._carried: dict[str, str] = {}  # fixture name -> why its guest state is gone
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
         self._states: dict[str, GuestState] = {}
         self._failures: dict[str, KvmSnapError] = {}
@@ -253,6 +261,7 @@ class Coordinator:
         """
         self.hypervisor.reconnect_if_lost()
         self.figures = {}
+        self._pending, self._narrower_began = [], False
         for name in sorted(spec.domains):  # one order everywhere: no lock-order deadlock
             with self.hypervisor.errors(self.settings.uri, f"preparing guest {name!r} for {nodeid}"):
                 state = self._prepared(name)
@@ -285,6 +294,7 @@ class Coordinator:
             self._settle(state, name)
         if state.record is not None:
             state.record.holder = nodeid  # what waiting runs and deadlock reports name
+        state.unit_tests += 1
         state.clean_at = None  # dirty from the moment a test that uses it starts (written with the holder)
 
     def _settle(self, state: GuestState, name: str) -> None:
@@ -333,14 +343,24 @@ class Coordinator:
                            f"before {unit}", state.record)
             state.clean_at = None
             state.record.revert_owed = True
-        baseline = spec.snapshot or state.record.baseline
+        baseline = self._unit_base(state, spec.snapshot or state.record.baseline)
         if reverts_at_start(spec.revert, state.clean_at, baseline, owed=state.record.revert_owed):
             self._revert(state, baseline, f"before {unit}")
         state.record.revert_owed = False
         # Only now: a unit whose first revert failed has not begun, and its next
         # test must not find it begun (it would run on the unreverted guest).
         state.unit, state.unit_baseline, state.unit_revert = unit, baseline, spec.revert
-        state.unit_failed = False
+        state.unit_failed, state.unit_tests = False, 0
+        self.checkpoints.delete(state, state.layers.take_ended())  # ended while another guest was held
+
+    def _unit_base(self, state: GuestState, base: str) -> str:
+        """Where a unit on ``base`` starts: the top layer this process's wider fixtures built."""
+        other = state.layers.conflict(base)
+        if other is not None:
+            raise ConfigError(f"guest {state.name!r}: this test starts from {base!r}, but the state of "
+                              f"{other.describe()} was built on {state.layers.base!r} and those fixtures are "
+                              "still set up; give the tests that share wider fixtures one snapshot=")
+        return state.layers.top(base)
 
     def record_failure(self, domains: tuple[str, ...]) -> None:
         for name in domains:
@@ -384,9 +404,14 @@ class Coordinator:
                 if died:  # the test errors; the guest is restored now, whatever the unit or mode
                     errors.append(f"guest {name!r} went down during the test: {died}; "
                                   "it is being restored to its baseline for the next test")
-                elif next_unit == state.unit:
+                ended = state.layers.take_ended()
+                if ended:  # the next revert goes to the layer below; the unit's mode says when
+                    state.unit_baseline = state.layers.top(state.layers.base)
+                if not died and next_unit == state.unit:
+                    self.checkpoints.delete(state, ended)
                     return []  # the unit goes on: keep holding the guest
                 self._end_unit(state, force=bool(died))
+                self.checkpoints.delete(state, ended)
         except KvmSnapError as exc:
             # Whatever failed, the guest may be dirty: the unit is over, and the
             # record says a revert is owed, so the next unit reverts first.
@@ -443,6 +468,54 @@ class Coordinator:
         record.generation += 1
         record.settle_pending = record.settle_restored = True
         state.clean_at = target
+
+    # --- layers: what wider fixtures built (layers.py) -----------------------
+
+    def before_setup(self, spec: Spec, scope: str, nodeid: str) -> None:
+        """A fixture of ``scope`` (``function`` for the test body) is about to set up in a marked
+        test: checkpoint what wider fixtures built first, if anything wider than it did."""
+        if not is_wider(scope, spec.scope):
+            self._narrower_began = True
+        if not any(is_wider(f.scope, scope) for f in self._pending):
+            return
+        fixtures, self._pending = tuple(self._pending), []
+        for name in sorted(spec.domains):
+            state = self._states[name]
+            with self.hypervisor.errors(state.uri, f"checkpointing guest {name!r} for {nodeid}"):
+                self._check_lease(state)
+                if state.unit_tests > 1:
+                    self._incident(f"kvmsnap: {state.name}: {fixtures[0].scope} fixture {fixtures[0].name!r} was "
+                                   f"first set up in the middle of {state.unit} (by {nodeid}): its checkpoint "
+                                   "holds what the unit's earlier tests changed", state.record)
+                layer = self.checkpoints.take(state, state.layers.base or state.baseline, fixtures)
+                state.unit_baseline = layer.snapshot
+
+    def fixture_set_up(self, spec: Spec, fixture: Fixture) -> None:
+        """A fixture set up in a marked test; one wider than the test's unit is checkpointed later."""
+        if not is_wider(fixture.scope, spec.scope):
+            return
+        if self._narrower_began:
+            raise ConfigError(f"{fixture.scope} fixture {fixture.name!r} set up after fixtures of the test's "
+                              f"own unit began (requested with getfixturevalue?), so the guest state it built "
+                              "cannot be kept apart from theirs; request it as an argument instead")
+        self._pending.append(fixture)
+
+    def fixture_ended(self, key: int) -> None:
+        """A fixture was torn down: the layers its setup built end (the guest leaves them at the
+        unit's next revert; their snapshots are deleted once the guest is held)."""
+        for state in self._states.values():
+            ended = state.layers.end(key)
+            for gone in carried_away(ended, key):
+                self._carried[gone.name] = (f"the guest state of {gone.scope} fixture {gone.name!r} on "
+                                            f"{state.name!r} was built on top of a fixture that was torn down "
+                                            "before it, and went with it")
+
+    def check_fixtures(self, names: list[str]) -> None:
+        """A test that uses a fixture whose guest state is gone errors (see layers.carried_away)."""
+        for name in names:
+            if name in self._carried:
+                raise RevertFailed(f"{self._carried[name]}; request {name!r} in the first test of its scope, "
+                                   "or make it autouse, so it sets up first")
 
     # --- end of run ----------------------------------------------------------
 

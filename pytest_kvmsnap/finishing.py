@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from pytest_kvmsnap.checkpoints import delete_run_layers
 from pytest_kvmsnap.engine import Machine, Snapshot, snapshot_owner
 from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
@@ -82,6 +83,7 @@ class Finisher:
             if restored:
                 self._clock_as_found(machine)
             self._remove_forwards(record, machine)
+            delete_run_layers(machine, record.run_id)  # before the baseline: recovery restores the lowest
             if settings.keep_snapshot:
                 # Marked kept, so that no later run takes it for a dead run's orphan.
                 machine.redescribe(baseline, kept_description({"run": record.run_id, "kept_at": time.time(),

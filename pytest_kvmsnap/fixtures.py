@@ -1,4 +1,4 @@
-"""Public fixtures: ``kvm_guest``, ``kvm_guests`` and ``kvm_connection``."""
+"""Public fixtures: ``kvm_guest``, ``kvm_guests``, ``kvm_guest_factory`` and ``kvm_connection``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import Guest
-from pytest_kvmsnap.session import PREPARED_KEY, coordinator_for
+from pytest_kvmsnap.session import CURRENT_KEY, PREPARED_KEY, coordinator_for
 
 if TYPE_CHECKING:
     import libvirt
@@ -41,3 +41,47 @@ def kvm_guests(request: pytest.FixtureRequest) -> Mapping[str, Guest]:
 def kvm_guest(kvm_guests: Mapping[str, Guest]) -> Guest:
     """The test's first guest: the marker's first domain, else the first --kvm-domain."""
     return next(iter(kvm_guests.values()))
+
+
+class GuestFactory:
+    """The guests of the marked test being set up or run now, for fixtures of any scope.
+
+    Like pytest's ``tmp_path_factory`` beside ``tmp_path``: a session-scoped
+    companion of the function-scoped ``kvm_guest``, so that a session, package,
+    module or class fixture asks for it without a ScopeMismatch.  Such a fixture
+    sets up inside the setup of the first test that needs it, after the plugin
+    prepared that test's guests (and before its layer is checkpointed).
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._config = config
+
+    def get(self, name: str | None = None) -> Guest:
+        """Guest ``name`` of the current test; without a name, its first guest (as ``kvm_guest``)."""
+        guests = self.all()
+        if name is None:
+            return next(iter(guests.values()))
+        if name not in guests:
+            pytest.fail(f"kvmsnap: kvm_guest_factory.get({name!r}): not a guest of the test being set up "
+                        f"(its guests: {', '.join(guests)}); add it to the test's kvm_snapshot marker",
+                        pytrace=False)
+        return guests[name]
+
+    def all(self) -> Mapping[str, Guest]:
+        """Read-only mapping of domain name (as marked) to :class:`Guest` for the current test."""
+        item = self._config.stash.get(CURRENT_KEY, None)
+        spec = item.stash.get(PREPARED_KEY, None) if item is not None else None
+        if spec is None:
+            pytest.fail("kvmsnap: kvm_guest_factory was used outside a test marked kvm_snapshot (from a "
+                        "fixture that an unmarked test requested?): no guest is prepared for it", pytrace=False)
+        try:
+            coordinator = coordinator_for(self._config)
+            return MappingProxyType({name: coordinator.guest(name) for name in spec.domains})
+        except KvmSnapError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kvm_guest_factory(request: pytest.FixtureRequest) -> GuestFactory:
+    """The guests of the marked test being set up, for fixtures of any scope (see :class:`GuestFactory`)."""
+    return GuestFactory(request.config)

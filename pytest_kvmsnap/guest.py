@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pytest_kvmsnap.layers import LayerStack
 from pytest_kvmsnap.locking import GuestLock, RunRecord
 from pytest_kvmsnap.postmortem import ConsoleMark
 
@@ -36,6 +37,8 @@ class GuestState:
     console: ConsoleMark | None = None  # where its console log stood when the test started
     broken: str | None = None
     clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
+    layers: LayerStack = field(default_factory=LayerStack)  # what wider fixtures built (layers.py)
+    unit_tests: int = 0  # tests of the current unit started so far
 
     @property
     def clean_at(self) -> str | None:
@@ -72,6 +75,10 @@ def summary(record: RunRecord, pool: bool = False) -> str:
         waits = [float(seconds) for seconds, _ in record.waits]
         steps = ", ".join(dict.fromkeys(step for _, steps in record.waits for step in steps.split("+")))
         line += f"; ready after {len(waits)} of them in median {statistics.median(waits):.3f} s ({steps})"
+    if record.checkpoints:  # layers: what wider fixtures built (layers.py)
+        seconds = [float(s) for s, _ in record.checkpoints]
+        line += (f"; {len(seconds)} checkpoint(s) of wider fixtures' state, median "
+                 f"{statistics.median(seconds):.3f} s")
     return line
 
 

@@ -36,7 +36,7 @@ from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
 
 USE_LOCK = ".in-use.lock"  # see RecordStore._in_use
-HISTORY = ("reverts", "waits")  # RunRecord lists kept in an append-only file beside the record
+HISTORY = ("reverts", "waits", "checkpoints")  # RunRecord lists kept in an append-only file beside the record
 
 __all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
 
@@ -85,6 +85,8 @@ class RunRecord:
     settle_restored: bool = False
     # (seconds, steps) of each of those waits; kept like ``reverts``
     waits: list[tuple[float, str]] = field(default_factory=list)
+    # (seconds, what) of each checkpoint of wider fixtures' state (layers.py); kept like ``reverts``
+    checkpoints: list[tuple[float, str]] = field(default_factory=list)
     # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
     forwards: dict[str, list[int]] = field(default_factory=dict)
     # clone mode: on a clone's record, the original it was cloned from; on the
@@ -287,18 +289,20 @@ class GuestLock:
         record.history_saved = {name: len(getattr(record, name)) for name in HISTORY}
 
     def load_history(self, record: RunRecord) -> RunRecord:
-        """``record`` with every revert and wait of its run, all processes' (for the summary)."""
-        reverts, waits = [], []
+        """``record`` with every revert, wait and checkpoint of its run, all processes' (for the summary)."""
+        reverts: list[tuple[float, str, str, str]] = []
+        waits: list[tuple[float, str]] = []
+        checkpoints: list[tuple[float, str]] = []
         with contextlib.suppress(OSError):
             for line in self.history_path.read_text().splitlines():
                 with contextlib.suppress(ValueError, TypeError):
                     name, entry = json.loads(line)
                     if name == "reverts" and len(entry) == 4:
                         reverts.append((float(entry[0]), str(entry[1]), str(entry[2]), str(entry[3])))
-                    elif name == "waits" and len(entry) == 2:
-                        waits.append((float(entry[0]), str(entry[1])))
-        record.reverts, record.waits = reverts, waits
-        record.history_saved = {"reverts": len(reverts), "waits": len(waits)}
+                    elif name in ("waits", "checkpoints") and len(entry) == 2:
+                        (waits if name == "waits" else checkpoints).append((float(entry[0]), str(entry[1])))
+        record.reverts, record.waits, record.checkpoints = reverts, waits, checkpoints
+        record.history_saved = {name: len(getattr(record, name)) for name in HISTORY}
         return record
 
     def remove(self, lock_file: bool = False) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 OWNER = "pytest-kvmsnap"
@@ -45,10 +45,14 @@ class Owner:
     host: str
     started: float
     proc: str = ""  # the owner process's token (locking.process_token): a reused pid is not it
+    # 0 on a run's baseline; n on the n-th layer above it (layers.py).  Recovery
+    # restores a dead run's lowest snapshot, its baseline, whatever it left above.
+    layer: int = field(default=0, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps({"owner": OWNER, "run": self.run_id, "pid": self.pid,
-                           "host": self.host, "started": self.started, "proc": self.proc})
+        data = {"owner": OWNER, "run": self.run_id, "pid": self.pid, "host": self.host, "started": self.started,
+                "proc": self.proc}
+        return json.dumps({**data, "layer": self.layer} if self.layer else data)
 
     @classmethod
     def from_description(cls, text: str | None) -> Owner | None:
@@ -63,7 +67,7 @@ class Owner:
             if data.get("owner") != OWNER:
                 return None
             return cls(str(data["run"]), int(data["pid"]), str(data["host"]),
-                       float(data["started"]), str(data.get("proc", "")))
+                       float(data["started"]), str(data.get("proc", "")), int(data.get("layer", 0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 

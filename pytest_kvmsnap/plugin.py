@@ -12,6 +12,7 @@ import statistics
 import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,13 +21,15 @@ from pytest_kvmsnap.cleanup import add_cleanup_options, run_cleanup
 from pytest_kvmsnap.config import Settings, add_options, resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
-from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guests
+from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guest_factory, kvm_guests
 from pytest_kvmsnap.guest import summary
+from pytest_kvmsnap.layers import Fixture
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.markers import MARKER, MARKER_HELP, Spec, spec_for, unit_key
 from pytest_kvmsnap.reports import RUN_FIGURES_KEY, RunFigures, attach_evidence, with_artifacts_dir, write_summary
 from pytest_kvmsnap.session import (
     COORDINATOR_KEY,
+    CURRENT_KEY,
     EVIDENCE_KEY,
     PREPARED_KEY,
     PROBLEMS_KEY,
@@ -43,7 +46,7 @@ from pytest_kvmsnap.session import (
     worker_dist,
 )
 
-__all__ = ["kvm_connection", "kvm_guest", "kvm_guests"]
+__all__ = ["kvm_connection", "kvm_guest", "kvm_guest_factory", "kvm_guests"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -147,6 +150,43 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # directory may be refused; that is one line too, not a traceback.
     _or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
+    config.stash[CURRENT_KEY] = item  # for the layers its fixtures build, and kvm_guest_factory
+    _or_fail(lambda: coordinator_for(config).check_fixtures(list(getattr(item, "fixturenames", []))))
+
+
+def _layering(config: pytest.Config) -> tuple[Coordinator, Spec, str] | None:
+    """The coordinator, spec and node id of the marked test whose fixtures set up now, if any."""
+    item = config.stash.get(CURRENT_KEY, None)
+    if item is None or COORDINATOR_KEY not in config.stash or not item.stash.get(PROTECTED_KEY, False):
+        return None
+    return config.stash[COORDINATOR_KEY], item.stash[PREPARED_KEY], item.nodeid
+
+
+# Fixtures of pytest itself and of these plugins change no guest: they build no layer.
+_NO_GUEST_STATE = ("_pytest.", "pytest.", "pytest_kvmsnap.", "xdist.")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None]:
+    """Checkpoint what wider fixtures built before a narrower one sets up (layers.py); note a
+    wider one that set up.  A fixture that fails in setup is noted nowhere."""
+    layering = _layering(request.config)
+    if layering is None:
+        return (yield)
+    coordinator, spec, nodeid = layering
+    _or_fail(lambda: coordinator.before_setup(spec, fixturedef.scope, nodeid))
+    result = yield
+    if not getattr(fixturedef.func, "__module__", "").startswith(_NO_GUEST_STATE):
+        fixture = Fixture(id(fixturedef), fixturedef.argname, fixturedef.scope)
+        _or_fail(lambda: coordinator.fixture_set_up(spec, fixture))
+    return result
+
+
+def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
+    """A torn-down fixture ends the layers it built (the guest leaves them at the unit's edge)."""
+    coordinator = request.config.stash.get(COORDINATOR_KEY, None)
+    if coordinator is not None:
+        coordinator.fixture_ended(id(fixturedef))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -160,6 +200,10 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         pytest.fail(f"kvmsnap: {item.nodeid} was marked {MARKER} after its setup began (by a fixture or "
                     "a late hook), so its guests were not prepared; mark it at collection instead "
                     "(a decorator, pytestmark, or a conftest's pytest_collection_modifyitems)", pytrace=False)
+    layering = _layering(item.config)
+    if layering is not None:  # wider fixtures set up and nothing narrower did: checkpoint before the body
+        coordinator, spec, nodeid = layering
+        _or_fail(lambda: coordinator.before_setup(spec, "function", nodeid))
 
 
 # xdist modes that keep every test of one module (and class) on one worker.
@@ -241,6 +285,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         coordinator.record_failure(spec.domains)  # a fixture's teardown failed
         _end_test(item, coordinator, spec, nextitem, quiet=True)
         raise
+    finally:
+        item.config.stash[CURRENT_KEY] = None
     _end_test(item, coordinator, spec, nextitem, quiet=False)
     return result
 

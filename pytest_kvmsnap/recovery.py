@@ -30,7 +30,7 @@ class Recovery:
         """The guest's snapshots that dead runs of this plugin left, oldest first."""
         found = [(owner, snap) for owner, snap in owned_snapshots(machine)
                  if self._dead_other(owner, uri, machine.name)]
-        return sorted(found, key=lambda pair: pair[0].started)
+        return sorted(found, key=lambda pair: (pair[0].started, pair[0].layer))  # a run's baseline first
 
     def _orphan_clones(self, machine: Machine, uri: str, orphans: list[Orphan]) -> tuple[list[str], list[str]]:
         """Dead runs' clones and pools of copies; ``orphans``, their snapshots on the guest, say

@@ -30,6 +30,8 @@ PROBLEMS_KEY = pytest.StashKey[list[str]]()
 PREPARED_KEY = pytest.StashKey[Spec]()
 PROTECTED_KEY = pytest.StashKey[bool]()  # setup finished protecting them
 EVIDENCE_KEY = pytest.StashKey[bool]()  # a failed report of the test has its guests' evidence
+# The marked test being set up, run or torn down now (its fixtures build layers; kvm_guest_factory).
+CURRENT_KEY = pytest.StashKey["pytest.Item | None"]()
 # What xdist's controller tells its workers (through node.workerinput).
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"

@@ -9,6 +9,10 @@ found -- its disk, the RAM marker it was found with, its snapshot list, no run
 record, its lock free -- in the same run where the run survives, else after
 ``--kvm-cleanup`` or the next run, and one line said what happened.
 
+Two more cases live with the layers they test (``test_layers.py``): a kill inside
+the checkpoint after a session fixture, and one inside the revert down a layer
+after a module fixture's teardown; ``--kvm-cleanup`` restores the baseline.
+
 The kills are placed by the plugin's own ``pytest_kvmsnap_before_revert``
 hook (or, for the baseline, the run record appearing, which is written just
 before the snapshot): a timer fires a few ms into the operation, which ~80 MB

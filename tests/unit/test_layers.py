@@ -15,8 +15,9 @@ LAYERS = [
     # the libvirt engine: the only modules that know libvirt
     "backend", "leasedomain", "storage", "clones", "libvirt_engine",
     # what the plugin does, through engine.py's interface
-    "postmortem", "deadlock", "units", "placement", "hypervisor", "heartbeat", "revert", "lease", "recovery",
-    "readiness", "finishing", "guest", "addressing", "provisioning", "witness", "coordinator",
+    "postmortem", "deadlock", "units", "layers", "placement", "hypervisor", "heartbeat", "revert", "lease",
+    "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",
+    "coordinator",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]
