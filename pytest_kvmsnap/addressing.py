@@ -1,7 +1,9 @@
 """Where this host reaches a port of a guest: its address, or a port QEMU forwards.
 
-On QEMU's user-mode network a guest has no address the host can route to, so
-a free port on the host's 127.0.0.1 is forwarded to it (``hostfwd_add``), one
+On QEMU's user-mode network a guest has no address the host can route to (its
+10.0.2.x is inside QEMU), so a forward QEMU already has for the port is used
+(``<qemu:commandline>`` hostfwd, whoever made it), else a free port on the
+host's 127.0.0.1 is forwarded to it (``hostfwd_add``), one
 per QEMU process: each clone has its own, and a new process (after a libvirt
 revert) needs new forwards.  The forwards are kept in the run record, which
 the finisher reads to remove them.  On a libvirt network, the guest's own
@@ -24,7 +26,8 @@ def guest_address(engine: Engine, machine: Machine, state: GuestState, name: str
         address = machine.ipv4()
         if address is None:
             raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
-                               "libvirt network, no guest agent, no ARP entry)")
+                               "libvirt network, no guest agent, no ARP entry): put it on a libvirt network, "
+                               "or forward its port on a user-mode network")
         return address, port
     if not engine.is_this_host():
         raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {engine.hostname()}: a forwarded "
@@ -34,6 +37,10 @@ def guest_address(engine: Engine, machine: Machine, state: GuestState, name: str
     process = identity[0] if identity else -1
     forward = record.forwards.get(str(port))
     if forward is None or forward[1] != process:  # a new QEMU process has no forwards yet
+        # The guest's own forward (a <qemu:commandline> hostfwd, say) is used, never removed.
+        existing = machine.host_forwards().get(port)
+        if existing is not None:
+            return existing
         forward = [machine.forward_port(netdev, port), process]
         record.forwards[str(port)] = forward
         state.lock.write(record)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,6 @@ REVERT_MODES = ("after", "before", "both", "on-failure", "never")
 SCOPES = ("function", "class", "module", "package", "session")
 REVERT_METHODS = ("auto", "libvirt", "inplace")
 AGENT_STEPS = ("auto", "on", "off")  # auto: on when the guest's agent answers
-# What "ready" means after a baseline or a revert (see readiness.py).
-WAIT_KINDS = re.compile(r"^(|agent|ssh|hook|tcp:\d{1,5})$")
 DEFAULT_URI = "qemu:///system"
 MIN_LEASE_EXPIRY = 8.0  # seconds: renewals every 2 s at the least
 HOST_ID_VARIABLE = "KVMSNAP_HOST_ID"
@@ -120,6 +117,33 @@ BY_NAME = {s.name: s for s in SETTINGS}
 
 
 @dataclass(frozen=True)
+class Wait:
+    """``--kvm-wait``, parsed once: what "ready" means after a baseline or a revert (readiness.py)."""
+
+    kind: str = ""  # "" (no wait), "agent", "ssh", "hook" or "tcp"
+    port: int = 0  # the guest port "ssh" and "tcp" connect to
+
+    def __str__(self) -> str:
+        """The setting's own spelling (``tcp:8080``), as the summary names the step."""
+        return f"tcp:{self.port}" if self.kind == "tcp" else self.kind
+
+    def __bool__(self) -> bool:
+        return bool(self.kind)
+
+
+def parse_wait(value: object) -> Wait:
+    text = str(value).strip()
+    if text in ("", "agent", "hook"):
+        return Wait(text)
+    if text == "ssh":
+        return Wait("ssh", 22)
+    kind, _, port = text.partition(":")
+    if kind == "tcp" and port.isdigit() and 1 <= int(port) <= 65535:
+        return Wait("tcp", int(port))
+    raise ConfigError(f"kvm_wait = {value!r} is not one of agent, ssh, hook, tcp:PORT (a port from 1 to 65535)")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The run-wide settings after command line, ini and environment were merged."""
 
@@ -136,7 +160,7 @@ class Settings:
     lock_dir: str | None = None
     clones: str = "0"
     keep_snapshot: bool = False
-    wait: str = ""
+    wait: Wait = Wait()
     wait_timeout: float = 120.0
     sync_clock: str = "auto"
     reseed: str = "auto"
@@ -200,8 +224,7 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     if values["lease_expiry"] < MIN_LEASE_EXPIRY:
         raise ConfigError(f"kvm_lease_expiry = {values['lease_expiry']:g} is too short: a run renews its lease "
                           f"every quarter of it; use {MIN_LEASE_EXPIRY:g} s or more")
-    if not WAIT_KINDS.match(str(values["wait"])):
-        raise ConfigError(f"kvm_wait = {values['wait']!r} is not one of agent, ssh, hook, tcp:PORT")
+    values["wait"] = parse_wait(values["wait"])
     values["keep_failed"] = values["keep_failed"] in (True, "true", "1", "yes", "on")
     values["keep_failed_max"] = _count("kvm_keep_failed_max", values["keep_failed_max"])
     values["console_lines"] = _count("kvm_console_lines", values["console_lines"])

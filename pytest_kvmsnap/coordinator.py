@@ -166,7 +166,7 @@ class Coordinator:
         why = refusal(self.hypervisor.engine(uri).capabilities(), clones=self.clone_slot is not None,
                       revert_method=settings.revert_method, agent_required="on" in (settings.sync_clock,
                                                                                     settings.reseed),
-                      wait=settings.wait)
+                      wait=settings.wait.kind)
         if why:
             raise ConfigError(f"the hypervisor at {uri} cannot serve this run: {why}")
 
@@ -312,7 +312,7 @@ class Coordinator:
         seconds = time.perf_counter() - start
         record.settle_pending = record.settle_restored = False
         if steps:
-            record.waits.append((seconds, "+".join(steps)))
+            record.waits.append((seconds, tuple(steps)))
             self._figures(state).ready_seconds += seconds
         self.report(Ready(name, record.generation, seconds, tuple(steps)))
 

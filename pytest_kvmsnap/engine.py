@@ -137,6 +137,10 @@ class Machine(Protocol):
     def forward_port(self, network: str, guest_port: int) -> int:
         """A free port on this host's 127.0.0.1 forwarded to ``guest_port``."""
 
+    def host_forwards(self) -> dict[int, tuple[str, int]]:
+        """Guest port -> (host address, host port) of every forward the user-mode network has now,
+        whoever made it."""
+
     def remove_forward(self, network: str, host_port: int) -> None: ...
 
     def ipv4(self) -> str | None:

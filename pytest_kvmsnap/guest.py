@@ -73,7 +73,7 @@ def summary(record: RunRecord, pool: bool = False) -> str:
             f"{len(times)} revert(s), total {sum(times):.2f} s, median {median:.3f} s")
     if record.waits:  # apart from the reverts: clock, entropy, --kvm-wait
         waits = [float(seconds) for seconds, _ in record.waits]
-        steps = ", ".join(dict.fromkeys(step for _, steps in record.waits for step in steps.split("+")))
+        steps = ", ".join(dict.fromkeys(step for _, steps in record.waits for step in steps))
         line += f"; ready after {len(waits)} of them in median {statistics.median(waits):.3f} s ({steps})"
     if record.checkpoints:  # layers: what wider fixtures built (layers.py)
         seconds = [float(s) for s, _ in record.checkpoints]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCOPES = ("function", "class", "module", "package", "session")
+from pytest_kvmsnap.config import SCOPES
 
 
 def rank(scope: str) -> int:

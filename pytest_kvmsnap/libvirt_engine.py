@@ -140,6 +140,9 @@ class LibvirtMachine:
     def forward_port(self, network: str, guest_port: int) -> int:
         return backend.forward_port(self.native, network, guest_port)
 
+    def host_forwards(self) -> dict[int, tuple[str, int]]:
+        return backend.host_forwards(self.native)
+
     def remove_forward(self, network: str, host_port: int) -> None:
         backend.hmp(self.native, f"hostfwd_remove {network} tcp:127.0.0.1:{int(host_port)}")
 

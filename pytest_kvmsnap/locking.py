@@ -84,7 +84,7 @@ class RunRecord:
     settle_pending: bool = False
     settle_restored: bool = False
     # (seconds, steps) of each of those waits; kept like ``reverts``
-    waits: list[tuple[float, str]] = field(default_factory=list)
+    waits: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
     # (seconds, what) of each checkpoint of wider fixtures' state (layers.py); kept like ``reverts``
     checkpoints: list[tuple[float, str]] = field(default_factory=list)
     # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
@@ -291,7 +291,7 @@ class GuestLock:
     def load_history(self, record: RunRecord) -> RunRecord:
         """``record`` with every revert, wait and checkpoint of its run, all processes' (for the summary)."""
         reverts: list[tuple[float, str, str, str]] = []
-        waits: list[tuple[float, str]] = []
+        waits: list[tuple[float, tuple[str, ...]]] = []
         checkpoints: list[tuple[float, str]] = []
         with contextlib.suppress(OSError):
             for line in self.history_path.read_text().splitlines():
@@ -299,8 +299,10 @@ class GuestLock:
                     name, entry = json.loads(line)
                     if name == "reverts" and len(entry) == 4:
                         reverts.append((float(entry[0]), str(entry[1]), str(entry[2]), str(entry[3])))
-                    elif name in ("waits", "checkpoints") and len(entry) == 2:
-                        (waits if name == "waits" else checkpoints).append((float(entry[0]), str(entry[1])))
+                    elif name == "waits" and len(entry) == 2 and isinstance(entry[1], list):
+                        waits.append((float(entry[0]), tuple(str(step) for step in entry[1])))
+                    elif name == "checkpoints" and len(entry) == 2:
+                        checkpoints.append((float(entry[0]), str(entry[1])))
         record.reverts, record.waits, record.checkpoints = reverts, waits, checkpoints
         record.history_saved = {name: len(getattr(record, name)) for name in HISTORY}
         return record

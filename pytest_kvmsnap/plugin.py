@@ -103,7 +103,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             errors.append(str(exc))
     if errors:
         raise pytest.UsageError("kvmsnap: invalid kvm_snapshot usage:\n  " + "\n  ".join(errors))
+    _check_ready_hook(config, items)
     return result
+
+
+def _check_ready_hook(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--kvm-wait=hook without an implementation: refused now, before any guest is touched.
+
+    Not at configure time: a conftest.py below the root registers its hooks
+    during collection, which is over here.
+    """
+    settings = config.stash[SETTINGS_KEY]
+    if settings.wait.kind != "hook" or config.pluginmanager.hook.pytest_kvmsnap_ready.get_hookimpls():
+        return
+    if any(_spec_or_none(item, settings) is not None for item in items):
+        raise pytest.UsageError("kvmsnap: --kvm-wait=hook, but no pytest_kvmsnap_ready(config, guest, timeout) "
+                                "hook is implemented: add one to a conftest.py or a plugin, or choose another "
+                                "--kvm-wait")
 
 
 def _current_spec(item: pytest.Item) -> Spec | None:

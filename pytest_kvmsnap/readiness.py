@@ -45,6 +45,8 @@ class Readiness:
         self.ready_hook = ready_hook  # (guest name, timeout): the user's pytest_kvmsnap_ready
         self.agent_unavailable = agent_unavailable  # the engine's EngineKind.agent_unavailable
         self._agent: dict[str, bool] = {}  # guest -> whether its agent is used
+        # (guest, host, port) a whole wait never reached -> why: not waited for again in this run
+        self._unreachable: dict[tuple[str, str, int], str] = {}
 
     def settle(self, name: str, machine: Machine, address: Address, *, restored: bool) -> list[str]:
         """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot."""
@@ -61,7 +63,7 @@ class Readiness:
                 steps.append("reseed")
         if self.settings.wait:
             self._wait(name, machine, address, deadline)
-            steps.append(self.settings.wait)
+            steps.append(str(self.settings.wait))
         return steps
 
     def _uses_agent(self, name: str, machine: Machine, deadline: float) -> bool:
@@ -97,22 +99,37 @@ class Readiness:
             poll(machine.agent_answers, deadline)
 
     def _wait(self, name: str, machine: Machine, address: Address, deadline: float) -> None:
-        kind = self.settings.wait
-        if kind == "hook":
+        wait = self.settings.wait
+        if wait.kind == "hook":
             self.ready_hook(name, max(0.0, deadline - time.monotonic()))
             return
-        if kind == "agent":
-            what, ready = "the guest agent to answer guest-ping", lambda: machine.agent_answers()
-        else:
-            port = 22 if kind == "ssh" else int(kind.split(":")[1])
-            host, host_port = address(port)
-            probe = "an SSH banner" if kind == "ssh" else "a TCP connection"
-            what = f"{probe} on {host}:{host_port} (guest port {port})"
-            ready = lambda: _answers(host, host_port, banner=kind == "ssh")  # noqa: E731
-        if not poll(ready, deadline):
-            raise NotReady(f"guest {name!r} was not ready within {self.settings.wait_timeout:.0f} s after the "
-                           f"revert: waited for {what} (--kvm-wait={kind}). Raise --kvm-wait-timeout, or check "
-                           "the guest's console log.")
+        if wait.kind == "agent":
+            if not poll(lambda: machine.agent_answers(), deadline):
+                self._not_ready(name, "the guest agent to answer guest-ping")
+            return
+        port = wait.port
+        host, host_port = address(port)
+        target = (name, host, host_port)
+        if target in self._unreachable:
+            raise NotReady(self._unreachable[target])
+        probe = Probe(host, host_port, banner=wait.kind == "ssh")
+        if poll(probe, deadline):
+            return
+        if probe.unreachable():  # not a slow guest: an address this host does not reach
+            self._unreachable[target] = (
+                f"guest {name!r}: {host}:{host_port} (its port {port}) cannot be reached from this host: no "
+                f"connection opened during the whole {self.settings.wait_timeout:.0f} s wait ({probe.error}); "
+                "later tests do not wait for it again in this run. Forward the port to this host (on a "
+                "user-mode network: a hostfwd in <qemu:commandline>, or an <interface type='user'>, which the "
+                "plugin forwards itself), or put the guest on a network this host routes to")
+            raise NotReady(self._unreachable[target])
+        self._not_ready(name, f"{'an SSH banner' if probe.banner else 'a TCP connection'} on {host}:{host_port} "
+                              f"(guest port {port})")
+
+    def _not_ready(self, name: str, what: str) -> None:
+        raise NotReady(f"guest {name!r} was not ready within {self.settings.wait_timeout:.0f} s after the "
+                       f"revert: waited for {what} (--kvm-wait={self.settings.wait}). Raise --kvm-wait-timeout, "
+                       "or check the guest's console log.")
 
 
 def poll(ready: Callable[[], bool], deadline: float, every: float = POLL) -> bool:
@@ -125,20 +142,43 @@ def poll(ready: Callable[[], bool], deadline: float, every: float = POLL) -> boo
         time.sleep(every)
 
 
+class Probe:
+    """Asks whether ``host:port`` answers (see :func:`_answers`), remembering whether any
+    attempt reached the host at all: refused or accepted, not silence or no route."""
+
+    def __init__(self, host: str, port: int, banner: bool) -> None:
+        self.host, self.port, self.banner = host, port, banner
+        self.reached = self.ok = False
+        self.error = "no attempt"
+
+    def __call__(self) -> bool:
+        try:
+            self.ok = _answers(self.host, self.port, self.banner)
+            self.reached = True
+        except ConnectionRefusedError:
+            self.reached = True  # the host answered: only the port is not open yet
+        except OSError as exc:
+            self.error = exc.strerror or str(exc) or type(exc).__name__
+        return self.ok
+
+    def unreachable(self) -> bool:
+        return not self.reached
+
+
 def _answers(host: str, port: int, banner: bool) -> bool:
-    """A connection to ``host:port`` stays open (and, with ``banner``, an SSH banner arrives).
+    """A connection to ``host:port`` stays open (and, with ``banner``, an SSH banner arrives);
+    OSError when none opened.
 
     Through a user-mode network's forwarded port QEMU itself accepts the
     connection and closes it when nothing listens in the guest: an immediate
     end of stream means "not yet"; silence means a server that waits for us.
     """
-    try:
-        with socket.create_connection((host, port), timeout=2) as sock:
-            sock.settimeout(3 if banner else 0.3)
-            try:
-                first = sock.recv(8)
-            except TimeoutError:
-                return not banner
-            return first.startswith(b"SSH-") if banner else first != b""
-    except OSError:
-        return False
+    with socket.create_connection((host, port), timeout=2) as sock:
+        sock.settimeout(3 if banner else 0.3)
+        try:
+            first = sock.recv(8)
+        except TimeoutError:
+            return not banner
+        except OSError:
+            return False  # reset by the peer: reached, not ready
+        return first.startswith(b"SSH-") if banner else first != b""

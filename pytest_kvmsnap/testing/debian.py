@@ -110,9 +110,18 @@ def _configure(root: Path, public_key: str) -> None:
         link.symlink_to("/dev/null")
 
 
-def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type: str = "qemu") -> str:
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type: str = "qemu",
+               ssh_forward: int | None = None) -> str:
     """The libvirt XML of a Debian test guest: a user-mode network, the agent channel, and
-    its serial console into a file."""
+    its serial console into a file.
+
+    With ``ssh_forward`` the network is given as many users give it, in
+    ``<qemu:commandline>`` with sshd forwarded to that port of 127.0.0.1:
+    libvirt then knows nothing of it, only QEMU does.
+    """
     # tsc=unstable: under TCG a TSC that happened to calibrate at boot follows the host's
     # clock across loadvm, so whether a restored clock is stale would depend on the
     # boot; without it the guest keeps time on jiffies, which a loadvm rewinds -- as
@@ -120,8 +129,15 @@ def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type
     dom, devices = direct_boot_domain(name, domain_type, memory_mib, image.kernel, image.initrd,
                                       "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet tsc=unstable",
                                       image.disk_for(name))
-    interface = ET.SubElement(devices, "interface", type="user")
-    ET.SubElement(interface, "model", type="virtio")
+    if ssh_forward is None:
+        interface = ET.SubElement(devices, "interface", type="user")
+        ET.SubElement(interface, "model", type="virtio")
+    else:
+        ET.register_namespace("qemu", QEMU_NS)
+        commandline = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in ("-netdev", f"user,id=usernet0,hostfwd=tcp:127.0.0.1:{int(ssh_forward)}-:22",
+                    "-device", "virtio-net-pci,netdev=usernet0,addr=0x1e"):  # a slot libvirt leaves free
+            ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind")  # libvirt picks the socket's path
     ET.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
@@ -132,7 +148,7 @@ def domain_xml(name: str, image: DebianImage, memory_mib: int = 512, domain_type
 
 
 def define_debian(conn: libvirt.virConnect, name: str, image: DebianImage, memory_mib: int = 512,
-                  start: bool = True) -> libvirt.virDomain:
+                  start: bool = True, ssh_forward: int | None = None) -> libvirt.virDomain:
     """(Re)define Debian guest ``name`` on a fresh copy of the root disk and, by default, start it."""
     from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
@@ -140,7 +156,7 @@ def define_debian(conn: libvirt.virConnect, name: str, image: DebianImage, memor
     image.disk_for(name).unlink(missing_ok=True)
     _run("cp", "--reflink=auto", "--sparse=always", image.disk_template, image.disk_for(name))
     kind = domain_type(conn, build_image())  # the busybox guest's boot probe decides
-    dom = conn.defineXML(domain_xml(name, image, memory_mib, kind))
+    dom = conn.defineXML(domain_xml(name, image, memory_mib, kind, ssh_forward))
     if start:
         dom.create()
     return dom

@@ -9,11 +9,15 @@ through the guest agent.
 from __future__ import annotations
 
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import SSH_CONFTEST, DebianGuest, run_inner
+from pytest_kvmsnap.testing.debian import build_debian, define_debian, wait_until_settled
+from pytest_kvmsnap.testing.guest import remove_guest
+from tests.integration.conftest import SSH_CONFTEST, DebianGuest, _live_open, run_inner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -250,3 +254,44 @@ def pytest_kvmsnap_ready(config, guest, timeout):
     assert (ssh_inner.path / "ready.log").read_text().splitlines() == ["ready 0", "ready 1", "ready 2"]
     result.stdout.fnmatch_lines([f"{debian.name}: *; ready after 3 of them in median * s (hook, clock, reseed)"])
     debian.assert_as_found()
+
+
+@pytest.fixture(scope="module")
+def forwarded_debian() -> Iterator[tuple[DebianGuest, int]]:
+    """A second Debian guest whose network and SSH forward are only in <qemu:commandline>."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    image = build_debian()
+    name = "kvmsnap-it-debfwd"
+    wait_until_settled(define_debian(_live_open(), name, image, ssh_forward=port))
+    yield DebianGuest(name, image), port
+    remove_guest(_live_open(), name)
+    image.disk_for(name).unlink(missing_ok=True)
+
+
+def test_a_forward_from_qemu_commandline_is_found_and_waited_for(
+        inner: pytest.Pytester, forwarded_debian: tuple[DebianGuest, int]) -> None:
+    """libvirt knows nothing of this guest's network; QEMU does. address() finds the user's own
+    forward, --kvm-wait=ssh waits on it (not on 10.0.2.15, which the host cannot reach), and the
+    forward is left as found: the plugin did not make it."""
+    guest, port = forwarded_debian
+    inner.makeconftest(SSH_CONFTEST.format(key=guest.image.ssh_key))
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest.name}")
+        @pytest.mark.parametrize("i", [1, 2, 3])
+        def test_each(i, ssh, kvm_guest):
+            assert kvm_guest.address(22) == ("127.0.0.1", {port})
+            assert ssh("test -e /root/marker && echo dirty || echo clean") == "clean"
+            ssh("echo {{i}} > /root/marker")
+    """)
+    result = run_inner(inner, "--kvm-wait=ssh", "--kvm-wait-timeout=60")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"{guest.name}: baseline kvmsnap-* 3 revert(s)*; ready after 3 of them in "
+                                 "median * s (ssh, clock, reseed)"])
+    guest.assert_as_found()
+    from pytest_kvmsnap import backend
+
+    assert backend.host_forwards(guest.domain()).get(22) == ("127.0.0.1", port), "the user's forward was removed"
+

@@ -177,6 +177,9 @@ class FakeMachine:
     def forward_port(self, network: str, guest_port: int) -> int:
         raise Refused("no user network")
 
+    def host_forwards(self) -> dict[int, tuple[str, int]]:
+        return {}
+
     def remove_forward(self, network: str, host_port: int) -> None:
         raise Refused("no user network")
 

@@ -104,3 +104,19 @@ def test_the_device_hash_ignores_the_agent_channels_connection_state() -> None:
     assert device_hash(ET.fromstring(xml.format("disconnected"))) == device_hash(ET.fromstring(xml.format("connected")))
     assert device_hash(ET.fromstring(xml.format("connected"))) != device_hash(
         ET.fromstring(xml.format("connected").replace("<disk type='file'/>", "")))
+
+
+def test_qemus_own_forwards_are_read_from_info_usernet() -> None:
+    """What QEMU 7.2 printed for a guest (a connection and the forward), and a second network
+    from <qemu:commandline> whose forward binds any address."""
+    from pytest_kvmsnap.backend import parse_usernet
+
+    text = ("Hub -1 (hostnet0):\r\n"
+            "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+            "  TCP[ESTABLISHED]   87       127.0.0.1 41631       10.0.2.15    22     0   240\r\n"
+            "  TCP[HOST_FORWARD]  86       127.0.0.1 41631       10.0.2.15    22     0     0\r\n"
+            "Hub -1 (n0):\r\n"
+            "  TCP[HOST_FORWARD]  12               * 18080       10.0.2.15    80     0     0\r\n"
+            "  UDP[HOST_FORWARD]  13               *  5353       10.0.2.15    53     0     0\r\n")
+    assert parse_usernet(text) == (["hostnet0", "n0"], {22: ("127.0.0.1", 41631), 80: ("127.0.0.1", 18080)})
+    assert parse_usernet("") == ([], {})

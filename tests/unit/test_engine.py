@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap.config import Settings, Spec
+from pytest_kvmsnap.config import Settings, Spec, Wait
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.engine import Capabilities, refusal
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, RevertFailed
@@ -132,7 +132,7 @@ def test_a_dropped_connection_is_reopened_before_the_next_test(tmp_path: Path) -
     (Capabilities(False, True, True, True, True, True, True), {"revert_method": "inplace"}, "no in-place revert"),
     (Capabilities(True, False, True, True, True, True, True), {}, "do not keep the guest's memory"),
     (Capabilities(True, True, True, False, True, True, True), {}, "keeps no leases"),
-    (Capabilities(True, True, True, True, False, True, True), {"wait": "agent"}, "no guest agent"),
+    (Capabilities(True, True, True, True, False, True, True), {"wait": Wait("agent")}, "no guest agent"),
 ])
 def test_what_an_engine_cannot_do_is_refused_before_the_guest_is_touched(
         tmp_path: Path, capabilities: Capabilities, settings: dict[str, object], why: str) -> None:

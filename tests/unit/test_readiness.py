@@ -6,8 +6,13 @@ sshd: tests/integration/test_debian.py.
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
+from pytest_kvmsnap.config import Settings, parse_wait
+from pytest_kvmsnap.readiness import NotReady, Readiness
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
 
@@ -20,6 +25,9 @@ def guest(testdriver: TestDriver) -> str:
 @pytest.mark.parametrize(("option", "message"), [
     ("--kvm-wait=sometimes", "kvm_wait = 'sometimes' is not one of agent, ssh, hook, tcp:PORT"),
     ("--kvm-wait=tcp:", "kvm_wait = 'tcp:' is not one of agent, ssh, hook, tcp:PORT"),
+    ("--kvm-wait=tcp:99999",
+     "kvm_wait = 'tcp:99999' is not one of agent, ssh, hook, tcp:PORT (a port from 1 to 65535)"),
+    ("--kvm-wait=tcp:0", "kvm_wait = 'tcp:0' is not one of agent, ssh, hook, tcp:PORT (a port from 1 to 65535)"),
     ("--kvm-wait-timeout=-1", "kvm_wait_timeout = '-1' must be 0 or more"),
     ("--kvm-sync-clock=maybe", "invalid choice: 'maybe'"),
 ])
@@ -66,11 +74,14 @@ def test_wait_hook_is_called_with_the_guest_after_each_revert(pytester: pytest.P
     result.stdout.fnmatch_lines([f"{guest}: baseline * 3 revert(s)*; ready after 3 of them in median * s (hook)"])
 
 
-def test_wait_hook_without_an_implementation_errors_the_test(pytester: pytest.Pytester, guest: str) -> None:
+def test_wait_hook_without_an_implementation_stops_the_run_before_any_guest_is_touched(
+        pytester: pytest.Pytester, testdriver: TestDriver, guest: str) -> None:
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester, "--kvm-wait=hook")
-    result.assert_outcomes(errors=3)  # the wait stays pending: each test is told, none runs unready
-    result.stdout.fnmatch_lines(["*--kvm-wait=hook, but no pytest_kvmsnap_ready hook is implemented*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*kvmsnap: --kvm-wait=hook, but no pytest_kvmsnap_ready(config, guest, timeout) "
+                                 "hook is implemented: add one to a conftest.py or a plugin*"])
+    assert testdriver.snapshots(guest) == []
 
 
 def test_a_failing_wait_hook_errors_the_next_test_and_is_tried_again(pytester: pytest.Pytester, guest: str) -> None:
@@ -85,3 +96,47 @@ def test_a_failing_wait_hook_errors_the_next_test_and_is_tried_again(pytester: p
     result = run_unit(pytester, "--kvm-wait=hook")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*RuntimeError: service not up yet"])
+
+
+# --- a wait whose target this host never reaches (issue 25) -----------------------
+
+def _readiness(wait_timeout: float) -> Readiness:
+    settings = Settings(uri="test:///default", wait=parse_wait("tcp:8080"), wait_timeout=wait_timeout, sync_clock="off",
+                        reseed="off")
+    return Readiness(settings, lambda event: None, lambda name, timeout: None, lambda exc: False)
+
+
+def test_a_target_no_attempt_reached_is_not_waited_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No route, or silence: every attempt of the whole wait failed to open a connection (faked
+    here, nothing leaves this host).  The next test's wait fails at once, saying why."""
+    attempts: list[tuple[str, int]] = []
+
+    def unreachable(address: tuple[str, int], timeout: float) -> socket.socket:
+        attempts.append(address)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    ready = _readiness(0.3)
+    address = lambda port: ("10.0.2.15", port)  # noqa: E731  (a user-mode network's inside)
+    with pytest.raises(NotReady, match=r"guest 'g': 10.0.2.15:8080 \(its port 8080\) cannot be reached from this "
+                                       r"host: no connection opened during the whole 0 s wait \(timed out\); "
+                                       r"later tests do not wait for it again.*hostfwd in <qemu:commandline>"):
+        ready.settle("g", None, address, restored=False)  # type: ignore[arg-type]
+    tried = len(attempts)
+    assert tried >= 2
+    start = time.monotonic()
+    with pytest.raises(NotReady, match="cannot be reached from this host"):
+        ready.settle("g", None, address, restored=False)  # type: ignore[arg-type]
+    assert len(attempts) == tried and time.monotonic() - start < 0.1, "the second wait waited again"
+
+
+def test_a_host_that_refuses_is_a_slow_guest_and_is_waited_for_again() -> None:
+    """A refused connection reached the host (a port not open yet): the next test waits again."""
+    with socket.socket() as closed:  # a loopback port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = int(closed.getsockname()[1])
+    ready = _readiness(0.3)
+    for _ in range(2):
+        with pytest.raises(NotReady, match=r"was not ready within 0 s after the revert: waited for a TCP "
+                                           rf"connection on 127.0.0.1:{port} \(guest port 8080\)"):
+            ready.settle("g", None, lambda _port: ("127.0.0.1", port), restored=False)  # type: ignore[arg-type]
