@@ -112,6 +112,10 @@ SETTINGS = (
             "console during it (from the console's log file); 0 = none. Default: 50.", default=50),
     Setting("artifacts", "directory for a failed test's evidence files (console log, screenshot of a guest "
             "with a screen); default: kvmsnap-artifacts beside the --junitxml file, else none."),
+    Setting("ssh_user", "the user kvm_ssh logs in as. Default: root.", default="root"),
+    Setting("ssh_key", "the private key kvm_ssh logs in with; default: your default keys and ssh-agent."),
+    Setting("ssh_timeout", "seconds each kvm_ssh step may take (connect, handshake, login, a command unless "
+            "given its own). Default: 30.", default=30.0),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -168,6 +172,9 @@ class Settings:
     keep_failed_max: int = 3
     console_lines: int = 50
     artifacts: str | None = None
+    ssh_user: str = "root"
+    ssh_key: str | None = None
+    ssh_timeout: float = 30.0
 
     @property
     def pool(self) -> tuple[str, ...]:
@@ -219,6 +226,9 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
     values["lease_expiry"] = _seconds("kvm_lease_expiry", values["lease_expiry"])
     values["connect_timeout"] = _seconds("kvm_connect_timeout", values["connect_timeout"])
+    values["ssh_timeout"] = _seconds("kvm_ssh_timeout", values["ssh_timeout"])
+    if not values["ssh_timeout"]:
+        raise ConfigError("kvm_ssh_timeout = 0: no SSH step is that fast; give it seconds (default 30)")
     if not values["connect_timeout"]:
         raise ConfigError("kvm_connect_timeout = 0: no hypervisor answers that fast; give it seconds (default 20)")
     if values["lease_expiry"] < MIN_LEASE_EXPIRY:

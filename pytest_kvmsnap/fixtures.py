@@ -1,8 +1,8 @@
-"""Public fixtures: ``kvm_guest``, ``kvm_guests``, ``kvm_guest_factory`` and ``kvm_connection``."""
+"""Public fixtures: ``kvm_guest``, ``kvm_guests``, ``kvm_guest_factory``, ``kvm_ssh`` and ``kvm_connection``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -10,7 +10,8 @@ import pytest
 
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import Guest
-from pytest_kvmsnap.session import CURRENT_KEY, PREPARED_KEY, coordinator_for
+from pytest_kvmsnap.session import CURRENT_KEY, PREPARED_KEY, SETTINGS_KEY, coordinator_for
+from pytest_kvmsnap.ssh import GuestSSH
 
 if TYPE_CHECKING:
     import libvirt
@@ -55,6 +56,21 @@ class GuestFactory:
 
     def __init__(self, config: pytest.Config) -> None:
         self._config = config
+        self._ssh: dict[str, GuestSSH] = {}
+
+    def ssh(self, name: str | None = None) -> GuestSSH:
+        """The SSH client of guest ``name`` of the current test (its first guest without a name): one
+        per guest and process, reconnected after every revert (``pytest_kvmsnap.ssh``)."""
+        guest = self.get(name)
+        key = name or next(iter(self.all()))
+        if key not in self._ssh:
+            settings = self._config.stash[SETTINGS_KEY]
+            self._ssh[key] = GuestSSH(guest, settings.ssh_user, settings.ssh_key, settings.ssh_timeout)
+        return self._ssh[key]
+
+    def close(self) -> None:
+        for client in self._ssh.values():
+            client.close()
 
     def get(self, name: str | None = None) -> Guest:
         """Guest ``name`` of the current test; without a name, its first guest (as ``kvm_guest``)."""
@@ -82,6 +98,20 @@ class GuestFactory:
 
 
 @pytest.fixture(scope="session")
-def kvm_guest_factory(request: pytest.FixtureRequest) -> GuestFactory:
+def kvm_guest_factory(request: pytest.FixtureRequest) -> Iterator[GuestFactory]:
     """The guests of the marked test being set up, for fixtures of any scope (see :class:`GuestFactory`)."""
-    return GuestFactory(request.config)
+    factory = GuestFactory(request.config)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def kvm_ssh(kvm_guest_factory: GuestFactory, kvm_guest: Guest) -> GuestSSH:
+    """Commands and files over SSH on the test's first guest: ``run(command)``, ``put``, ``get``.
+
+    One connection per guest and process, reused while the guest is not
+    reverted and opened again after every revert; ``--kvm-ssh-user``,
+    ``--kvm-ssh-key``, ``--kvm-ssh-timeout``.  Wider fixtures use
+    ``kvm_guest_factory.ssh()``, the same client.
+    """
+    return kvm_guest_factory.ssh()

@@ -21,7 +21,7 @@ from pytest_kvmsnap.cleanup import add_cleanup_options, run_cleanup
 from pytest_kvmsnap.config import Settings, add_options, resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
-from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guest_factory, kvm_guests
+from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guest_factory, kvm_guests, kvm_ssh
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.layers import Fixture
 from pytest_kvmsnap.locking import GuestLock
@@ -46,7 +46,7 @@ from pytest_kvmsnap.session import (
     worker_dist,
 )
 
-__all__ = ["kvm_connection", "kvm_guest", "kvm_guest_factory", "kvm_guests"]
+__all__ = ["kvm_connection", "kvm_guest", "kvm_guest_factory", "kvm_guests", "kvm_ssh"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -127,10 +127,9 @@ NAIVE_CACHE = """
 """
 
 
-def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGuest,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """What users hit without the pattern, then examples/ssh (the pattern) on the same guest."""
-    monkeypatch.setenv("KVMSNAP_SSH_KEY", str(debian.image.ssh_key))
+def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """What users hit with a client of their own cached across reverts, then examples/ssh (kvm_ssh)
+    on the same guest."""
     inner.makeconftest(SSH_CONFTEST.format(key=debian.image.ssh_key))
     inner.makepyfile(NAIVE_CACHE.format(name=debian.name))
     naive = run_inner(inner, "--kvm-wait=ssh")
@@ -146,7 +145,7 @@ def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGu
     shutil.copytree(REPO / "examples" / "ssh", example)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v", str(example),
                                         f"--kvm-domain={debian.name}", "--kvm-wait=ssh",
-                                        f"--kvm-uri={_uri()}")
+                                        f"--kvm-ssh-key={debian.image.ssh_key}", f"--kvm-uri={_uri()}")
     result.assert_outcomes(passed=4)
     debian.assert_as_found()
 
@@ -295,3 +294,56 @@ def test_a_forward_from_qemu_commandline_is_found_and_waited_for(
 
     assert backend.host_forwards(guest.domain()).get(22) == ("127.0.0.1", port), "the user's forward was removed"
 
+
+KVM_SSH_TESTS = """
+    import time, pytest
+
+    @pytest.fixture(scope="session")
+    def app(kvm_guest_factory):
+        ssh = kvm_guest_factory.ssh()  # opened before the checkpoint: the layers rewind it
+        ssh.run("echo installed > /root/app")
+        return ssh
+
+    @pytest.fixture(scope="module")
+    def seed(app):
+        app.run("echo seeded > /root/seed")  # the session's client, after a revert or not
+
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range(5))
+    def test_each(i, app, seed, kvm_ssh, kvm_guest, tmp_path):
+        start = time.monotonic()
+        assert app is kvm_ssh  # one client per guest and process
+        assert kvm_ssh.run("cat /root/app /root/seed").stdout == "installed\\nseeded"
+        assert not kvm_ssh.run("test -e /root/marker", check=False).ok, "an earlier test's change leaked"
+        (tmp_path / "up").write_text(str(i))
+        kvm_ssh.put(tmp_path / "up", "/root/marker")
+        kvm_ssh.get("/root/marker", tmp_path / "down")
+        assert (tmp_path / "down").read_text() == str(i)
+        assert kvm_guest.generation == i
+        assert time.monotonic() - start < 20, "a stale connection was waited on"
+"""
+
+
+def test_kvm_ssh_reconnects_after_every_revert_from_any_fixture_scope(inner: pytest.Pytester,
+                                                                      debian: DebianGuest) -> None:
+    """The SSH fixture across 5 reverts, used by a session fixture (its connection opened before the
+    layer's checkpoint), a module fixture and the tests; files both ways; no hang."""
+    inner.makepyfile(KVM_SSH_TESTS.format(name=debian.name))
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "--kvm-wait=ssh", "-p", "no:randomly")
+    result.assert_outcomes(passed=5)
+    debian.assert_as_found()
+    assert debian.run("ls /root/app /root/seed")[0] != 0, "the fixtures' work was left"
+
+
+def test_kvm_ssh_says_when_the_credentials_are_the_problem(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        def test_x(kvm_ssh):
+            kvm_ssh.run("true")
+    """)
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "--kvm-ssh-user=nobody", "--kvm-wait=ssh")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*SSHFailed: ssh nobody@127.0.0.1:* (guest *): sshd refused the credentials "
+                                 "(user 'nobody', *): *; set --kvm-ssh-user / --kvm-ssh-key"])
+    debian.assert_as_found()

@@ -1,0 +1,167 @@
+"""Commands and files over SSH on a test's guest, across reverts.
+
+An in-place revert rewinds the guest's TCP state: a client opened before it is
+dead after it, and its next use can hang until its timeout rather than fail.
+:class:`GuestSSH` keeps one paramiko client per guest *generation* (reverts so
+far): when the guest was reverted since, the old connection is dropped without
+a word to the guest (its socket closed: saying goodbye over a rewound
+connection is what hangs) and a new one is opened.  Every step is bounded in
+time, and a failure says which part failed: the guest (nothing accepts the
+connection), sshd (no banner, no session) or the credentials.
+
+paramiko is what pytest-testinfra's paramiko backend and fabric use; it is an
+optional extra (``pip install pytest-kvmsnap[ssh]``).  No pytest here.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pytest_kvmsnap.exceptions import KvmSnapError
+
+if TYPE_CHECKING:
+    import paramiko
+
+
+class SSHFailed(KvmSnapError):
+    """An SSH step on a guest failed; the message says whether the guest, sshd or the credentials."""
+
+
+class SSHGuest(Protocol):
+    """What the client needs of a guest (pytest_kvmsnap.Guest)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    def address(self, port: int = 22) -> tuple[str, int]: ...
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+def _paramiko() -> Any:
+    try:
+        import paramiko
+    except ImportError:
+        raise SSHFailed("kvm_ssh needs paramiko: pip install 'pytest-kvmsnap[ssh]'") from None
+    return paramiko
+
+
+class GuestSSH:
+    """One guest's SSH connection, opened on first use and again after every revert."""
+
+    def __init__(self, guest: SSHGuest, user: str = "root", key: str | None = None, timeout: float = 30.0,
+                 port: int = 22) -> None:
+        self.guest, self.user, self.key, self.timeout, self.port = guest, user, key, timeout, port
+        self._client: paramiko.SSHClient | None = None
+        self._generation = -1
+        self._where = ""
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        """The connected paramiko client for the guest as it is now (reconnected after a revert)."""
+        if self._client is None or self._generation != self.guest.generation:
+            self.close()
+            self._generation = self.guest.generation
+            self._client = self._connect()
+        return self._client
+
+    def run(self, command: str, *, check: bool = True, timeout: float | None = None) -> CommandResult:
+        """Run ``command`` by the login shell; with ``check``, a non-zero exit raises."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            stdin, out, err = self.client.exec_command(command, timeout=limit)
+            stdin.close()
+            stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+            status = out.channel.recv_exit_status()
+        except (OSError, _paramiko().SSHException) as exc:
+            self._drop()
+            raise SSHFailed(f"{self._where}: {command!r} did not complete within {limit:g} s or its session "
+                            f"broke ({type(exc).__name__}: {exc}); the guest or sshd stopped answering") from None
+        result = CommandResult(command, status, stdout.rstrip("\n"), stderr.rstrip("\n"))
+        if check and not result.ok:
+            raise SSHFailed(f"{self._where}: {command!r} exited {status}: {result.stderr or result.stdout}"[:2000])
+        return result
+
+    def put(self, local: str | Path, remote: str) -> None:
+        """Copy a local file to ``remote`` on the guest (SFTP)."""
+        self._sftp(lambda sftp: sftp.put(str(local), remote), f"copying {local} to {remote}")
+
+    def get(self, remote: str, local: str | Path) -> None:
+        """Copy ``remote`` from the guest to a local file (SFTP)."""
+        self._sftp(lambda sftp: sftp.get(remote, str(local)), f"copying {remote} from the guest")
+
+    def close(self) -> None:
+        """Forget the connection without talking to the guest (a rewound one would hang)."""
+        self._drop()
+
+    def _sftp(self, step: Any, what: str) -> None:
+        try:
+            sftp = self.client.open_sftp()
+            sftp.get_channel().settimeout(self.timeout)
+            try:
+                step(sftp)
+            finally:
+                sftp.close()
+        except (OSError, _paramiko().SSHException) as exc:
+            self._drop()
+            raise SSHFailed(f"{self._where}: {what} failed ({type(exc).__name__}: {exc})") from None
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        transport = client.get_transport()
+        sock = getattr(transport, "sock", None)
+        if isinstance(sock, socket.socket):
+            sock.close()  # first: the transport's goodbye must not go out over a rewound connection
+        client.close()
+
+    def _connect(self) -> paramiko.SSHClient:
+        paramiko = _paramiko()
+        host, port = self.guest.address(self.port)
+        self._where = f"ssh {self.user}@{host}:{port} (guest {self.guest.name!r})"
+        try:
+            sock = socket.create_connection((host, port), timeout=self.timeout)
+        except OSError as exc:
+            raise SSHFailed(f"{self._where}: no connection within {self.timeout:g} s ({exc}): the guest is down, "
+                            "unreachable from here, or nothing listens on its port") from None
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # every revert may bring a test guest's key
+        try:
+            client.connect(host, port, self.user, key_filename=self.key, look_for_keys=self.key is None,
+                           allow_agent=self.key is None, sock=sock, timeout=self.timeout,
+                           banner_timeout=self.timeout, auth_timeout=self.timeout)
+        except paramiko.AuthenticationException as exc:
+            sock.close()
+            key = self.key or "the default keys and ssh-agent"
+            raise SSHFailed(f"{self._where}: sshd refused the credentials (user {self.user!r}, {key}): {exc}; "
+                            "set --kvm-ssh-user / --kvm-ssh-key") from None
+        except (OSError, paramiko.SSHException) as exc:
+            sock.close()
+            raise SSHFailed(f"{self._where}: the connection opened but sshd did not complete the handshake within "
+                            f"{self.timeout:g} s ({type(exc).__name__}: {exc}): sshd is not ready or not "
+                            "answering") from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(5)
+        return client
+
+    def __repr__(self) -> str:
+        return f"<GuestSSH {self.user}@{self.guest.name} generation={self._generation}>"
+
