@@ -27,15 +27,31 @@ from pathlib import Path
 import libvirt
 from revert_benchmark import URI, suite_seconds  # benchmarks/ is on sys.path when run as a script
 
-from pytest_kvmsnap.testing.debian import build_debian, define_debian, wait_until_settled
+from pytest_kvmsnap.testing.debian import DebianImage, build_debian, define_debian, wait_until_settled
 from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
 HERE = Path(__file__).resolve().parent
+GUEST = "kvmsnap-bench-debian"
 MODES = {
     "plugin, revert only": ["--kvm-sync-clock=off", "--kvm-reseed=off"],
     "plugin, clock + reseed (default)": [],
     "plugin, clock + reseed + --kvm-wait=ssh": ["--kvm-wait=ssh"],
 }
+
+
+def start_guest(conn: libvirt.virConnect) -> DebianImage:
+    """The benchmarks' Debian guest, defined afresh and settled (a baseline taken mid-boot replays
+    the boot after every revert); its key is exported for the SSH suites."""
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    image = build_debian()
+    wait_until_settled(define_debian(conn, GUEST, image))
+    os.environ["KVMSNAP_BENCH_SSH_KEY"] = str(image.ssh_key)
+    return image
+
+
+def remove(conn: libvirt.virConnect, image: DebianImage) -> None:
+    remove_guest(conn, GUEST)
+    image.disk_for(GUEST).unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -44,12 +60,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    image = build_debian()
-    name = "kvmsnap-bench-debian"
     conn = libvirt.open(URI)
-    wait_until_settled(define_debian(conn, name, image))  # a baseline mid-boot replays the boot
-    os.environ["KVMSNAP_BENCH_SSH_KEY"] = str(image.ssh_key)
+    image, name = start_guest(conn), GUEST
     suite = HERE / "bench_ssh_suite.py"
 
     def seconds(*extra: str, handwritten: str = "") -> float:
@@ -64,8 +76,7 @@ def main() -> int:
         rows.update({f"hand-written {m}": (seconds(handwritten=m) - hand_none) / (args.tests - 1)
                      for m in ("loadvm", "revertToSnapshot")})
     finally:
-        remove_guest(conn, name)
-        image.disk_for(name).unlink(missing_ok=True)
+        remove(conn, image)
     accelerator = "KVM" if domain_type(conn, build_image()) == "kvm" else "TCG (no working KVM here)"
     print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests, per-test cost")
     for mode, cost in rows.items():

@@ -32,10 +32,10 @@ import tempfile
 from pathlib import Path
 
 import libvirt
-from revert_benchmark import URI, suite_seconds  # benchmarks/ is on sys.path when run as a script
+from debian_benchmark import GUEST, remove, start_guest  # benchmarks/ is on sys.path when run as a script
+from revert_benchmark import URI, suite_seconds
 
-from pytest_kvmsnap.testing.debian import build_debian, define_debian, wait_until_settled
-from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
+from pytest_kvmsnap.testing.guest import build_image, domain_type
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = re.compile(r"(\d+) checkpoint\(s\) of wider fixtures' state, median ([\d.]+) s")
@@ -46,12 +46,8 @@ def main() -> int:
     parser.add_argument("--tests", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    image = build_debian()
-    name = "kvmsnap-bench-debian"
     conn = libvirt.open(URI)
-    wait_until_settled(define_debian(conn, name, image))  # a baseline mid-boot replays the boot
-    os.environ["KVMSNAP_BENCH_SSH_KEY"] = str(image.ssh_key)
+    image, name = start_guest(conn), GUEST
     times = Path(tempfile.mkdtemp()) / "times.jsonl"
     os.environ["KVMSNAP_BENCH_TIMES"] = str(times)
     suite = HERE / "layers_suite.py"
@@ -73,8 +69,7 @@ def main() -> int:
         notes = [json.loads(line) for line in times.read_text().splitlines()]
         layered = (layered_run - seconds(True, "--kvm-revert=never")) / (args.tests - 1)
     finally:
-        remove_guest(conn, name)
-        image.disk_for(name).unlink(missing_ok=True)
+        remove(conn, image)
     setup = next(n["setup"] for n in notes if "setup" in n)
     torn = next(n["app_torn_down"] for n in notes if "app_torn_down" in n)
     end = max(n["test_finished"] for n in notes if "test_finished" in n)
