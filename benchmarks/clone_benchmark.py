@@ -38,8 +38,9 @@ from pathlib import Path
 import libvirt
 
 from pytest_kvmsnap import backend, clones, storage
-from pytest_kvmsnap.locking import CloneSource, process_token
 from pytest_kvmsnap.ownership import Owner, clone_name, owner_description
+from pytest_kvmsnap.processes import process_token
+from pytest_kvmsnap.records import CloneSource
 from pytest_kvmsnap.testing import Console, build_image, define_guest, remove_guest
 
 GUEST = "kvmsnap-bench"

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 
 from pytest_kvmsnap import backend, storage
 from pytest_kvmsnap.exceptions import UnsupportedGuest
-from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import MARK, Owner, kept_clone_name, kept_description, owner_description
+from pytest_kvmsnap.records import CloneSource
 
 if TYPE_CHECKING:
     import libvirt

@@ -44,11 +44,13 @@ from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.layers import Fixture, carried_away, is_wider
 from pytest_kvmsnap.lease import Lease
-from pytest_kvmsnap.locking import RecordStore, RunRecord, process_token
+from pytest_kvmsnap.locking import RecordStore
 from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.placement import Probe, place, worker_slot
+from pytest_kvmsnap.processes import process_token
 from pytest_kvmsnap.provisioning import Provisioner
 from pytest_kvmsnap.readiness import Readiness
+from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import Reverter
 from pytest_kvmsnap.units import reverts_at_end, reverts_at_start

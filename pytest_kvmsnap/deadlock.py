@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pytest_kvmsnap.locking import RunRecord
+from pytest_kvmsnap.records import RunRecord
 
 
 @dataclass(frozen=True)

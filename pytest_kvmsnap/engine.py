@@ -18,8 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, is_damaged, kept_records
+from pytest_kvmsnap.records import CloneSource
 
 
 @dataclass(frozen=True)

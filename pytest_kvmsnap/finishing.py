@@ -17,9 +17,10 @@ from pytest_kvmsnap.events import Notice
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.locking import RecordStore, RunRecord
+from pytest_kvmsnap.locking import RecordStore
 from pytest_kvmsnap.ownership import kept_description
 from pytest_kvmsnap.readiness import poll
+from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.revert import Reverter
 
 AGENT_AFTER_FINAL = 5.0  # seconds the agent gets to answer after the end-of-session revert

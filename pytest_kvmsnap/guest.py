@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pytest_kvmsnap.layers import LayerStack
-from pytest_kvmsnap.locking import GuestLock, RunRecord
+from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.postmortem import ConsoleMark
+from pytest_kvmsnap.records import RunRecord
 
 if TYPE_CHECKING:
     import libvirt

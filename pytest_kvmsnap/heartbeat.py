@@ -27,8 +27,8 @@ from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.engine import Engine, LeaseHandle
 from pytest_kvmsnap.exceptions import KvmSnapError, LeaseLost
 from pytest_kvmsnap.hypervisor import Hypervisor, open_within
-from pytest_kvmsnap.locking import running
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken
+from pytest_kvmsnap.processes import running
 
 Key = tuple[str, str]  # (uri, guest)
 TAKE_ATTEMPTS = 3  # reads of a lease that keeps changing hands under us before giving up

@@ -18,8 +18,10 @@ from pytest_kvmsnap.events import Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.locking import GuestLock, RunRecord, running
+from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.ownership import Owner
+from pytest_kvmsnap.processes import running
+from pytest_kvmsnap.records import RunRecord
 
 RIVAL_POLL = 2.0  # seconds between looks at a guest another lock directory's run holds
 Rival = tuple[Owner, str]  # the other run, and its baseline snapshot on the guest

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, cast
 
 from pytest_kvmsnap import backend, clones, leasedomain
 from pytest_kvmsnap.engine import Capabilities, Clones, LeaseHandle, Leases, Machine, Snapshot
-from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
+from pytest_kvmsnap.records import CloneSource
 
 if TYPE_CHECKING:
     import libvirt

@@ -25,132 +25,19 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConfigError, LeaseTimeout, LockDirError
+from pytest_kvmsnap.records import HISTORY, RunRecord, load_record
 
 USE_LOCK = ".in-use.lock"  # see RecordStore._in_use
-HISTORY = ("reverts", "waits", "checkpoints")  # RunRecord lists kept in an append-only file beside the record
 
-__all__ = ["CloneSource", "GuestLock", "LeaseTimeout", "LockDirError", "RecordStore", "RunRecord"]
-
-
-@dataclass
-class CloneSource:
-    """Clone mode, on the original's record: the run's copies of its disks (see clones.py)."""
-
-    directory: str  # the pool's directory on the hypervisor
-    disks: dict[str, str]  # target device -> volume in the pool: a copy with the baseline inside
-    snapshot_xml: str
-    domain_xml: str
-    pool: str = ""  # the run's storage pool holding the copies
-
-
-@dataclass
-class RunRecord:
-    uri: str
-    domain: str
-    run_id: str
-    owner_pid: int
-    host: str
-    started: float
-    baseline: str
-    clean_at: str | None  # the snapshot the guest is exactly at; None once a test used it
-    baseline_seconds: float = 0.0
-    holder: str = ""
-    since: float = 0.0
-    # snapshot -> [libvirt domain id, device hash] of the QEMU that may loadvm it
-    inplace_ok: dict[str, list[object]] = field(default_factory=dict)
-    # (seconds, method, target, reason) of the reverts in this run: in memory, this process's
-    # since it took the guest; on disk, all workers', appended to the record's history file
-    reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
-    # snapshot -> how it is reverted and why ("inplace (QEMU loadvm)", "libvirt (...)")
-    revert_methods: dict[str, str] = field(default_factory=dict)
-    # one-line events any process of the run saw (orphans repaired, holder died)
-    events: list[str] = field(default_factory=list)
-    # the last holder owed a revert it could not make (it died mid-unit, or its
-    # end-of-unit revert failed): the next unit reverts first, whatever its mode
-    revert_owed: bool = False
-    # reverts of the guest in this run, all workers: a cached connection is stale once it moved
-    generation: int = 0
-    # after the baseline or a revert, the guest is made usable before the next test
-    # (readiness.py); ``settle_restored``: its state came from a snapshot
-    settle_pending: bool = False
-    settle_restored: bool = False
-    # (seconds, steps) of each of those waits; kept like ``reverts``
-    waits: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
-    # (seconds, what) of each checkpoint of wider fixtures' state (layers.py); kept like ``reverts``
-    checkpoints: list[tuple[float, str]] = field(default_factory=list)
-    # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
-    forwards: dict[str, list[int]] = field(default_factory=dict)
-    # clone mode: on a clone's record, the original it was cloned from; on the
-    # original's record, where the run's source images are (see clones.py)
-    clone_of: str = ""
-    clone_source: CloneSource | None = None
-    # a clone's snapshots kept for the user (--kvm-keep-failed): the clone is kept after the run
-    kept: list[str] = field(default_factory=list)
-    # the owner's process_token: a reused pid is not the owner
-    owner_proc: str = ""
-    # the run's processes ("main", or xdist's gwN) that used the guest, for the summary
-    served: list[str] = field(default_factory=list)
-    # the process holding the guest now, and the guest it waits for meanwhile (deadlock.py)
-    holder_pid: int = 0
-    waiting_for: str = ""
-    # how many of ``reverts`` and ``waits`` are in the history file already (not written)
-    history_saved: dict[str, int] = field(default_factory=dict, compare=False)
-
-    def revert_times(self) -> list[float]:
-        return [float(seconds) for seconds, *_ in self.reverts]
-
-    def describe(self) -> str:
-        age = time.time() - self.since if self.since else 0.0
-        return (f"run {self.run_id} (pid {self.owner_pid} on {self.host}), "
-                f"current test {self.holder or '-'} for {age:.0f} s")
-
-    def owner_alive(self) -> bool:
-        return running(self.host, self.owner_pid, self.owner_proc)
-
-
-def running(host: str, pid: int, token: str) -> bool:
-    """Is the process that wrote a record or snapshot still there?
-
-    One on another host counts as running: this host cannot see it.  Here, the
-    pid must exist and, where the writer recorded its ``process_token``, be the
-    same process: a dead run's pid reused by another process is not its owner.
-    """
-    if host != this_host():
-        return True
-    if not pid_alive(pid):
-        return False
-    return not token or process_token(pid) in ("", token)
-
-
-def process_token(pid: int) -> str:
-    """What tells process ``pid`` apart from a later one with the same pid: this boot's id
-    and the process's start time in clock ticks since boot ("" where /proc cannot say)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat_line.rsplit(")", 1)[-1].split()  # the command name may hold spaces and ')'
-    return f"{boot}:{fields[19]}" if len(fields) > 19 else ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
+__all__ = ["GuestLock", "LeaseTimeout", "LockDirError", "RecordStore"]
 
 
 def default_lock_dir() -> Path:
@@ -255,7 +142,7 @@ class GuestLock:
             self._lock.release(force=True)
 
     def read(self) -> RunRecord | None:
-        return _load(self.record_path, self.warn)
+        return load_record(self.record_path, self.warn)
 
     def write(self, record: RunRecord) -> None:
         assert self.held, "the run record is only written under the lock"
@@ -322,7 +209,7 @@ class GuestLock:
 
     @staticmethod
     def records(directory: Path, warn: Callable[[str], None] = lambda _text: None) -> list[RunRecord]:
-        return [r for r in (_load(path, warn) for path in sorted(directory.glob("*.json"))) if r is not None]
+        return [r for r in (load_record(path, warn) for path in sorted(directory.glob("*.json"))) if r is not None]
 
 
 class RecordStore:
@@ -411,47 +298,3 @@ class RecordStore:
             else:
                 self.warn(f"kvmsnap: ignoring run record {path}: it claims this run but another user wrote it")
         return found
-
-
-def _load(path: Path, warn: Callable[[str], None] = lambda _text: None) -> RunRecord | None:
-    """The record at ``path``; None when missing, or when torn, hand-edited or not a record
-    (then the guest counts as unowned, and ``warn`` says so once): never a crash."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        warn(f"kvmsnap: ignoring run record {path}: cannot read it ({exc.strerror or exc})")
-        return None
-    try:
-        data = json.loads(raw.decode())  # UnicodeDecodeError is a ValueError too
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        if data.get("clone_source") is not None:
-            data["clone_source"] = CloneSource(**_checked(CloneSource, data["clone_source"]))
-        return RunRecord(**_checked(RunRecord, data))
-    except (ValueError, TypeError, AttributeError) as exc:
-        warn(f"kvmsnap: ignoring run record {path}: it is damaged or not pytest-kvmsnap's ({exc}); "
-             "the guest it names counts as unowned")
-        return None
-
-
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),),
-    "dict": (dict,), "list": (list,), "tuple": (list,), "CloneSource": (dict, CloneSource),
-}
-
-
-def _checked(kind: type, data: object) -> dict[str, Any]:
-    """``data`` if each field has the JSON type its annotation says (the outer type only)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{kind.__name__} is not a JSON object")
-    known = {f.name: f.type for f in fields(kind)}
-    for name, value in data.items():
-        if name not in known:
-            raise ValueError(f"unknown field {name!r}")
-        allowed = tuple(t for part in str(known[name]).split("|")
-                        for t in _JSON_TYPES[part.strip().split("[")[0]])
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ValueError(f"field {name!r} is {type(value).__name__}")
-    return data

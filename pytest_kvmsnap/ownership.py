@@ -44,7 +44,7 @@ class Owner:
     pid: int
     host: str
     started: float
-    proc: str = ""  # the owner process's token (locking.process_token): a reused pid is not it
+    proc: str = ""  # the owner process's token (processes.process_token): a reused pid is not it
     # 0 on a run's baseline; n on the n-th layer above it (layers.py).  Recovery
     # restores a dead run's lowest snapshot, its baseline, whatever it left above.
     layer: int = field(default=0, compare=False)

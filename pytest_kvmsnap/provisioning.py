@@ -17,8 +17,9 @@ from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed, UnsupportedGue
 from pytest_kvmsnap.guest import GuestState
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
-from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord
+from pytest_kvmsnap.locking import GuestLock, RecordStore
 from pytest_kvmsnap.ownership import clone_name
+from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import remember_loaded
 

@@ -16,7 +16,7 @@ from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Machine, Snapshot
 from pytest_kvmsnap.events import Reporter, Reverted, RevertStarting
 from pytest_kvmsnap.exceptions import RevertFailed
-from pytest_kvmsnap.locking import RunRecord
+from pytest_kvmsnap.records import RunRecord
 
 
 class GuestFacts(Protocol):

@@ -26,8 +26,8 @@ from pytest_kvmsnap.exceptions import (
     RevertFailed,
     SnapshotNotFound,
 )
-from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken, owner_description
+from pytest_kvmsnap.records import CloneSource
 
 PROVIDED: FakeKind | None = None  # what an inner run's conftest returns from pytest_kvmsnap_engine
 

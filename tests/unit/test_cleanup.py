@@ -12,8 +12,9 @@ import pytest
 
 from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.events import to_stdout
-from pytest_kvmsnap.locking import GuestLock, RunRecord
+from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
+from pytest_kvmsnap.records import RunRecord
 from tests.conftest import TestDriver
 
 

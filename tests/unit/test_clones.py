@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from pytest_kvmsnap.clones import _clone_xml, orphans
-from pytest_kvmsnap.locking import CloneSource
 from pytest_kvmsnap.ownership import Owner, clone_name
+from pytest_kvmsnap.records import CloneSource
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit
 

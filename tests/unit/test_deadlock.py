@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pytest_kvmsnap.deadlock import Link, describe, find_cycle
-from pytest_kvmsnap.locking import RunRecord
+from pytest_kvmsnap.records import RunRecord
 
 
 def held(guest: str, pid: int, test: str, waiting_for: str = "") -> RunRecord:

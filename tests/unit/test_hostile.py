@@ -19,8 +19,10 @@ from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.libvirt_engine import LibvirtMachine
-from pytest_kvmsnap.locking import GuestLock, RecordStore, RunRecord, process_token, running
+from pytest_kvmsnap.locking import GuestLock, RecordStore
 from pytest_kvmsnap.ownership import Owner
+from pytest_kvmsnap.processes import process_token, running
+from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.revert import Reverter
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit as run

@@ -11,7 +11,7 @@ import pytest_kvmsnap
 PACKAGE = Path(pytest_kvmsnap.__file__).parent
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
-    "exceptions", "config", "events", "figures", "ownership", "locking", "engine",
+    "exceptions", "config", "events", "figures", "ownership", "processes", "records", "locking", "engine",
     # the libvirt engine: the only modules that know libvirt
     "backend", "leasedomain", "storage", "clones", "libvirt_engine",
     # what the plugin does, through engine.py's interface
@@ -54,6 +54,21 @@ def test_imports_go_one_way() -> None:
         own = {name.split(".")[1] for name in runtime_imports(module) if name.startswith("pytest_kvmsnap.")}
         below = own - set(LAYERS[:position]) - {"testing"}
         assert not below, f"{module} imports {sorted(below)}, which sit below it on the map"
+
+
+def test_the_test_guests_package_sits_below_everything() -> None:
+    """``testing/`` builds and drives the project's test guests: it may use the plugin's modules,
+    and none of them imports it (the plugin runs without it)."""
+    for module in LAYERS:
+        imports = runtime_imports(module)
+        assert not any(name.startswith("pytest_kvmsnap.testing") for name in imports), f"{module} imports testing/"
+    for path in (PACKAGE / "testing").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        own = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+               and node.module.startswith("pytest_kvmsnap.") and not node.module.startswith("pytest_kvmsnap.testing")}
+        assert own <= {f"pytest_kvmsnap.{name}" for name in LAYERS}, f"testing/{path.name} imports {sorted(own)}"
+        assert "pytest" not in {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                                for alias in node.names}, f"testing/{path.name} imports pytest"
 
 
 def test_lower_layers_do_not_import_pytest() -> None:

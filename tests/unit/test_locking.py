@@ -11,7 +11,9 @@ import pytest
 
 from pytest_kvmsnap.events import Event, to_stdout
 from pytest_kvmsnap.exceptions import ConfigError
-from pytest_kvmsnap.locking import GuestLock, RunRecord, lock_key, pid_alive, prepare_lock_dir
+from pytest_kvmsnap.locking import GuestLock, lock_key, prepare_lock_dir
+from pytest_kvmsnap.processes import pid_alive
+from pytest_kvmsnap.records import RunRecord
 
 
 def test_lock_key_is_filesystem_safe_and_distinct() -> None:

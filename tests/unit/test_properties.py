@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from pytest_kvmsnap import postmortem
 from pytest_kvmsnap.config import REVERT_MODES, SCOPES, SETTINGS, Settings, resolve
 from pytest_kvmsnap.exceptions import ConfigError
-from pytest_kvmsnap.locking import RunRecord, _load, lock_key
+from pytest_kvmsnap.locking import lock_key
 from pytest_kvmsnap.markers import MarkerArgs, kvm_snapshot
+from pytest_kvmsnap.records import RunRecord, load_record
 from pytest_kvmsnap.units import reverts_at_end, reverts_at_start
 
 HMP_SAFE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -122,7 +123,7 @@ def test_any_record_file_is_read_as_a_record_or_ignored_with_a_warning(
     path = tmp_path_factory.mktemp("records") / "g.json"
     path.write_text(json.dumps(data))
     warnings: list[str] = []
-    record = _load(path, warnings.append)
+    record = load_record(path, warnings.append)
     assert (record is None) == bool(warnings)
     if record is not None:
         assert isinstance(record.run_id, str) and isinstance(record.owner_pid, int)
@@ -135,7 +136,7 @@ def test_a_torn_record_is_ignored_with_one_warning(tmp_path_factory: pytest.Temp
     path: Path = tmp_path_factory.mktemp("records") / "g.json"
     path.write_bytes(b'{"uri": "u", "domain": ' + text)
     warnings: list[str] = []
-    assert _load(path, warnings.append) is None
+    assert load_record(path, warnings.append) is None
     assert len(warnings) == 1 and str(path) in warnings[0]
 
 
