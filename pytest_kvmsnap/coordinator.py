@@ -502,6 +502,16 @@ class Coordinator:
                               "cannot be kept apart from theirs; request it as an argument instead")
         self._pending.append(fixture)
 
+    def fixture_failed(self, fixture: Fixture) -> None:
+        """A fixture failed in setup: it checkpoints nothing, and the wider ones that set up before
+        it in this setup and were not checkpointed yet stay cached with their state about to be
+        reverted away: later tests that use them error, naming them."""
+        for gone in self._pending:
+            self._carried[gone.name] = (f"the guest state of {gone.scope} fixture {gone.name!r} was not kept: "
+                                        f"{fixture.scope} fixture {fixture.name!r} failed in the same setup "
+                                        "before it could be checkpointed; fix that fixture")
+        self._pending = []
+
     def fixture_ended(self, key: int) -> None:
         """A fixture was torn down: the layers its setup built end (the guest leaves them at the
         unit's next revert; their snapshots are deleted once the guest is held)."""
@@ -510,14 +520,14 @@ class Coordinator:
             for gone in carried_away(ended, key):
                 self._carried[gone.name] = (f"the guest state of {gone.scope} fixture {gone.name!r} on "
                                             f"{state.name!r} was built on top of a fixture that was torn down "
-                                            "before it, and went with it")
+                                            f"before it, and went with it; request {gone.name!r} in the first "
+                                            "test of its scope, or make it autouse, so it sets up first")
 
     def check_fixtures(self, names: list[str]) -> None:
         """A test that uses a fixture whose guest state is gone errors (see layers.carried_away)."""
         for name in names:
             if name in self._carried:
-                raise RevertFailed(f"{self._carried[name]}; request {name!r} in the first test of its scope, "
-                                   "or make it autouse, so it sets up first")
+                raise RevertFailed(self._carried[name])
 
     # --- end of run ----------------------------------------------------------
 

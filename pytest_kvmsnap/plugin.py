@@ -170,12 +170,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _or_fail(lambda: coordinator_for(config).check_fixtures(list(getattr(item, "fixturenames", []))))
 
 
-def _layering(config: pytest.Config) -> tuple[Coordinator, Spec, str] | None:
-    """The coordinator, spec and node id of the marked test whose fixtures set up now, if any."""
+def _layering(config: pytest.Config) -> tuple[Coordinator, Spec, pytest.Item] | None:
+    """The coordinator, spec and item of the marked test whose fixtures set up now, if any."""
     item = config.stash.get(CURRENT_KEY, None)
     if item is None or COORDINATOR_KEY not in config.stash or not item.stash.get(PROTECTED_KEY, False):
         return None
-    return config.stash[COORDINATOR_KEY], item.stash[PREPARED_KEY], item.nodeid
+    return config.stash[COORDINATOR_KEY], item.stash[PREPARED_KEY], item
+
+
+def _scope(fixturedef: pytest.FixtureDef[Any], item: pytest.Item) -> str:
+    """How long pytest keeps the fixture for ``item``: a class-scoped one on a test outside a
+    class is set up for each test (pytest falls back to the function)."""
+    if fixturedef.scope == "class" and item.getparent(pytest.Class) is None:
+        return "function"
+    return fixturedef.scope
 
 
 # Fixtures of pytest itself and of these plugins change no guest: they build no layer.
@@ -189,11 +197,16 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
     layering = _layering(request.config)
     if layering is None:
         return (yield)
-    coordinator, spec, nodeid = layering
-    _or_fail(lambda: coordinator.before_setup(spec, fixturedef.scope, nodeid))
-    result = yield
+    coordinator, spec, item = layering
+    scope = _scope(fixturedef, item)
+    _or_fail(lambda: coordinator.before_setup(spec, scope, item.nodeid))
+    fixture = Fixture(id(fixturedef), fixturedef.argname, scope)
+    try:
+        result = yield
+    except BaseException:
+        coordinator.fixture_failed(fixture)
+        raise
     if not getattr(fixturedef.func, "__module__", "").startswith(_NO_GUEST_STATE):
-        fixture = Fixture(id(fixturedef), fixturedef.argname, fixturedef.scope)
         _or_fail(lambda: coordinator.fixture_set_up(spec, fixture))
     return result
 
@@ -218,8 +231,8 @@ def pytest_runtest_call(item: pytest.Item) -> None:
                     "(a decorator, pytestmark, or a conftest's pytest_collection_modifyitems)", pytrace=False)
     layering = _layering(item.config)
     if layering is not None:  # wider fixtures set up and nothing narrower did: checkpoint before the body
-        coordinator, spec, nodeid = layering
-        _or_fail(lambda: coordinator.before_setup(spec, "function", nodeid))
+        coordinator, spec, _item = layering
+        _or_fail(lambda: coordinator.before_setup(spec, "function", item.nodeid))
 
 
 # xdist modes that keep every test of one module (and class) on one worker.

@@ -190,6 +190,50 @@ def test_a_wider_fixture_first_used_after_a_narrower_one_ended_errors_later_test
     assert guest.disk == {"state": "clean"} and guest.saved == {}
 
 
+def test_a_fixture_failing_beside_a_wider_one_makes_later_users_of_that_one_error(
+        pytester: pytest.Pytester, guest: FakeMachine) -> None:
+    """'app' set up, then its sibling 'broken' failed before the checkpoint: app stays cached but its
+    state is reverted away, so a later test that uses it errors, naming both -- never runs without it."""
+    pytester.makepyfile(test_a="""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def broken():
+            raise RuntimeError("install failed")
+
+        @pytest.mark.kvm_snapshot("g")
+        def test_1(app, broken):
+            pass
+
+        @pytest.mark.kvm_snapshot("g")
+        def test_2(app, kvm_guest):
+            assert kvm_guest.domain.disk.get("app") == "installed"
+    """)
+    result = pytester.runpytest("--kvm-uri=fake://a", "-p", "no:randomly")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*the guest state of session fixture 'app' was not kept: session fixture 'broken' "
+                                 "failed in the same setup before it could be checkpointed; fix that fixture*"])
+    assert guest.disk == {"state": "clean"} and guest.saved == {}
+
+
+def test_a_class_fixture_on_a_test_outside_a_class_is_per_test_and_no_layer(
+        pytester: pytest.Pytester, guest: FakeMachine) -> None:
+    pytester.makepyfile(test_a="""
+        import pytest
+
+        @pytest.fixture(scope="class")
+        def per_test(kvm_guest_factory):
+            kvm_guest_factory.get().domain.disk["mine"] = "set"
+
+        @pytest.mark.kvm_snapshot("g")
+        @pytest.mark.parametrize("i", range(2))
+        def test_t(i, per_test, kvm_guest):
+            assert kvm_guest.domain.disk["mine"] == "set"
+    """)
+    pytester.runpytest("--kvm-uri=fake://a").assert_outcomes(passed=2)
+    assert ops(guest) == ["take base", "hot base", "hot base", "delete base"]
+
+
 def golden(guest: FakeMachine) -> None:
     """A snapshot of the user's (no ownership record): never reverted to by a layer's end, never deleted."""
     guest.saved["golden"] = FakeSnapshot("golden", "mine", "running", {"state": "golden"}, guest.process)
