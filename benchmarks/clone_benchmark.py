@@ -37,7 +37,7 @@ from pathlib import Path
 
 import libvirt
 
-from pytest_kvmsnap import backend, clones, storage
+from pytest_kvmsnap.libvirt import clones, snapshots, storage
 from pytest_kvmsnap.ownership import Owner, clone_name, owner_description
 from pytest_kvmsnap.processes import process_token
 from pytest_kvmsnap.records import CloneSource
@@ -88,7 +88,7 @@ def measure(uri: str, counts: list[int], rounds: int) -> dict[str, float]:
         source = clones.make_source(dom, snap, run)
         row = {"run's copy": time.perf_counter() - begin}
     finally:
-        backend.delete_snapshot(snap)
+        snapshots.delete_snapshot(snap)
     try:
         row["copy"], row["MiB"], row["cp"] = copy_seconds(conn, source, rounds)
         for count in counts:

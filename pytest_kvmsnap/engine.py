@@ -2,7 +2,7 @@
 
 Everything above this module (reverts, baselines, recovery, leases, clones,
 evidence, the run's end) talks to a guest through these protocols, never to
-libvirt: ``libvirt_engine.py`` implements them today, and a second engine
+libvirt: the ``libvirt`` package implements them today, and a second engine
 (Incus, Proxmox VE, KubeVirt: ``docs/backends.md`` maps them point by point)
 would implement them again.  Names, descriptions and bytes go in and out;
 handles (:class:`Snapshot`, :class:`LeaseHandle`) are the engine's own objects,

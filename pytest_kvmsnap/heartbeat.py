@@ -1,4 +1,4 @@
-"""This run's leases on its guests' hypervisors (the engine's, ``leasedomain.py`` on libvirt),
+"""This run's leases on its guests' hypervisors (the engine's, ``leases.py`` on libvirt),
 kept alive by a thread.
 
 Every process of the run that uses a guest holds its lease here and renews it

@@ -19,7 +19,7 @@ from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Engine, EngineKind, Machine
 from pytest_kvmsnap.events import Notice, Reporter, Waiting
 from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost
-from pytest_kvmsnap.libvirt_engine import LIBVIRT
+from pytest_kvmsnap.libvirt.engine import LIBVIRT
 
 T = TypeVar("T")
 RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted libvirtd to answer again

@@ -132,7 +132,7 @@ def test_an_empty_ownerless_pool_a_killed_run_left_is_removed_by_the_next(  # ty
         assert_as_found(guest_a)
     finally:  # failed or not, no pool of this test's is left on the host
         if name in conn.listStoragePools() + conn.listDefinedStoragePools():
-            from pytest_kvmsnap import storage
+            from pytest_kvmsnap.libvirt import storage
 
             storage.remove_pool(conn.storagePoolLookupByName(name))
         conn.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kvmsnap import storage
+from pytest_kvmsnap.libvirt import storage
 from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.testing.guest import guest_dir
 from tests.integration.conftest import URI

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.events import to_stdout
+from pytest_kvmsnap.libvirt import leases, snapshots
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from pytest_kvmsnap.records import RunRecord
@@ -26,7 +26,7 @@ def dead_pid() -> int:
 
 def plugin_snapshot(testdriver: TestDriver, name: str, run: str, pid: int) -> None:
     owner = Owner(run, pid, os.uname().nodename, time.time())
-    backend.create_baseline(testdriver.conn.lookupByName(name), f"kvmsnap-{run}", owner)
+    snapshots.create_baseline(testdriver.conn.lookupByName(name), f"kvmsnap-{run}", owner)
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
         pytester: pytest.Pytester, testdriver: TestDriver, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race: another lock directory's run takes its baseline just as this one does."""
     name = testdriver.define()
-    real = backend.create_baseline
+    real = snapshots.create_baseline
 
     def racing(dom, snapshot, owner):  # type: ignore[no-untyped-def]
         # An older live run snapshots the guest a moment before this run does,
@@ -130,7 +130,7 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
             real(dom, "kvmsnap-olderrun", Owner("olderrun", os.getpid(), owner.host, 1.0))
         return real(dom, snapshot, owner)
 
-    monkeypatch.setattr(backend, "create_baseline", racing)  # the inner run is in this process
+    monkeypatch.setattr(snapshots, "create_baseline", racing)  # the inner run is in this process
     result = run_without_waiting(pytester, name)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*held by run olderrun*seen by its baseline snapshot 'kvmsnap-olderrun'*"])
@@ -180,8 +180,8 @@ def test_cleanup_removes_lock_files_of_guests_that_no_longer_exist_when_no_run_u
 def remote_run(testdriver: TestDriver, guest: str, run: str, expires_in: float) -> None:
     """What a run on another host left: its baseline snapshot, and its lease expiring in ``expires_in`` s."""
     owner = Owner(run, 4242, "another-host", time.time())
-    backend.create_baseline(testdriver.conn.lookupByName(guest), f"kvmsnap-{run}", owner)
-    leasedomain.define(testdriver.conn, LeaseRecord(guest, owner, time.time() + expires_in))
+    snapshots.create_baseline(testdriver.conn.lookupByName(guest), f"kvmsnap-{run}", owner)
+    leases.define(testdriver.conn, LeaseRecord(guest, owner, time.time() + expires_in))
 
 
 def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.Pytester,
@@ -197,7 +197,7 @@ def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.P
         "orphan snapshot(s)",
         f"  {name}: removed the lease of dead run gone (pid 4242 on another-host)"])
     assert testdriver.snapshots(name) == []
-    assert leasedomain.read(testdriver.conn, name) is None
+    assert leases.read(testdriver.conn, name) is None
 
 
 def test_a_run_on_another_host_with_a_live_lease_is_left_alone(pytester: pytest.Pytester,
@@ -208,6 +208,6 @@ def test_a_run_on_another_host_with_a_live_lease_is_left_alone(pytester: pytest.
     result.stdout.fnmatch_lines([f"  {name}: kvmsnap-busy belongs to live run busy (pid 4242 on another-host); "
                                  "left alone"])
     assert testdriver.snapshots(name) == ["kvmsnap-busy"]
-    found = leasedomain.read(testdriver.conn, name)
+    found = leases.read(testdriver.conn, name)
     assert found is not None and found[1].holder.run_id == "busy"
     found[0].undefine()

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_kvmsnap.clones import _clone_xml, orphans
+from pytest_kvmsnap.libvirt.clones import _clone_xml, orphans
 from pytest_kvmsnap.ownership import Owner, clone_name
 from pytest_kvmsnap.records import CloneSource
 from tests.conftest import TestDriver
@@ -71,7 +71,7 @@ def test_clone_mode_refuses_a_network_disk_up_front(pytester: pytest.Pytester, t
 
 @pytest.mark.parametrize("name", ["web", "a'b\"c<d>&e", "ünïcode name"])
 def test_pool_and_volume_names_are_data(name: str) -> None:
-    from pytest_kvmsnap import storage
+    from pytest_kvmsnap.libvirt import storage
 
     pool = ET.fromstring(storage._pool_xml(name, f"/images/{name}"))
     assert pool.findtext("name") == name and pool.findtext("target/path") == f"/images/{name}"
@@ -98,7 +98,7 @@ def test_an_empty_ownerless_pool_of_a_run_known_dead_is_its_orphan(testdriver: T
     """A run killed between defining a pool and writing its owner volume (the first thing in it)
     left it ownerless and empty: once that run is known dead by what it owned (its snapshot on the
     guest), the pool is its orphan and removed.  One with anything in it is never touched."""
-    from pytest_kvmsnap import clones, storage
+    from pytest_kvmsnap.libvirt import clones, storage
 
     name = testdriver.define()
     dom = testdriver.conn.lookupByName(name)

@@ -97,7 +97,7 @@ def test_the_device_hash_ignores_the_agent_channels_connection_state() -> None:
     """Not hotplug: the agent connecting after a revert must not make loadvm look unsafe."""
     import xml.etree.ElementTree as ET
 
-    from pytest_kvmsnap.backend import device_hash
+    from pytest_kvmsnap.libvirt.qemu import device_hash
 
     xml = ("<domain><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' "
            "state='{}'/></channel><disk type='file'/></devices></domain>")
@@ -109,7 +109,7 @@ def test_the_device_hash_ignores_the_agent_channels_connection_state() -> None:
 def test_qemus_own_forwards_are_read_from_info_usernet() -> None:
     """What QEMU 7.2 printed for a guest (a connection and the forward), and a second network
     from <qemu:commandline> whose forward binds any address."""
-    from pytest_kvmsnap.backend import parse_usernet
+    from pytest_kvmsnap.libvirt.network import parse_usernet
 
     text = ("Hub -1 (hostnet0):\r\n"
             "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"

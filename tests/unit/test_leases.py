@@ -1,4 +1,4 @@
-"""The run's lease on a guest's hypervisor (heartbeat.py, leasedomain.py): its rules, on
+"""The run's lease on a guest's hypervisor (heartbeat.py, leases.py): its rules, on
 libvirt's test driver.  The same rules on real daemons (system, and a session daemon
 over SSH): tests/integration/test_leases.py."""
 
@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pytest_kvmsnap import backend, leasedomain
 from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
+from pytest_kvmsnap.libvirt import connection, leases, snapshots
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -37,7 +37,7 @@ def runs(testdriver: TestDriver) -> Iterator[list[RunLeases]]:
     yield made
     for run in made:
         run.stop()
-    for dom, _record in leasedomain.all_leases(testdriver.conn):
+    for dom, _record in leases.all_leases(testdriver.conn):
         dom.undefine()
 
 
@@ -58,7 +58,7 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced_off(runs: l
     stalled.stop()  # a runner that stopped renewing (kill -9, powered off, SIGSTOP)
     time.sleep(0.5)
     assert taker.take(URI, GUEST) is None
-    found = leasedomain.read(taker.hypervisor.engine(URI).native, GUEST)
+    found = leases.read(taker.hypervisor.engine(URI).native, GUEST)
     assert found is not None and found[1].holder.run_id == "run-b"
     # Woken up, it knows by its own clock that it may have lost the guest: it touches it no more.
     with pytest.raises(LeaseLost, match="lease on guest 'leased-guest' at test:///default is lost: it was not "
@@ -79,10 +79,10 @@ def test_a_holder_whose_lease_was_replaced_learns_it_at_its_next_renewal(runs: l
     runs.append(holder)
     assert holder.take(URI, GUEST) is None
     conn = holder.hypervisor.engine(URI).native
-    found = leasedomain.read(conn, GUEST)
+    found = leases.read(conn, GUEST)
     assert found is not None
     owner = holder.owner if new_holder == "run-a" else Owner(new_holder, 1, "host-b", 1.0)
-    leasedomain.take_over(conn, found[0], LeaseRecord(GUEST, owner, time.time() + 60))
+    leases.take_over(conn, found[0], LeaseRecord(GUEST, owner, time.time() + 60))
     time.sleep(0.5)  # more than one renewal
     with pytest.raises(LeaseLost, match=why):
         holder.check(URI, GUEST)
@@ -101,7 +101,7 @@ def test_of_two_hosts_taking_over_one_expired_lease_at_once_exactly_one_wins(run
         results_by_run = dict(zip([run.owner.run_id for run in takers], results, strict=True))
         winners = [run_id for run_id, holder in results_by_run.items() if holder is None]
         assert len(winners) == 1, results_by_run
-        found = leasedomain.read(takers[0].hypervisor.engine(URI).native, guest)
+        found = leases.read(takers[0].hypervisor.engine(URI).native, guest)
         assert found is not None and found[1].holder.run_id == winners[0]
 
 
@@ -120,7 +120,7 @@ def test_a_dead_process_on_this_host_frees_its_lease_at_once(runs: list[RunLease
 
     gone = Owner("run-gone", 2**22 + 7, socket.gethostname(), 1.0)  # no such pid
     conn = runner("x", "y").hypervisor.engine(URI).native
-    leasedomain.define(conn, LeaseRecord(GUEST, gone, time.time() + 3600))
+    leases.define(conn, LeaseRecord(GUEST, gone, time.time() + 3600))
     taker = runner("run-b", socket.gethostname())
     runs.append(taker)
     assert taker.take(URI, GUEST) is None
@@ -128,7 +128,7 @@ def test_a_dead_process_on_this_host_frees_its_lease_at_once(runs: list[RunLease
 
 def test_a_domain_by_the_leases_name_that_is_not_one_is_never_touched(testdriver: TestDriver,
                                                                       runs: list[RunLeases]) -> None:
-    testdriver.define(GUEST + leasedomain.SUFFIX, start=False)
+    testdriver.define(GUEST + leases.SUFFIX, start=False)
     run = runner("run-a", "host-a")
     runs.append(run)
     with pytest.raises(Exception, match=r"exists but is not a pytest-kvmsnap lease.*rename that domain"):
@@ -146,15 +146,15 @@ def test_the_lease_expiry_is_checked_as_a_setting(pytester: pytest.Pytester) -> 
 
 def expire(uri: str, guest: str) -> None:
     """Make the guest's lease expired, as if its holder had stopped renewing long ago."""
-    conn = backend.open_connection(uri)
-    found = leasedomain.read(conn, guest)
+    conn = connection.open_connection(uri)
+    found = leases.read(conn, guest)
     assert found is not None
     dom, record = found
-    leasedomain.renew(dom, LeaseRecord(record.guest, record.holder, time.time() - 1))
+    leases.renew(dom, LeaseRecord(record.guest, record.holder, time.time() - 1))
 
 
 def read_expiry(run: RunLeases) -> float:
-    found = leasedomain.read(run.hypervisor.engine(URI).native, GUEST)
+    found = leases.read(run.hypervisor.engine(URI).native, GUEST)
     assert found is not None
     return found[1].expires
 
@@ -186,14 +186,14 @@ def test_a_lease_a_failed_baseline_took_is_given_back_at_once(pytester: pytest.P
     def refuse(*_args: object) -> None:
         raise KvmSnapError("no snapshot today")
 
-    monkeypatch.setattr(backend, "create_baseline", refuse)
+    monkeypatch.setattr(snapshots, "create_baseline", refuse)
     pytester.makepyfile(three_tests(name) + f"""
         def test_z_the_lease_is_gone_already():
             import libvirt
-            from pytest_kvmsnap import leasedomain
-            assert leasedomain.read(libvirt.open("test:///default"), {name!r}) is None
+            from pytest_kvmsnap.libvirt import leases
+            assert leases.read(libvirt.open("test:///default"), {name!r}) is None
     """)
     result = run_unit(pytester, "-p", "no:randomly")
     result.assert_outcomes(errors=3, passed=1)
     result.stdout.fnmatch_lines(["*no snapshot today*"])
-    assert leasedomain.read(testdriver.conn, name) is None
+    assert leases.read(testdriver.conn, name) is None

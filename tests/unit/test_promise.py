@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from pytest_kvmsnap import backend, hypervisor
+from pytest_kvmsnap import hypervisor
 from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost, KvmSnapError
+from pytest_kvmsnap.libvirt import connection, qemu, snapshots
 from tests.conftest import RECORDER, RevertLog, TestDriver
 from tests.unit.helpers import run_unit, three_tests
 
@@ -130,7 +131,7 @@ def test_wide_scopes_run_without_xdist(pytester, guest, revert_log, scope) -> No
 def test_lost_connection_while_taking_the_baseline_is_retried(pytester, guest, revert_log, testdriver,  # type: ignore[no-untyped-def]
                                                               monkeypatch) -> None:
     """libvirt finished the snapshot but the call failed: reconnect, adopt it, go on."""
-    monkeypatch.setattr(backend, "create_baseline", failing(backend.create_baseline, 1, lost, run_first=True))
+    monkeypatch.setattr(snapshots, "create_baseline", failing(snapshots.create_baseline, 1, lost, run_first=True))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=3)
@@ -141,8 +142,8 @@ def test_lost_connection_while_taking_the_baseline_is_retried(pytester, guest, r
 
 def test_a_refused_baseline_is_cached_released_and_cleaned_up(pytester, guest, testdriver, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A real refusal fails every test fast, holds nothing, and leaves no snapshot of the run."""
-    monkeypatch.setattr(backend, "create_baseline", failing(
-        backend.create_baseline, 9, lambda: KvmSnapError("cannot take a baseline snapshot: refused"), run_first=True))
+    monkeypatch.setattr(snapshots, "create_baseline", failing(
+        snapshots.create_baseline, 9, lambda: KvmSnapError("cannot take a baseline snapshot: refused"), run_first=True))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(errors=3)
@@ -155,7 +156,7 @@ def test_a_refused_baseline_is_cached_released_and_cleaned_up(pytester, guest, t
 
 def test_lost_connection_twice_during_baseline_errors_one_test_not_the_run(pytester, guest, revert_log,  # type: ignore[no-untyped-def]
                                                                           testdriver, monkeypatch) -> None:
-    monkeypatch.setattr(backend, "create_baseline", failing(backend.create_baseline, 2, lost))
+    monkeypatch.setattr(snapshots, "create_baseline", failing(snapshots.create_baseline, 2, lost))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=2, errors=1)
@@ -167,7 +168,7 @@ def test_lost_connection_twice_during_baseline_errors_one_test_not_the_run(pytes
 
 
 def test_lost_connection_during_a_revert_is_retried(pytester, guest, revert_log, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(backend, "revert_libvirt", failing(backend.revert_libvirt, 1, lost))
+    monkeypatch.setattr(qemu, "revert_libvirt", failing(qemu.revert_libvirt, 1, lost))
     pytester.makepyfile(three_tests(guest))
     run_unit(pytester).assert_outcomes(passed=3)
     assert len(revert_log.reasons()) == 3
@@ -176,7 +177,7 @@ def test_lost_connection_during_a_revert_is_retried(pytester, guest, revert_log,
 def test_a_revert_that_could_not_be_made_is_owed_by_the_next_unit(pytester, guest, revert_log,  # type: ignore[no-untyped-def]
                                                                  monkeypatch) -> None:
     """Its test errors; the next test, although revert='after', starts with the owed revert."""
-    monkeypatch.setattr(backend, "revert_libvirt", failing(backend.revert_libvirt, 2, lost))
+    monkeypatch.setattr(qemu, "revert_libvirt", failing(qemu.revert_libvirt, 2, lost))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=3, errors=1)  # the error is test 1's teardown
@@ -188,7 +189,7 @@ def test_teardown_with_libvirtd_gone_releases_the_guest(pytester, guest, revert_
     """No reconnect possible after test 1: the lock is released and the next test reverts first."""
     monkeypatch.setattr(hypervisor, "RECONNECT_TIMEOUT", 0.2)
     calls = {"alive": 0}
-    real_alive, real_open = backend.is_alive, backend.open_connection
+    real_alive, real_open = connection.is_alive, connection.open_connection
 
     def is_alive(conn):  # type: ignore[no-untyped-def]
         calls["alive"] += 1
@@ -200,8 +201,8 @@ def test_teardown_with_libvirtd_gone_releases_the_guest(pytester, guest, revert_
             raise ConnectionFailed(f"cannot open libvirt connection {uri!r}: libvirtd does not seem to be running")
         return real_open(uri)
 
-    monkeypatch.setattr(backend, "is_alive", is_alive)
-    monkeypatch.setattr(backend, "open_connection", open_connection)
+    monkeypatch.setattr(connection, "is_alive", is_alive)
+    monkeypatch.setattr(connection, "open_connection", open_connection)
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=3, errors=1)

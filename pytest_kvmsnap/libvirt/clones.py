@@ -34,8 +34,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend, storage
 from pytest_kvmsnap.exceptions import UnsupportedGuest
+from pytest_kvmsnap.libvirt import connection, preflight, storage
 from pytest_kvmsnap.ownership import MARK, Owner, kept_clone_name, kept_description, owner_description
 from pytest_kvmsnap.records import CloneSource
 
@@ -50,7 +50,7 @@ def source_pool_name(domain: str, run_id: str) -> str:
 def check_copyable(dom: libvirt.virDomain) -> None:
     """Every disk the guest writes must be a file this process can copy: refused up front,
     not halfway through with cp's error."""
-    for disk in backend.writable_disks(ET.fromstring(dom.XMLDesc(0))):
+    for disk in preflight.writable_disks(ET.fromstring(dom.XMLDesc(0))):
         if disk.get("type", "file") == "file":
             continue
         target = disk.find("target")
@@ -67,13 +67,13 @@ def check_copyable(dom: libvirt.virDomain) -> None:
 
 
 def _xml_flags() -> int:
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     return int(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
 
 
 def _writable_disks(root: ET.Element) -> list[ET.Element]:
     """The disks to copy: those the guest writes to (see backend) that have a source."""
-    return [d for d in backend.writable_disks(root) if d.find("source") is not None]
+    return [d for d in preflight.writable_disks(root) if d.find("source") is not None]
 
 
 def _disk_file(disk: ET.Element) -> str:
@@ -94,7 +94,7 @@ def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: Owner) ->
 
 def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: Owner) -> CloneSource:
     """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     conn = dom.connect()
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
     disks = _writable_disks(root)
@@ -128,7 +128,7 @@ def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
     thing written into it: see :func:`orphans`)."""
     try:
         pool = conn.storagePoolLookupByName(name)
-    except backend.lib().libvirtError:
+    except connection.lib().libvirtError:
         return
     if storage.pool_owner(pool) is not None or storage.is_empty(pool):
         storage.remove_pool(pool)
@@ -140,7 +140,7 @@ def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
 def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, name: str,
                owner: Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
     """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         root = _clone_xml(source, original, name, owner, _copy_disks(conn, source, name, owner))
         dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
@@ -169,7 +169,7 @@ def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.vir
             snap_root.remove(element)
     snap_root.append(ET.fromstring(dom.XMLDesc(_xml_flags())))
     return dom.snapshotCreateXML(ET.tostring(snap_root, encoding="unicode"),
-                                 backend.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+                                 connection.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
 
 def _clone_xml(source: CloneSource, original: str, name: str, owner: Owner,
@@ -203,7 +203,7 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: Owner,
 
 def destroy(conn: libvirt.virConnect, name: str) -> None:
     """Stop a clone (transient: it is gone then) and remove its pool of disk copies."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         dom = conn.lookupByName(name)
     except libvirt.libvirtError:
@@ -231,7 +231,7 @@ def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict
     snapshots' metadata redefined on it.  ``virsh snapshot-revert`` then starts it
     from a kept state, memory included.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     dom = conn.lookupByName(name)
     root = ET.fromstring(dom.XMLDesc(_xml_flags()))
     snapshot_xml = [dom.snapshotLookupByName(snap).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE) for snap in snapshots]

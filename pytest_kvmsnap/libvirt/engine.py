@@ -1,8 +1,8 @@
 """The :class:`~pytest_kvmsnap.engine.Engine` over libvirt: QEMU/KVM guests, local or remote.
 
-Thin on purpose: each method is one of the helpers in ``backend.py`` (snapshots,
-reverts, agent, monitor), ``clones.py`` and ``storage.py`` (copies), or
-``leasedomain.py`` (leases), which hold the libvirt knowledge and its tests.
+Thin on purpose: each method is one of the package's helpers (``snapshots``,
+``qemu``, ``agent``, ``network``, ``evidence``, ``preflight``, ``clones``,
+``storage``, ``leases``), which hold the libvirt knowledge and its tests.
 This module only fits them to the interface: libvirt objects stay in here.
 """
 
@@ -12,8 +12,9 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, cast
 
-from pytest_kvmsnap import backend, clones, leasedomain
 from pytest_kvmsnap.engine import Capabilities, Clones, LeaseHandle, Leases, Machine, Snapshot
+from pytest_kvmsnap.libvirt import agent, clones, connection, evidence, leases, preflight, qemu, snapshots
+from pytest_kvmsnap.libvirt import network as ports  # 'network' names a user-mode network below
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from pytest_kvmsnap.records import CloneSource
 
@@ -30,10 +31,10 @@ class LibvirtSnapshot:
         return str(self.native.getName())
 
     def description(self) -> str:
-        return backend.snapshot_description(self.native)
+        return snapshots.snapshot_description(self.native)
 
     def state(self) -> str:
-        return backend.snapshot_state(self.native)
+        return snapshots.snapshot_state(self.native)
 
 
 class LibvirtLease:
@@ -66,88 +67,88 @@ class LibvirtMachine:
         return str(self.native.name())
 
     def snapshot(self, name: str) -> Snapshot:
-        return LibvirtSnapshot(backend.lookup_snapshot(self.native, name))
+        return LibvirtSnapshot(snapshots.lookup_snapshot(self.native, name))
 
     def find_snapshot(self, name: str) -> Snapshot | None:
-        return _wrapped(backend.find_snapshot(self.native, name))
+        return _wrapped(snapshots.find_snapshot(self.native, name))
 
     def snapshots(self) -> list[Snapshot]:
         return [LibvirtSnapshot(snap) for snap in self.native.listAllSnapshots()]
 
     def take_baseline(self, name: str, owner: Owner) -> Snapshot:
-        return LibvirtSnapshot(backend.create_baseline(self.native, name, owner))
+        return LibvirtSnapshot(snapshots.create_baseline(self.native, name, owner))
 
     def save_state(self, name: str, description: str) -> None:
-        backend.create_kept(self.native, name, description)
+        snapshots.create_kept(self.native, name, description)
 
     def redescribe(self, snapshot: Snapshot, description: str) -> None:
-        backend.redescribe(_snap(snapshot), description)
+        snapshots.redescribe(_snap(snapshot), description)
 
     def delete_snapshot(self, snapshot: Snapshot) -> None:
-        backend.delete_snapshot(_snap(snapshot))
+        snapshots.delete_snapshot(_snap(snapshot))
 
     def holds_memory(self, snapshot: str) -> bool:
-        return backend.qemu_holds_vm_state(self.native, snapshot)
+        return snapshots.qemu_holds_vm_state(self.native, snapshot)
 
     def resume_if_paused_by_snapshot(self) -> None:
-        backend.resume_if_paused_by_snapshot(self.native)
+        snapshots.resume_if_paused_by_snapshot(self.native)
 
     def hot_revert_problem(self, snapshot: str) -> str | None:
-        return backend.inplace_possible(self.native.connect(), snapshot)
+        return qemu.inplace_possible(self.native.connect(), snapshot)
 
     def revert_hot(self, snapshot: str) -> None:
-        backend.revert_inplace(self.native, snapshot)
+        qemu.revert_inplace(self.native, snapshot)
 
     def revert_cold(self, snapshot: Snapshot) -> None:
-        backend.revert_libvirt(self.native, _snap(snapshot))
+        qemu.revert_libvirt(self.native, _snap(snapshot))
 
     def process_identity(self) -> tuple[int, str] | None:
-        return backend.process_identity(self.native)
+        return qemu.process_identity(self.native)
 
     def is_running(self) -> bool:
         return bool(self.native.isActive())
 
     def crash_reason(self) -> str | None:
-        return backend.crash_reason(self.native)
+        return qemu.crash_reason(self.native)
 
     def wait_until_down(self, seconds: float) -> bool:
-        return backend.wait_until_down(self.native, seconds)
+        return qemu.wait_until_down(self.native, seconds)
 
     def has_agent(self) -> bool:
-        return backend.has_agent_channel(self.native)
+        return agent.has_agent_channel(self.native)
 
     def agent_answers(self, timeout: int = 2) -> bool:
-        return backend.agent_answers(self.native, timeout)
+        return agent.agent_answers(self.native, timeout)
 
     def sync_clock(self) -> None:
-        backend.sync_clock(self.native)
+        agent.sync_clock(self.native)
 
     def reseed(self) -> str | None:
-        return backend.reseed(self.native)
+        return agent.reseed(self.native)
 
     def console_log(self) -> str | None:
-        return backend.console_log(self.native)
+        return evidence.console_log(self.native)
 
     def has_screen(self) -> bool:
-        return backend.has_screen(self.native)
+        return evidence.has_screen(self.native)
 
     def screenshot(self) -> tuple[str, bytes]:
-        return backend.screenshot(self.native)
+        return evidence.screenshot(self.native)
 
     def user_network(self) -> str | None:
-        return backend.user_netdev(self.native)
+        return ports.user_netdev(self.native)
 
     def forward_port(self, network: str, guest_port: int) -> int:
-        return backend.forward_port(self.native, network, guest_port)
+        return ports.forward_port(self.native, network, guest_port)
 
     def host_forwards(self) -> dict[int, tuple[str, int]]:
-        return backend.host_forwards(self.native)
+        return ports.host_forwards(self.native)
 
     def remove_forward(self, network: str, host_port: int) -> None:
-        backend.hmp(self.native, f"hostfwd_remove {network} tcp:127.0.0.1:{int(host_port)}")
+        qemu.hmp(self.native, f"hostfwd_remove {network} tcp:127.0.0.1:{int(host_port)}")
 
     def ipv4(self) -> str | None:
-        return backend.guest_ipv4(self.native)
+        return ports.guest_ipv4(self.native)
 
 
 def _dom(machine: Machine) -> libvirt.virDomain:
@@ -180,18 +181,18 @@ class LibvirtEngine:
                             screenshot=True, port_forward=qemu)
 
     def is_alive(self) -> bool:
-        return backend.is_alive(self.native)
+        return connection.is_alive(self.native)
 
     def hostname(self) -> str:
         return str(self.native.getHostname())
 
     def is_this_host(self) -> bool:
-        return backend.is_this_host(self.native)
+        return connection.is_this_host(self.native)
 
     def machine(self, name: str, *, checked: bool = True) -> Machine:
-        dom = backend.lookup_domain(self.native, name)
+        dom = connection.lookup_domain(self.native, name)
         if checked:
-            backend.preflight(self.native, dom)
+            preflight.preflight(self.native, dom)
         return LibvirtMachine(dom)
 
     def guest_names(self) -> list[str]:
@@ -235,39 +236,39 @@ class LibvirtClones:
 
 
 class LibvirtLeases:
-    """Leases as inert domains (leasedomain.py)."""
+    """Leases as inert domains (leases.py)."""
 
     def __init__(self, conn: libvirt.virConnect) -> None:
         self.conn = conn
 
     def read(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
-        found = leasedomain.read(self.conn, guest)
+        found = leases.read(self.conn, guest)
         return None if found is None else (LibvirtLease(found[0]), found[1])
 
     def reread(self, handle: LeaseHandle) -> LeaseRecord | None:
-        return leasedomain.reread(_lease(handle))
+        return leases.reread(_lease(handle))
 
     def by_id(self, lease_id: str) -> LeaseHandle | None:
-        dom = leasedomain.by_uuid(self.conn, lease_id)
+        dom = leases.by_uuid(self.conn, lease_id)
         return None if dom is None else LibvirtLease(dom)
 
     def define(self, record: LeaseRecord) -> LeaseHandle:
-        return LibvirtLease(leasedomain.define(self.conn, record))
+        return LibvirtLease(leases.define(self.conn, record))
 
     def take_over(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
-        return LibvirtLease(leasedomain.take_over(self.conn, _lease(expired), record))
+        return LibvirtLease(leases.take_over(self.conn, _lease(expired), record))
 
     def renew(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
-        return leasedomain.renew(_lease(handle), record)
+        return leases.renew(_lease(handle), record)
 
     def release(self, handle: LeaseHandle) -> None:
-        leasedomain.release(_lease(handle))
+        leases.release(_lease(handle))
 
     def all(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
-        return [(LibvirtLease(dom), record) for dom, record in leasedomain.all_leases(self.conn)]
+        return [(LibvirtLease(dom), record) for dom, record in leases.all_leases(self.conn)]
 
     def is_lease(self, guest: str) -> bool:
-        return leasedomain.is_lease_name(guest)
+        return leases.is_lease_name(guest)
 
 
 class LibvirtKind:
@@ -275,16 +276,16 @@ class LibvirtKind:
 
     @property
     def refusal(self) -> type[Exception]:
-        return cast(type[Exception], backend.lib().libvirtError)
+        return cast(type[Exception], connection.lib().libvirtError)
 
     def open(self, uri: str) -> LibvirtEngine:
-        return LibvirtEngine(uri, backend.open_connection(uri))
+        return LibvirtEngine(uri, connection.open_connection(uri))
 
     def errors(self, uri: str, action: str) -> AbstractContextManager[None]:
-        return backend.libvirt_errors(uri, action)
+        return connection.libvirt_errors(uri, action)
 
     def agent_unavailable(self, exc: Exception) -> bool:
-        return backend.is_agent_unavailable(exc)
+        return agent.is_agent_unavailable(exc)
 
 
 LIBVIRT = LibvirtKind()

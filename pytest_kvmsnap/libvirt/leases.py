@@ -24,8 +24,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.libvirt import connection
 from pytest_kvmsnap.ownership import LeaseRecord, Taken
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def read(conn: libvirt.virConnect, guest: str) -> tuple[libvirt.virDomain, Lease
     A domain of that name that is not a lease (no record in its description) is
     someone else's: an error, and it is never touched.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         dom = conn.lookupByName(lease_name(guest))
         record = LeaseRecord.from_description(_description(dom))
@@ -64,18 +64,18 @@ def read(conn: libvirt.virConnect, guest: str) -> tuple[libvirt.virDomain, Lease
 
 def by_uuid(conn: libvirt.virConnect, lease_uuid: str) -> libvirt.virDomain | None:
     """The lease with that UUID, or None once it is gone (taken over, released)."""
-    return backend.unless_missing(lambda: conn.lookupByUUIDString(lease_uuid), backend.lib().VIR_ERR_NO_DOMAIN)
+    return connection.unless_missing(lambda: conn.lookupByUUIDString(lease_uuid), connection.lib().VIR_ERR_NO_DOMAIN)
 
 
 def reread(dom: libvirt.virDomain) -> LeaseRecord | None:
     """What the lease ``dom`` (a handle, so by UUID) says now; None once it is gone or replaced."""
-    text = backend.unless_missing(lambda: _description(dom), backend.lib().VIR_ERR_NO_DOMAIN)
+    text = connection.unless_missing(lambda: _description(dom), connection.lib().VIR_ERR_NO_DOMAIN)
     return None if text is None else LeaseRecord.from_description(text)
 
 
 def define(conn: libvirt.virConnect, record: LeaseRecord) -> libvirt.virDomain:
     """Define the lease; :class:`Taken` when a domain of its name exists (another host was first)."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         return conn.defineXML(_domain_xml(record))
     except libvirt.libvirtError as exc:
@@ -92,7 +92,7 @@ def take_over(conn: libvirt.virConnect, expired: libvirt.virDomain, record: Leas
     has another UUID), and defining fails when another host defined one in
     between: either way :class:`Taken`, and only one taker wins.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         expired.undefine()
     except libvirt.libvirtError as exc:
@@ -104,7 +104,7 @@ def take_over(conn: libvirt.virConnect, expired: libvirt.virDomain, record: Leas
 
 def renew(dom: libvirt.virDomain, record: LeaseRecord) -> bool:
     """Write ``record`` (a later expiry) into the lease ``dom``; False when it is no longer there."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, record.to_description(), None, None,
                         libvirt.VIR_DOMAIN_AFFECT_CONFIG)
@@ -117,13 +117,13 @@ def renew(dom: libvirt.virDomain, record: LeaseRecord) -> bool:
 
 def release(dom: libvirt.virDomain) -> None:
     """Undefine the lease ``dom``; one already gone (taken over, removed by hand) is left as it is."""
-    backend.unless_missing(dom.undefine, backend.lib().VIR_ERR_NO_DOMAIN)
+    connection.unless_missing(dom.undefine, connection.lib().VIR_ERR_NO_DOMAIN)
 
 
 def all_leases(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, LeaseRecord]]:
     """Every lease at the hypervisor, any run's."""
     found = []
-    for dom in conn.listAllDomains(backend.lib().VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+    for dom in conn.listAllDomains(connection.lib().VIR_CONNECT_LIST_DOMAINS_INACTIVE):
         if is_lease_name(dom.name()):
             record = reread(dom)
             if record is not None:
@@ -132,7 +132,7 @@ def all_leases(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, LeaseR
 
 
 def _description(dom: libvirt.virDomain) -> str:
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, None, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
     except libvirt.libvirtError as exc:

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from pytest_kvmsnap import backend
 from pytest_kvmsnap.exceptions import UnsupportedGuest
+from pytest_kvmsnap.libvirt import connection
 from pytest_kvmsnap.ownership import Owner
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def _find_volume(conn: libvirt.virConnect, path: str,
     used like any other (a download keeps its own file descriptor, so that pool
     may go meanwhile); an inactive one is the user's to start.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     directory = posixpath.dirname(path)
     deadline = time.monotonic() + READ_POOL_WAIT
     while True:
@@ -109,7 +109,7 @@ def _find_volume(conn: libvirt.virConnect, path: str,
 
 def copy(source: libvirt.virStorageVol, pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol:
     """Copy ``source`` byte for byte (internal snapshots included) as volume ``name`` of ``pool``."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     target = pool.createXML(_volume_xml(name, physical_size(source)), 0)
     conn = pool.connect()
     down, up = conn.newStream(0), conn.newStream(0)
@@ -137,7 +137,7 @@ def copy_file(conn: libvirt.virConnect, path: str, pool: libvirt.virStoragePool,
     vanish between its lookup and the download starting (that run destroyed
     its pool): then the copy starts again.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     vanished = (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL, libvirt.VIR_ERR_OPERATION_INVALID)
     for attempt in range(1, attempts + 1):
         try:
@@ -193,7 +193,7 @@ def make_pool(conn: libvirt.virConnect, name: str, path: str, owner: Owner) -> l
 def pool_owner(pool: libvirt.virStoragePool) -> Owner | None:
     """The run that made ``pool``; None when it is not one of the plugin's, or unreadable
     (an inactive pool is not started to find out: the plugin's own start with libvirtd)."""
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     try:
         if not pool.isActive():
             return None
@@ -215,7 +215,7 @@ def _started(pool: libvirt.virStoragePool) -> bool:
     """Is the pool active, once started if it was not?  False: its directory is gone, only the
     definition is left."""
     if not pool.isActive():
-        with contextlib.suppress(backend.lib().libvirtError):
+        with contextlib.suppress(connection.lib().libvirtError):
             pool.create(0)
     return bool(pool.isActive())
 
@@ -229,7 +229,7 @@ def pool_path(pool: libvirt.virStoragePool) -> str:
 
 
 def _delete_volume(volume: libvirt.virStorageVol) -> None:
-    with contextlib.suppress(backend.lib().libvirtError):  # gone already
+    with contextlib.suppress(connection.lib().libvirtError):  # gone already
         volume.delete(0)
 
 
@@ -239,7 +239,7 @@ def remove_pool(pool: libvirt.virStoragePool) -> None:
     Only for a pool the plugin made (``make_pool``): its directory was made for
     it, named with the run's id, so every volume in it is the run's.
     """
-    libvirt = backend.lib()
+    libvirt = connection.lib()
     if _started(pool):
         pool.refresh(0)
         for volume in pool.listAllVolumes(0):

@@ -1,0 +1,119 @@
+"""The guest agent: whether it answers, the clock, entropy, and running a helper in the guest.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING, Any
+
+from pytest_kvmsnap.exceptions import (
+    KvmSnapError,
+)
+from pytest_kvmsnap.libvirt.connection import lib
+
+if TYPE_CHECKING:
+    import libvirt
+
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# Forces the guest kernel to mix in fresh bytes and reseed its random generator.
+# ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
+_RESEED_PERL = ('open(my $f, ">", "/dev/urandom") or die "open: $!"; my $d = pack("H*", $ARGV[0]); '
+                'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!"; '
+                'ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";')
+
+
+def has_agent_channel(dom: libvirt.virDomain) -> bool:
+    """Does the guest have libvirt's QEMU guest agent channel?"""
+    root = ET.fromstring(dom.XMLDesc(0))
+    return any(target.get("name") == AGENT_CHANNEL for target in root.iterfind("devices/channel/target"))
+
+
+def agent_command(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
+                  timeout: int = 5) -> Any:
+    """One guest agent command; its ``return`` value.  Raises libvirtError when it does not answer."""
+    import libvirt_qemu
+
+    message: dict[str, Any] = {"execute": command}
+    if arguments is not None:
+        message["arguments"] = arguments
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(message), timeout, 0)).get("return")
+
+
+def is_agent_unavailable(exc: Exception) -> bool:
+    """The agent is not (yet) there: after a revert its channel reconnects, and libvirt says
+    "not connected" or "not synced" for a second or two, sometimes after a first answer."""
+    libvirt = lib()
+    return isinstance(exc, libvirt.libvirtError) and exc.get_error_code() in (
+        libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED)
+
+
+def agent_answers(dom: libvirt.virDomain, timeout: int = 2) -> bool:
+    try:
+        agent_command(dom, "guest-ping", timeout=timeout)
+        return True
+    except lib().libvirtError:
+        return False
+
+
+def sync_clock(dom: libvirt.virDomain) -> None:
+    """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
+    not replay the ticks the restored guest "missed" (as QEMU's own loadvm test does).
+
+    ``date -s`` through the agent, where the guest has it: the agent's own
+    guest-set-time (libvirt's ``setTime``, what Nova uses, and the fallback here)
+    also runs ``hwclock -w``, which waits for the next second boundary, 0.5-2.7 s
+    under TCG, measured.
+    """
+    import libvirt_qemu
+
+    try:
+        code, _err = agent_exec(dom, "/bin/date", ["-u", "-s", f"@{time.time():.6f}"])
+    except lib().libvirtError as exc:
+        if is_agent_unavailable(exc):
+            raise
+        code = -1  # no /bin/date in this guest
+    if code != 0:
+        now = time.time()
+        dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
+    with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
+        libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
+
+
+def agent_exec(dom: libvirt.virDomain, path: str, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run a program in the guest through the agent; its exit code and stderr."""
+    pid = agent_command(dom, "guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = agent_command(dom, "guest-exec-status", {"pid": pid})
+        if status.get("exited"):
+            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace").strip()
+            return int(status.get("exitcode", -1)), err
+        time.sleep(0.02)
+    raise KvmSnapError(f"{path} did not finish in the guest within {timeout:.0f} s")
+
+
+def reseed(dom: libvirt.virDomain) -> str | None:
+    """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""
+    entropy = os.urandom(64)
+    try:
+        code, err = agent_exec(dom, "/usr/bin/perl", ["-e", _RESEED_PERL, entropy.hex()])
+        if code == 0:
+            return None
+        why = f"the reseed helper failed: {err}"
+    except lib().libvirtError as exc:
+        if is_agent_unavailable(exc):
+            raise  # not the guest's lack of perl: the caller waits for the agent and tries again
+        why = f"no perl in the guest to force a reseed ({exc})"
+    # Writing still mixes the bytes into the pool, without a forced reseed.
+    handle = agent_command(dom, "guest-file-open", {"path": "/dev/urandom", "mode": "w"})
+    try:
+        agent_command(dom, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(entropy).decode()})
+    finally:
+        agent_command(dom, "guest-file-close", {"handle": handle})
+    return why + "; fresh bytes were mixed in without it"
