@@ -85,15 +85,17 @@ def test_every_test_starts_from_what_its_wider_fixtures_built(pytester: pytest.P
                                  "*g: checkpoint kvmsnap-*-main-L2 after module fixture 'seed'*"])
 
 
-def test_without_layers_the_first_revert_erases_the_fixtures_work(pytester: pytest.Pytester,
-                                                                  guest: FakeMachine) -> None:
-    """What the issue saw, kept visible: a fixture of the test's own scope is not a layer."""
-    pytester.makepyfile(test_a="""
+@pytest.mark.parametrize("scope", ["function", "class"])
+def test_a_fixture_that_lives_no_longer_than_the_test_is_no_layer(pytester: pytest.Pytester, guest: FakeMachine,
+                                                                  scope: str) -> None:
+    """A fixture of the test's own scope is set up again for each test: no checkpoint.  So is a
+    class-scoped one on a test outside a class (pytest falls back to the function)."""
+    pytester.makepyfile(test_a=f"""
         import pytest
 
-        @pytest.fixture
-        def per_test(kvm_guest):
-            kvm_guest.domain.disk["mine"] = "set"
+        @pytest.fixture(scope="{scope}")
+        def per_test(kvm_guest_factory):
+            kvm_guest_factory.get().domain.disk["mine"] = "set"
 
         @pytest.mark.kvm_snapshot("g")
         @pytest.mark.parametrize("i", range(2))
@@ -214,24 +216,6 @@ def test_a_fixture_failing_beside_a_wider_one_makes_later_users_of_that_one_erro
     result.stdout.fnmatch_lines(["*the guest state of session fixture 'app' was not kept: session fixture 'broken' "
                                  "failed in the same setup before it could be checkpointed; fix that fixture*"])
     assert guest.disk == {"state": "clean"} and guest.saved == {}
-
-
-def test_a_class_fixture_on_a_test_outside_a_class_is_per_test_and_no_layer(
-        pytester: pytest.Pytester, guest: FakeMachine) -> None:
-    pytester.makepyfile(test_a="""
-        import pytest
-
-        @pytest.fixture(scope="class")
-        def per_test(kvm_guest_factory):
-            kvm_guest_factory.get().domain.disk["mine"] = "set"
-
-        @pytest.mark.kvm_snapshot("g")
-        @pytest.mark.parametrize("i", range(2))
-        def test_t(i, per_test, kvm_guest):
-            assert kvm_guest.domain.disk["mine"] == "set"
-    """)
-    pytester.runpytest("--kvm-uri=fake://a").assert_outcomes(passed=2)
-    assert ops(guest) == ["take base", "hot base", "hot base", "delete base"]
 
 
 def golden(guest: FakeMachine) -> None:
