@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # the pytest glue passes these in; this module needs no pytes
 
 REVERT_MODES = ("after", "before", "both", "on-failure", "never")
 SCOPES = ("function", "class", "module", "package", "session")
-REVERT_METHODS = ("auto", "libvirt", "inplace")
+REVERT_METHODS = ("auto", "restart", "inplace")
+# Spellings users typed before a rename (0.x rule, README "Compatibility"): still accepted, with a
+# deprecation warning naming the new one, until the next minor release.
+RENAMED_CHOICES = {"revert_method": {"libvirt": "restart"}}
 AGENT_STEPS = ("auto", "on", "off")  # auto: on when the guest's agent answers
 DEFAULT_URI = "qemu:///system"
 MIN_LEASE_EXPIRY = 8.0  # seconds: renewals every 2 s at the least
@@ -51,6 +54,12 @@ class Setting:
     cli: str | None = None  # the command-line spelling, when it differs (--kvm-domain)
 
     @property
+    def accepted(self) -> tuple[str, ...] | None:
+        """What the command line accepts: the choices and their old spellings."""
+        old = tuple(RENAMED_CHOICES.get(self.name, {}))
+        return self.choices + old if self.choices else None
+
+    @property
     def dest(self) -> str:
         return f"kvm_{self.name}"
 
@@ -73,8 +82,9 @@ SETTINGS = (
             "share the guest's state. Default: function.", default="function", choices=SCOPES),
     Setting("snapshot", "an existing snapshot tests start from instead of the state found at "
             "session start; never deleted."),
-    Setting("revert_method", "how to revert a running guest: inplace (QEMU loadvm in the running "
-            "process, fast), libvirt (revertToSnapshot, restarts QEMU) or auto (inplace where safe). "
+    Setting("revert_method", "how to revert a running guest: inplace (load the snapshot into the running "
+            "VM process, fast), restart (the engine's own revert: a new VM process from the snapshot; "
+            "'libvirt' is its old name) or auto (inplace where safe). "
             "Default: auto.", default="auto", choices=REVERT_METHODS),
     Setting("lock_timeout", "seconds to wait for a guest another run or worker holds; 0 = do not "
             "wait. Default: 600.", default=600.0),
@@ -175,6 +185,7 @@ class Settings:
     ssh_user: str = "root"
     ssh_key: str | None = None
     ssh_timeout: float = 30.0
+    deprecated: tuple[str, ...] = ()  # one line per old spelling used (RENAMED_CHOICES)
 
     @property
     def pool(self) -> tuple[str, ...]:
@@ -205,7 +216,7 @@ def add_options(parser: pytest.Parser) -> None:
         if s.flag:
             group.addoption(s.option, action="store_true", dest=s.dest, default=None, help=s.help)
         else:
-            group.addoption(s.option, dest=s.dest, default=None, choices=s.choices,
+            group.addoption(s.option, dest=s.dest, default=None, choices=s.accepted,
                             action="append" if s.multiple else "store", metavar=(s.cli or s.name).upper(),
                             help=s.help)
         if s.ini:
@@ -222,6 +233,7 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     for name, value in list(values.items()):
         if value is None:
             values[name] = BY_NAME[name].default
+    values["deprecated"] = _renamed(values)
     values["lock_timeout"] = _seconds("kvm_lock_timeout", values["lock_timeout"])
     values["wait_timeout"] = _seconds("kvm_wait_timeout", values["wait_timeout"])
     values["lease_expiry"] = _seconds("kvm_lease_expiry", values["lease_expiry"])
@@ -243,6 +255,18 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
         raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
                           "state each guest is found in. Drop one of them.")
     return validate(Settings(**values), source="ini file")
+
+
+def _renamed(values: dict[str, Any]) -> tuple[str, ...]:
+    """Old spellings replaced by their new ones in ``values``; a deprecation line for each."""
+    lines = []
+    for name, renames in RENAMED_CHOICES.items():
+        new = renames.get(str(values[name]))
+        if new is not None:
+            lines.append(f"kvm_{name} = {values[name]!r} is deprecated: it is now called {new!r} "
+                         "(same behaviour); the old name goes in the next minor release")
+            values[name] = new
+    return tuple(lines)
 
 
 def _seconds(name: str, value: object) -> float:

@@ -64,7 +64,7 @@ class Reverted:
     domain: str
     snapshot: str
     seconds: float
-    method: str  # inplace, libvirt or libvirt-fallback
+    method: str  # inplace, restart or restart-fallback
     reason: str  # which unit edge or request caused it
 
 

@@ -12,8 +12,9 @@ import contextlib
 import time
 
 from pytest_kvmsnap.checkpoints import delete_run_layers
+from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Machine, Snapshot, snapshot_owner
-from pytest_kvmsnap.events import Notice
+from pytest_kvmsnap.events import Notice, Reporter
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
@@ -27,8 +28,11 @@ AGENT_AFTER_FINAL = 5.0  # seconds the agent gets to answer after the end-of-ses
 
 
 class Finisher:
-    def __init__(self, hypervisor: Hypervisor, reverter: Reverter, store: RecordStore) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, reverter: Reverter, store: RecordStore,
+                 report: Reporter) -> None:
+        self.settings = settings
         self.hypervisor = hypervisor
+        self.report = report
         self.reverter = reverter
         self.store = store
         self.finished: list[RunRecord] = []  # the records closed, for the summary
@@ -48,7 +52,7 @@ class Finisher:
                 problems.append(problem)
                 unfinished.add((record.uri, record.domain))
         # Leases that failed baseline steps took, with no record left to close.
-        for uri in sorted({*self.hypervisor.settings.pool, *(r.uri for r in records)}):
+        for uri in sorted({*self.settings.pool, *(r.uri for r in records)}):
             try:
                 leases.release_left(uri, unfinished)
             except ConnectionFailed:
@@ -59,10 +63,10 @@ class Finisher:
         return problems
 
     def _finish_guest(self, record: RunRecord, leases: RunLeases) -> str | None:
-        settings = self.hypervisor.settings
+        settings = self.settings
         lock = self.store.lock(record.uri, record.domain)
         try:
-            record = lock.load_history(lock.acquire(settings.lock_timeout, self.hypervisor.report) or record)
+            record = lock.load_history(lock.acquire(settings.lock_timeout, self.report) or record)
             if not record.clone_of:
                 try:
                     leases.adopt(record.uri, record.domain)
@@ -114,14 +118,14 @@ class Finisher:
 
     def _clock_as_found(self, machine: Machine) -> None:
         """The baseline's clock is the run's start: set it to now, where the agent answers."""
-        if self.hypervisor.settings.sync_clock == "off" or not machine.has_agent():
+        if self.settings.sync_clock == "off" or not machine.has_agent():
             return
         if not poll(lambda: machine.agent_answers(timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
             return
         try:
             machine.sync_clock()
         except (KvmSnapError, self.hypervisor.kind.refusal) as exc:  # restored all the same
-            self.hypervisor.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
+            self.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
                                           f"set to the host's: {exc}"))
 
     def _remove_forwards(self, record: RunRecord, machine: Machine) -> None:

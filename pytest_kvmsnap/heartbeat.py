@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.engine import Engine, LeaseHandle
 from pytest_kvmsnap.exceptions import KvmSnapError, LeaseLost
-from pytest_kvmsnap.hypervisor import Hypervisor, open_within
+from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken
 from pytest_kvmsnap.processes import running
 
@@ -188,7 +188,7 @@ class RunLeases:
     def _renew(self, key: Key, lease: _Held) -> None:
         uri, guest = key
         engine = self._engines.get(uri) or self._engines.setdefault(
-            uri, open_within(self.hypervisor.kind, uri, self.hypervisor.settings.connect_timeout))
+            uri, self.hypervisor.open_separate(uri))
         handle = engine.leases.by_id(lease.id)
         if handle is None:
             now = engine.leases.read(guest)  # who has it now, for the message

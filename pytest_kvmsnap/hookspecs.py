@@ -16,9 +16,11 @@ def pytest_kvmsnap_reverted(
 ) -> None:
     """Called after guest ``domain`` went back to ``snapshot``.
 
-    ``method`` is ``inplace``, ``libvirt`` or ``libvirt-fallback`` (an in-place
-    load failed and libvirt's revert was used); ``reason`` says which unit edge
-    or request caused it.
+    ``method`` is ``inplace`` (the snapshot loaded into the running VM process),
+    ``restart`` (the engine's own revert: a new VM process from the snapshot) or
+    ``restart-fallback`` (an in-place load failed, so a restart was used); before
+    0.x's rename of the engine's words, ``restart`` was reported as ``libvirt``.
+    ``reason`` says which unit edge or request caused it.
     """
 
 

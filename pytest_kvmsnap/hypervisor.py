@@ -82,6 +82,10 @@ class Hypervisor:
             self._engines[uri] = open_within(self.kind, uri, self.settings.connect_timeout)
         return self._engines[uri]
 
+    def open_separate(self, uri: str) -> Engine:
+        """A new connection to ``uri`` of the caller's own (another thread's), not cached here."""
+        return open_within(self.kind, uri, self.settings.connect_timeout)
+
     def machine(self, name: str, uri: str | None = None) -> Machine:
         """Look the guest up and check it once, before any snapshot is taken."""
         uri = uri or self.settings.uri

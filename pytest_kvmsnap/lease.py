@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from pytest_kvmsnap.config import this_host
 from pytest_kvmsnap.engine import Snapshot, owned_snapshots
-from pytest_kvmsnap.events import Waiting
+from pytest_kvmsnap.events import Reporter, Waiting
 from pytest_kvmsnap.exceptions import LeaseTimeout
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
@@ -41,8 +41,9 @@ class Outraced(Exception):
 
 class Lease:
     def __init__(self, hypervisor: Hypervisor, owner: Owner, lock_timeout: float,
-                 leases: RunLeases) -> None:
+                 leases: RunLeases, report: Reporter) -> None:
         self.hypervisor = hypervisor
+        self.report = report
         self.owner = owner
         self.lock_timeout = lock_timeout
         self.leases = leases
@@ -82,7 +83,7 @@ class Lease:
         its original's covers it).  Returns with the lock held; raises with it released.
         """
         deadline = time.monotonic() + self.lock_timeout
-        report = self.hypervisor.report
+        report = self.report
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             record = lock.acquire(remaining, report, admit=self.may_use, check=check)
@@ -130,5 +131,5 @@ class Lease:
         if time.monotonic() >= deadline:
             raise LeaseTimeout(f"gave up after {self.lock_timeout:.0f} s waiting for guest {name!r}: held by {who}. "
                                f"{remedy[0].upper()}{remedy[1:]}; else raise --kvm-lock-timeout")
-        self.hypervisor.report(Waiting(f"kvmsnap: guest {name!r} is in use by {who}; waiting"))
+        self.report(Waiting(f"kvmsnap: guest {name!r} is in use by {who}; waiting"))
         time.sleep(min(RIVAL_POLL, max(0.0, deadline - time.monotonic())))

@@ -73,6 +73,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SETTINGS_KEY] = with_artifacts_dir(resolve(config), config)
     except ConfigError as exc:
         raise pytest.UsageError(f"kvmsnap: {exc}") from None
+    for line in config.stash[SETTINGS_KEY].deprecated:
+        config.issue_config_time_warning(pytest.PytestDeprecationWarning(f"kvmsnap: {line}"), stacklevel=2)
     # A plugin object: it sees every report, the workers' too on xdist's controller.
     config.stash[RUN_FIGURES_KEY] = RunFigures()
     config.pluginmanager.register(config.stash[RUN_FIGURES_KEY], "kvmsnap-run-figures")
@@ -167,7 +169,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
     config.stash[CURRENT_KEY] = item  # for the layers its fixtures build, and kvm_guest_factory
-    _or_fail(lambda: coordinator_for(config).check_fixtures(list(getattr(item, "fixturenames", []))))
+    _or_fail(lambda: coordinator_for(config).layering.check_fixtures(list(getattr(item, "fixturenames", []))))
 
 
 def _layering(config: pytest.Config) -> tuple[Coordinator, Spec, pytest.Item] | None:
@@ -199,15 +201,15 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
         return (yield)
     coordinator, spec, item = layering
     scope = _scope(fixturedef, item)
-    _or_fail(lambda: coordinator.before_setup(spec, scope, item.nodeid))
+    _or_fail(lambda: coordinator.layering.before_setup(spec, scope, item.nodeid))
     fixture = Fixture(id(fixturedef), fixturedef.argname, scope)
     try:
         result = yield
     except BaseException:
-        coordinator.fixture_failed(fixture)
+        coordinator.layering.fixture_failed(fixture)
         raise
     if not getattr(fixturedef.func, "__module__", "").startswith(_NO_GUEST_STATE):
-        _or_fail(lambda: coordinator.fixture_set_up(spec, fixture))
+        _or_fail(lambda: coordinator.layering.fixture_set_up(spec, fixture))
     return result
 
 
@@ -215,7 +217,7 @@ def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: p
     """A torn-down fixture ends the layers it built (the guest leaves them at the unit's edge)."""
     coordinator = request.config.stash.get(COORDINATOR_KEY, None)
     if coordinator is not None:
-        coordinator.fixture_ended(id(fixturedef))
+        coordinator.layering.fixture_ended(id(fixturedef))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -232,7 +234,7 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     layering = _layering(item.config)
     if layering is not None:  # wider fixtures set up and nothing narrower did: checkpoint before the body
         coordinator, spec, _item = layering
-        _or_fail(lambda: coordinator.before_setup(spec, "function", item.nodeid))
+        _or_fail(lambda: coordinator.layering.before_setup(spec, "function", item.nodeid))
 
 
 # xdist modes that keep every test of one module (and class) on one worker.

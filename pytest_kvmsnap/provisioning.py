@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pytest_kvmsnap.engine import Machine, Snapshot, owned_snapshots, snapshot_owner
-from pytest_kvmsnap.events import BaselineTaken, Notice
+from pytest_kvmsnap.events import BaselineTaken, Notice, Reporter
 from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed, UnsupportedGuest
 from pytest_kvmsnap.guest import GuestState
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import GuestLock, RecordStore
@@ -30,10 +31,12 @@ Incident = Callable[[str, "RunRecord | None"], None]  # record an event of the r
 
 
 class Provisioner:
-    def __init__(self, hypervisor: Hypervisor, lease: Lease, recovery: Recovery, store: RecordStore,
-                 incident: Incident) -> None:
+    def __init__(self, hypervisor: Hypervisor, lease: Lease, leases: RunLeases, recovery: Recovery,
+                 store: RecordStore, incident: Incident, report: Reporter) -> None:
         self.hypervisor = hypervisor
         self.lease = lease
+        self.leases = leases
+        self.report = report
         self.recovery = recovery
         self.store = store
         self.owner = lease.owner
@@ -74,7 +77,7 @@ class Provisioner:
         record.settle_pending = True  # the first test waits for the guest like any later one
         record.settle_restored = bool(state.clone_of)  # a clone was started from the snapshot
         remember_loaded(record, machine, snap)  # this QEMU process took it: it may load it in place
-        self.hypervisor.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
+        self.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record
 
     def _give_back(self, state: GuestState) -> bool:
@@ -84,7 +87,7 @@ class Provisioner:
         try:
             with self.hypervisor.errors(state.uri, f"giving {state.name!r} back after its failed baseline"):
                 self._delete_own_snapshots(state.name, state.uri)
-                self.lease.leases.release(state.uri, state.name)
+                self.leases.release(state.uri, state.name)
         except KvmSnapError:
             return False
         return True
@@ -138,7 +141,7 @@ class Provisioner:
                                "create; rename or delete it (virsh snapshot-delete)")
         machine.resume_if_paused_by_snapshot()
         if not machine.is_running() or machine.holds_memory(snap.name):
-            self.hypervisor.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that libvirt "
+            self.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that libvirt "
                                           "finished after the connection was lost"))
             return snap
         machine.delete_snapshot(snap)
@@ -160,7 +163,7 @@ class Provisioner:
         for uri, name in sorted(self.failed):
             lock = self.store.lock(uri, name)
             try:
-                record = lock.acquire(self.lease.lock_timeout, self.hypervisor.report)
+                record = lock.acquire(self.lease.lock_timeout, self.report)
                 if record is not None and record.run_id == self.owner.run_id:
                     continue
                 with self.hypervisor.errors(uri, f"removing this run's snapshot of {name!r}"):
@@ -186,7 +189,7 @@ class Provisioner:
             self.lease.hold(lock, name, lambda: self._new_clone_source(name, machine, lock))
             # Every process with a clone keeps the original's lease alive: it covers the
             # clones too, which another host's recovery would otherwise count as orphans.
-            self.lease.leases.adopt(lock.uri, name)
+            self.leases.adopt(lock.uri, name)
         finally:
             lock.release()
         return clone_name(name, self.owner.run_id, slot)

@@ -49,7 +49,7 @@ class RunRecord:
     # (seconds, method, target, reason) of the reverts in this run: in memory, this process's
     # since it took the guest; on disk, all workers', appended to the record's history file
     reverts: list[tuple[float, str, str, str]] = field(default_factory=list)
-    # snapshot -> how it is reverted and why ("inplace (QEMU loadvm)", "libvirt (...)")
+    # snapshot -> how it is reverted and why ("inplace (QEMU loadvm)", "restart (...)")
     revert_methods: dict[str, str] = field(default_factory=dict)
     # one-line events any process of the run saw (orphans repaired, holder died)
     events: list[str] = field(default_factory=list)

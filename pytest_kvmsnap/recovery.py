@@ -8,6 +8,8 @@ naming a dead run is touched; a live run's things are listed at most.
 from __future__ import annotations
 
 from pytest_kvmsnap.engine import Machine, Snapshot, damaged_snapshots, owned_snapshots
+from pytest_kvmsnap.events import Reporter
+from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore
@@ -17,9 +19,13 @@ Orphan = tuple[Owner, Snapshot]
 
 
 class Recovery:
-    def __init__(self, hypervisor: Hypervisor, lease: Lease, store: RecordStore) -> None:
+    def __init__(self, hypervisor: Hypervisor, lease: Lease, leases: RunLeases, store: RecordStore,
+                 uri: str, report: Reporter) -> None:
         self.hypervisor = hypervisor
         self.lease = lease
+        self.leases = leases
+        self.uri = uri  # the configured URI, where --kvm-cleanup looks
+        self.report = report
         self.store = store
 
     def _dead_other(self, owner: Owner, uri: str, name: str) -> bool:
@@ -66,7 +72,7 @@ class Recovery:
 
     def cleanup(self, name: str, dry_run: bool) -> list[str]:
         """``--kvm-cleanup``: repair one guest dead runs left, under its lock and its lease."""
-        uri = self.hypervisor.settings.uri
+        uri = self.uri
         machine = self.hypervisor.engine(uri).machine(name, checked=False)
         lines = [f"{name}: {snap.name} belongs to live run {owner.run_id} "
                  f"(pid {owner.pid} on {owner.host}); left alone"
@@ -74,7 +80,7 @@ class Recovery:
         orphans = self.orphans(machine, uri)
         dead_clones, pools = self._orphan_clones(machine, uri, orphans)
         lease = self.hypervisor.engine(uri).leases.read(name)
-        dead_lease = lease is not None and not self.lease.leases.holder_alive(lease[1])
+        dead_lease = lease is not None and not self.leases.holder_alive(lease[1])
         if dry_run:
             if orphans:
                 names = ", ".join(snap.name for _, snap in orphans)
@@ -93,15 +99,15 @@ class Recovery:
         """Repair under the guest's lock and its lease (a dead run's lease is taken over, then
         given back: it is gone)."""
         lock = self.store.lock(uri, name)
-        lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
+        lock.acquire(self.lease.lock_timeout, self.report, admit=self.lease.may_use)
         try:
-            holder = self.lease.leases.take(uri, name)
+            holder = self.leases.take(uri, name)
             if holder is not None:  # a live run took the guest since the lease was read
                 return [f"{name}: held by live {holder.describe()}; left alone"]
             try:
                 lines = self.repair(name, machine, uri)
             finally:
-                self.lease.leases.release(uri, name)
+                self.leases.release(uri, name)
         finally:
             lock.release()
         if dead_lease is not None:
@@ -112,7 +118,7 @@ class Recovery:
     def unused_locks(self, dry_run: bool) -> list[str]:
         """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""
         existing = set(self.hypervisor.engine().guest_names())
-        return self.store.remove_unused_locks(self.hypervisor.settings.uri, existing.__contains__, dry_run)
+        return self.store.remove_unused_locks(self.uri, existing.__contains__, dry_run)
 
     def stale_records(self, dry_run: bool) -> list[str]:
         """Run records of dead runs whose guests had nothing left to repair."""
@@ -124,7 +130,7 @@ class Recovery:
                          f"dead run {record.run_id} (pid {record.owner_pid})")
             if not dry_run:
                 lock = self.store.lock(record.uri, record.domain)
-                lock.acquire(self.lease.lock_timeout, self.hypervisor.report, admit=self.lease.may_use)
+                lock.acquire(self.lease.lock_timeout, self.report, admit=self.lease.may_use)
                 lock.remove()
                 lock.release()
         return lines

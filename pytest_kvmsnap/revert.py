@@ -2,9 +2,9 @@
 
 An in-place ``loadvm`` is safe only into the very QEMU process (same devices)
 that took or last loaded the snapshot; the run record remembers which process
-that was (``inplace_ok``).  Anything else goes through the engine's cold revert
-(libvirt's), which starts a new QEMU from the snapshot -- which then may load
-it in place.  Decisions only: the engine (engine.py) does the work.
+that was (``inplace_ok``).  Anything else goes through the engine's own revert,
+a *restart* (on libvirt, revertToSnapshot), which starts a new QEMU from the
+snapshot -- which then may load it in place.  Decisions only: the engine (engine.py) does the work.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pytest_kvmsnap.records import RunRecord
 
 
 class GuestFacts(Protocol):
-    """What the choice of method asks about a guest: libvirt's answers, or a fake's in tests."""
+    """What the choice of method asks about a guest: the engine's answers, or a fake's in tests."""
 
     def monitor_problem(self, snapshot: str) -> str | None:
         """Why QEMU's monitor cannot be asked to load ``snapshot``, or None."""
@@ -38,7 +38,7 @@ def why_not_inplace(method: str, facts: GuestFacts, snapshot: str, loaded_by: li
     ``method`` is the ``kvm_revert_method`` setting; ``loaded_by`` the identity
     of the QEMU process that took or last loaded ``snapshot``, if any did.
     """
-    if method == "libvirt":
+    if method == "restart":
         return "chosen by kvm_revert_method"
     problem = facts.monitor_problem(snapshot)
     if problem is not None:
@@ -77,7 +77,7 @@ def remember_loaded(record: RunRecord, machine: Machine, snap: Snapshot) -> None
         record.inplace_ok[snap.name] = list(identity)
 
 
-QEMU_GONE_WAIT = 15.0  # seconds libvirt may take, on a loaded host, to notice that QEMU exited
+QEMU_GONE_WAIT = 15.0  # seconds the engine may take, on a loaded host, to notice that the VM process exited
 
 
 class Reverter:
@@ -97,12 +97,12 @@ class Reverter:
             # end-of-session restore (final) may too: a guest left dirty is worse.
             raise RevertFailed(f"kvm_revert_method=inplace: cannot revert {record.domain!r} to "
                                f"{target!r} in place: {why_not}. Use --kvm-revert-method=auto "
-                               "to fall back to libvirt's revert there.")
+                               "to fall back to a restart from the snapshot there.")
         if why_not:
-            record.revert_methods.setdefault(target, f"libvirt ({why_not})")
+            record.revert_methods.setdefault(target, f"restart ({why_not})")
         self.report(RevertStarting(record.domain, target, reason))
         start = time.perf_counter()
-        method = self._revert(record, machine, snap, "libvirt" if why_not else "inplace")
+        method = self._revert(record, machine, snap, "restart" if why_not else "inplace")
         seconds = time.perf_counter() - start
         record.reverts.append((seconds, method, target, reason))
         self.report(Reverted(record.domain, target, seconds, method, reason))
@@ -115,14 +115,14 @@ class Reverter:
                 record.revert_methods.setdefault(name, "inplace (QEMU loadvm)")
                 return "inplace"
             except RevertFailed as exc:
-                record.revert_methods[name] = f"libvirt (in-place load failed: {exc})"
-                method = "libvirt-fallback"
+                record.revert_methods[name] = f"restart (in-place load failed: {exc})"
+                method = "restart-fallback"
         try:
             machine.revert_cold(snap)
         except RevertFailed:
-            # QEMU died under the revert (killed, crashed) and libvirt has not yet seen it
+            # QEMU died under the revert (killed, crashed) and the engine has not yet seen it
             # go ("domain is no longer running"): once it has, the guest is shut off, and
-            # libvirt's revert starts a new QEMU from the snapshot.
+            # its restart starts a new QEMU from the snapshot.
             if not machine.wait_until_down(QEMU_GONE_WAIT):
                 raise
             machine.revert_cold(snap)

@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 
 from pytest_kvmsnap import postmortem
-from pytest_kvmsnap.events import Notice
+from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.events import Notice, Reporter
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.figures import GuestFigures
 from pytest_kvmsnap.guest import GuestState
@@ -20,10 +21,10 @@ from pytest_kvmsnap.ownership import kept_clone_name
 
 
 class Witness:
-    def __init__(self, hypervisor: Hypervisor, run_id: str) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, run_id: str, report: Reporter) -> None:
         self.hypervisor = hypervisor
-        self.settings = hypervisor.settings
-        self.report = hypervisor.report
+        self.settings = settings
+        self.report = report
         self.run_id = run_id
         self._local_uris: dict[str, bool] = {}
 

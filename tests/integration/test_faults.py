@@ -195,7 +195,7 @@ def test_guest_shut_off_at_start(inner: pytest.Pytester, guest_a: RealGuest) -> 
 """)
     result = run_inner(inner)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*revert method for kvmsnap-*: libvirt (snapshot * was taken while the "
+    result.stdout.fnmatch_lines(["*revert method for kvmsnap-*: restart (snapshot * was taken while the "
                                  "guest was not running)"])
     assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
     assert guest_a.snapshots() == []

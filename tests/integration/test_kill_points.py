@@ -98,7 +98,7 @@ def test_each(i, sh):
 CASES = [
     ("pytest during savevm", "pytest:baseline", 0.02, [], "cleanup"),
     ("pytest during in-place loadvm", "pytest:after", 0.03, [], "next run"),
-    ("pytest during libvirt revert", "pytest:after", 0.3, ["--kvm-revert-method=libvirt"], "cleanup"),
+    ("pytest during a restart revert", "pytest:after", 0.3, ["--kvm-revert-method=restart"], "cleanup"),
     ("pytest during end-of-session restore", "pytest:end of session", 0.03, ["--kvm-revert=never"], "next run"),
     ("libvirtd during a revert", "libvirtd:after", 0.03, [], "survives"),
     ("QEMU during loadvm", "qemu:after", 0.03, [], "survives"),
@@ -139,7 +139,7 @@ def test_a_kill_inside_an_operation(inner: pytest.Pytester, guest_a: RealGuest, 
     if recovery == "survives":
         result.assert_outcomes(passed=3)
         expected = {"libvirtd:after": "*lost the connection to libvirtd*reconnecting and trying once more*",
-                    "qemu:after": "*revert method for kvmsnap-*: libvirt (in-place load failed: *",
+                    "qemu:after": "*revert method for kvmsnap-*: restart (in-place load failed: *",
                     "qemu:reverted": f"*kvmsnap: {guest_a.name}: went down between tests (its QEMU process exited "
                                      "unexpectedly*); restoring it before *"}[kill]
         result.stdout.fnmatch_lines([expected])

@@ -39,12 +39,12 @@ def assert_as_found(guest: RealGuest, snapshots: list[str] | None = None) -> Non
         lock.release()
 
 
-@pytest.mark.parametrize("method", ["auto", "inplace", "libvirt"])
+@pytest.mark.parametrize("method", ["auto", "inplace", "restart"])
 def test_disk_and_memory_restored_between_tests(inner: pytest.Pytester, guest_a: RealGuest, method: str) -> None:
     inner.makepyfile(three_dirty_tests(guest_a.name))
     result = run_inner(inner, f"--kvm-revert-method={method}")
     result.assert_outcomes(passed=3)
-    expected = "libvirt*" if method == "libvirt" else "inplace (QEMU loadvm)"
+    expected = "restart*" if method == "restart" else "inplace (QEMU loadvm)"
     result.stdout.fnmatch_lines([f"{guest_a.name}: baseline kvmsnap-* 3 revert(s)*",
                                  f"*revert method for kvmsnap-*: {expected}"])
     assert_as_found(guest_a)

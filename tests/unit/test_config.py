@@ -79,3 +79,19 @@ def test_bad_clones_value_is_refused(pytester: pytest.Pytester) -> None:
 
     with pytest.raises(ConfigError, match="is not 'auto' or a number of clones"):
         settings(pytester, "--kvm-clones=many")
+
+
+@pytest.mark.parametrize("where", ["cli", "ini"])
+def test_an_old_spelling_still_works_and_says_its_new_name(pytester: pytest.Pytester, where: str) -> None:
+    """0.x rule (README "Compatibility"): a renamed value keeps working for a minor release, with a
+    deprecation warning naming the new one; the run uses the new one."""
+    args = ("--kvm-revert-method=libvirt",) if where == "cli" else ()
+    got = settings(pytester, *args, ini="" if args else "kvm_revert_method = libvirt")
+    assert got.revert_method == "restart"
+    assert got.deprecated == ("kvm_revert_method = 'libvirt' is deprecated: it is now called 'restart' "
+                              "(same behaviour); the old name goes in the next minor release",)
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest(*args, "-W", "default")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*PytestDeprecationWarning: kvmsnap: kvm_revert_method = 'libvirt' is "
+                                 "deprecated: it is now called 'restart'*"])

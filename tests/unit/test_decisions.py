@@ -78,7 +78,7 @@ SAME = [7, "devices"]  # the process that took or loaded the snapshot
 @pytest.mark.parametrize(("setting", "guest", "loaded_by", "why"), [
     ("auto", FakeGuest(), SAME, None),
     ("inplace", FakeGuest(), SAME, None),
-    ("libvirt", FakeGuest(), SAME, "chosen by kvm_revert_method"),
+    ("restart", FakeGuest(), SAME, "chosen by kvm_revert_method"),
     ("auto", FakeGuest(monitor="the TEST driver has no QEMU monitor"), SAME, "the TEST driver has no QEMU monitor"),
     ("auto", FakeGuest(state="shutoff"), SAME, f"snapshot {BASE!r} was taken while the guest was not running"),
     ("auto", FakeGuest(state="paused"), SAME, f"snapshot {BASE!r} was taken while the guest was not running"),

@@ -62,7 +62,8 @@ def test_the_finisher_reverts_and_deletes_only_a_snapshot_that_says_it_is_this_r
     settings = Settings(uri="test:///default")
     events: list[Event] = []
     hypervisor = Hypervisor(settings, events.append)
-    finisher = Finisher(hypervisor, Reverter(settings, events.append), RecordStore(tmp_path, events.append))
+    finisher = Finisher(settings, hypervisor, Reverter(settings, events.append), RecordStore(tmp_path, events.append),
+                        events.append)
     leases = RunLeases(hypervisor, Owner("run1", os.getpid(), "h", 1.0), settings.lease_expiry)
     assert leases.take("test:///default", name) is None  # the run's lease is no forgery
     problems = finisher.finish_run("run1", leases)

@@ -19,7 +19,7 @@ LAYERS = [
     # what the plugin does, through engine.py's interface
     "postmortem", "deadlock", "units", "layers", "placement", "hypervisor", "heartbeat", "revert", "lease",
     "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",
-    "coordinator", "ssh",
+    "holding", "guestops", "layering", "coordinator", "ssh",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]

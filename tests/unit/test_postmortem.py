@@ -84,7 +84,7 @@ def test_junit_xml_has_each_tests_guest_figures(pytester, guest) -> None:  # typ
     for case in root.iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         assert props["kvmsnap_guest"] == guest
-        assert props["kvmsnap_revert_method"] == "libvirt"  # the test driver has no QEMU monitor
+        assert props["kvmsnap_revert_method"] == "restart"  # the test driver has no QEMU monitor
         assert float(str(props["kvmsnap_revert_seconds"])) >= 0
         assert float(str(props["kvmsnap_wait_seconds"])) >= float(str(props["kvmsnap_lock_wait_seconds"]))
         assert ("kvmsnap_kept_snapshot" in props) == case.get("name", "").endswith("[3]")
@@ -133,11 +133,11 @@ def test_png_from_ppm_keeps_the_pixels() -> None:
 
 def test_figures_survive_the_trip_through_properties() -> None:
     figures = [GuestFigures("a", 0.25, ["inplace"], 1.5, 0.5, kept_snapshot="kept-x", kept_uri="qemu+ssh://h/system"),
-               GuestFigures("b", 3.0, ["libvirt", "inplace"], not_kept="cap")]
+               GuestFigures("b", 3.0, ["restart", "inplace"], not_kept="cap")]
     back = from_properties([("other", 1), *(p for f in figures for p in f.properties())])
     assert back == figures
     assert [(s.what, s.guest) for s in sorted(slow_entries("t", back), reverse=True)] == [
-        ("revert (libvirt,inplace)", "b"), ("lock wait", "a"), ("ready", "a"), ("revert (inplace)", "a")]
+        ("revert (restart,inplace)", "b"), ("lock wait", "a"), ("ready", "a"), ("revert (inplace)", "a")]
 
 
 def test_a_kept_clones_commands_are_virsh_only_and_quoted() -> None:

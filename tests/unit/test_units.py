@@ -137,7 +137,7 @@ def test_manual_revert_and_summary(pytester, guest) -> None:  # type: ignore[no-
     result.stdout.fnmatch_lines([
         "*= kvmsnap =*",
         f"{guest}: baseline kvmsnap-* taken in *, 2 revert(s), total *, median *",
-        "*revert method for kvmsnap-*: libvirt (the TEST driver has no QEMU monitor)",
+        "*revert method for kvmsnap-*: restart (the TEST driver has no QEMU monitor)",
         "kvmsnap: slowest 1 reverts and waits",
-        f"*s revert (libvirt)*{guest}  test_manual_revert_and_summary.py::test_m",
+        f"*s revert (restart)*{guest}  test_manual_revert_and_summary.py::test_m",
     ])
