@@ -132,8 +132,7 @@ class Coordinator:
             # Checked first, so the error lists only the user's snapshots.
             self.holder.machine(state).snapshot(spec.snapshot)
         if state.broken:
-            raise RevertFailed(f"guest {state.clone_of or state.name!r} is unusable for the rest of this run: "
-                               f"{state.broken}")
+            raise RevertFailed(f"guest {state.test_name!r} is unusable for the rest of this run: {state.broken}")
         self.holder.check_lease(state)
         if not state.lock.held:
             self.ops.figures_of(state).lock_seconds += self.holder.hold(state, nodeid)

@@ -126,7 +126,7 @@ class Finisher:
             machine.sync_clock()
         except (KvmSnapError, self.hypervisor.kind.refusal) as exc:  # restored all the same
             self.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
-                                          f"set to the host's: {exc}"))
+                               f"set to the host's: {exc}"))
 
     def _remove_forwards(self, record: RunRecord, machine: Machine) -> None:
         """The host ports the run forwarded to the guest (Guest.address) go with it.

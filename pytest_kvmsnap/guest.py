@@ -42,6 +42,11 @@ class GuestState:
     unit_tests: int = 0  # tests of the current unit started so far
 
     @property
+    def test_name(self) -> str:
+        """The name tests use for the guest (in clone mode the original's, not the clone's)."""
+        return self.clone_of or self.name
+
+    @property
     def clean_at(self) -> str | None:
         """The snapshot the guest is known to be exactly at; None once a test used it."""
         return self.record.clean_at if self.record is not None else None

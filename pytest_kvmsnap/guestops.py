@@ -52,7 +52,7 @@ class GuestOps:
 
     def address(self, state: GuestState, port: int) -> tuple[str, int]:
         return guest_address(self.hypervisor.engine(state.uri), self.holder.machine(state), state,
-                             state.clone_of or state.name, port)
+                             state.test_name, port)
 
     def settle(self, state: GuestState) -> None:
         """After the baseline or a revert: clock, entropy and the wait (readiness.py).
@@ -62,7 +62,7 @@ class GuestOps:
         """
         record = state.record
         assert record is not None, "a held guest is settled"
-        name = state.clone_of or state.name
+        name = state.test_name
         start = time.perf_counter()
         steps = self.readiness.settle(name, self.holder.machine(state), lambda port: self.address(state, port),
                                       restored=record.settle_restored)

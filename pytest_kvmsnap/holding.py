@@ -32,11 +32,10 @@ from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import RecordStore
 from pytest_kvmsnap.placement import Probe, place, worker_slot
-from pytest_kvmsnap.provisioning import Provisioner
+from pytest_kvmsnap.provisioning import Incident, Provisioner
 from pytest_kvmsnap.records import RunRecord
 
 T = TypeVar("T")
-Incident = Callable[[str, "RunRecord | None"], None]
 
 # Failures that say nothing lasting about a guest: never cached as its verdict.
 TRANSIENT = (ConnectionLost, ConnectionFailed)
@@ -128,7 +127,7 @@ class Holder:
     def hold(self, state: GuestState, holder: str) -> float:
         """Hold the guest for this process (once it failed to, fail fast); the seconds spent
         waiting for it, apart from taking the baseline."""
-        return self.first_use(state.clone_of or state.name, lambda: self._acquire(state, holder))
+        return self.first_use(state.test_name, lambda: self._acquire(state, holder))
 
     def _acquire(self, state: GuestState, holder: str) -> float:
         """Hold the guest for this process; the run's first holder takes the baseline."""
@@ -184,7 +183,7 @@ class Holder:
     def check_lease(self, state: GuestState) -> None:
         """A guest whose lease this run lost is another run's now: unusable for the rest of the run."""
         try:
-            self.leases.check(state.uri, state.clone_of or state.name)
+            self.leases.check(state.uri, state.test_name)
         except LeaseLost as exc:
             state.broken = str(exc)
             raise

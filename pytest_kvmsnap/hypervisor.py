@@ -79,11 +79,11 @@ class Hypervisor:
     def engine(self, uri: str | None = None) -> Engine:
         uri = uri or self.settings.uri
         if uri not in self._engines:
-            self._engines[uri] = open_within(self.kind, uri, self.settings.connect_timeout)
+            self._engines[uri] = self.open_separate(uri)
         return self._engines[uri]
 
     def open_separate(self, uri: str) -> Engine:
-        """A new connection to ``uri`` of the caller's own (another thread's), not cached here."""
+        """A new connection to ``uri``, not cached here (another thread's own, say)."""
         return open_within(self.kind, uri, self.settings.connect_timeout)
 
     def machine(self, name: str, uri: str | None = None) -> Machine:

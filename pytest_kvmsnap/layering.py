@@ -14,9 +14,10 @@ from pytest_kvmsnap.checkpoints import Checkpoints
 from pytest_kvmsnap.config import Spec
 from pytest_kvmsnap.exceptions import ConfigError, RevertFailed
 from pytest_kvmsnap.guest import GuestState
-from pytest_kvmsnap.holding import Holder, Incident
+from pytest_kvmsnap.holding import Holder
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.layers import Fixture, Layer, carried_away, is_wider
+from pytest_kvmsnap.provisioning import Incident
 
 
 class Layering:

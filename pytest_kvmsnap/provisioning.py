@@ -142,7 +142,7 @@ class Provisioner:
         machine.resume_if_paused_by_snapshot()
         if not machine.is_running() or machine.holds_memory(snap.name):
             self.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that libvirt "
-                                          "finished after the connection was lost"))
+                               "finished after the connection was lost"))
             return snap
         machine.delete_snapshot(snap)
         return None
