@@ -15,7 +15,7 @@ import paramiko
 import pytest
 from bench_suite import EXPECT_CLEAN, HANDWRITTEN, N, handwritten_revert, handwritten_snapshot  # noqa: F401
 
-from pytest_kvmsnap.libvirt import network
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 
 KEY = os.environ.get("KVMSNAP_BENCH_SSH_KEY", "")
 
@@ -28,7 +28,8 @@ def address(request):
     dom, snap = request.getfixturevalue("handwritten_snapshot")
     # A hand-written suite forwards a port itself, and again after revertToSnapshot
     # (a new QEMU process has none): one per test is the simple way.
-    yield "127.0.0.1", network.forward_port(dom, network.user_netdev(dom), 22)
+    machine = LibvirtMachine(dom)
+    yield "127.0.0.1", machine.forward_port(machine.user_network() or "", 22)
     handwritten_revert(dom, snap)
 
 

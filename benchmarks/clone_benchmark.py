@@ -37,7 +37,10 @@ from pathlib import Path
 
 import libvirt
 
-from pytest_kvmsnap.libvirt import clones, snapshots, storage
+from pytest_kvmsnap.libvirt import storage
+from pytest_kvmsnap.libvirt.clones import LibvirtClones
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
+from pytest_kvmsnap.libvirt.snapshots import LibvirtSnapshot
 from pytest_kvmsnap.ownership import Owner, clone_name, owner_description
 from pytest_kvmsnap.processes import process_token
 from pytest_kvmsnap.records import CloneSource
@@ -58,7 +61,7 @@ def start_clones(uri: str, source: CloneSource, count: int, run: Owner) -> float
 
     def start(name: str) -> None:
         try:
-            clones.make_clone(libvirt.open(uri), source, GUEST, name, run)
+            LibvirtClones(libvirt.open(uri)).make_clone(source, GUEST, name, run)
         except BaseException as exc:  # reported below, after every thread ended
             errors.append(exc)
 
@@ -71,7 +74,7 @@ def start_clones(uri: str, source: CloneSource, count: int, run: Owner) -> float
     wall = time.perf_counter() - begin
     conn = libvirt.open(uri)
     for name in names:
-        clones.destroy(conn, name)
+        LibvirtClones(conn).destroy(name)
     if errors:
         raise errors[0]
     return wall
@@ -85,16 +88,16 @@ def measure(uri: str, counts: list[int], rounds: int) -> dict[str, float]:
                                  f"<description>{owner_description(run)}</description></domainsnapshot>", 0)
     try:
         begin = time.perf_counter()
-        source = clones.make_source(dom, snap, run)
+        source = LibvirtClones(conn).make_source(LibvirtMachine(dom), LibvirtSnapshot(snap), run)
         row = {"run's copy": time.perf_counter() - begin}
     finally:
-        snapshots.delete_snapshot(snap)
+        snap.delete(0)
     try:
         row["copy"], row["MiB"], row["cp"] = copy_seconds(conn, source, rounds)
         for count in counts:
             row[f"{count} at once"] = statistics.median(start_clones(uri, source, count, run) for _ in range(rounds))
     finally:
-        clones.remove_source(conn, source)
+        LibvirtClones(conn).remove_source(source)
     return row
 
 

@@ -1,4 +1,7 @@
 """The guest agent: whether it answers, the clock, entropy, and running a helper in the guest.
+
+:class:`GuestAgent` is that part of a :class:`~pytest_kvmsnap.libvirt.machine.LibvirtMachine`;
+:func:`agent_exec` also serves the project's test guests (``testing/``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,6 @@ _RESEED_PERL = ('open(my $f, ">", "/dev/urandom") or die "open: $!"; my $d = pac
                 'ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";')
 
 
-def has_agent_channel(dom: libvirt.virDomain) -> bool:
-    """Does the guest have libvirt's QEMU guest agent channel?"""
-    root = ET.fromstring(dom.XMLDesc(0))
-    return any(target.get("name") == AGENT_CHANNEL for target in root.iterfind("devices/channel/target"))
-
-
 def agent_command(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
                   timeout: int = 5) -> Any:
     """One guest agent command; its ``return`` value.  Raises libvirtError when it does not answer."""
@@ -53,38 +50,6 @@ def is_agent_unavailable(exc: Exception) -> bool:
         libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED)
 
 
-def agent_answers(dom: libvirt.virDomain, timeout: int = 2) -> bool:
-    try:
-        agent_command(dom, "guest-ping", timeout=timeout)
-        return True
-    except lib().libvirtError:
-        return False
-
-
-def sync_clock(dom: libvirt.virDomain) -> None:
-    """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
-    not replay the ticks the restored guest "missed" (as QEMU's own loadvm test does).
-
-    ``date -s`` through the agent, where the guest has it: the agent's own
-    guest-set-time (libvirt's ``setTime``, what Nova uses, and the fallback here)
-    also runs ``hwclock -w``, which waits for the next second boundary, 0.5-2.7 s
-    under TCG, measured.
-    """
-    import libvirt_qemu
-
-    try:
-        code, _err = agent_exec(dom, "/bin/date", ["-u", "-s", f"@{time.time():.6f}"])
-    except lib().libvirtError as exc:
-        if is_agent_unavailable(exc):
-            raise
-        code = -1  # no /bin/date in this guest
-    if code != 0:
-        now = time.time()
-        dom.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
-    with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
-        libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
-
-
 def agent_exec(dom: libvirt.virDomain, path: str, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
     """Run a program in the guest through the agent; its exit code and stderr."""
     pid = agent_command(dom, "guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
@@ -98,22 +63,63 @@ def agent_exec(dom: libvirt.virDomain, path: str, args: list[str], timeout: floa
     raise KvmSnapError(f"{path} did not finish in the guest within {timeout:.0f} s")
 
 
-def reseed(dom: libvirt.virDomain) -> str | None:
-    """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""
-    entropy = os.urandom(64)
-    try:
-        code, err = agent_exec(dom, "/usr/bin/perl", ["-e", _RESEED_PERL, entropy.hex()])
-        if code == 0:
-            return None
-        why = f"the reseed helper failed: {err}"
-    except lib().libvirtError as exc:
-        if is_agent_unavailable(exc):
-            raise  # not the guest's lack of perl: the caller waits for the agent and tries again
-        why = f"no perl in the guest to force a reseed ({exc})"
-    # Writing still mixes the bytes into the pool, without a forced reseed.
-    handle = agent_command(dom, "guest-file-open", {"path": "/dev/urandom", "mode": "w"})
-    try:
-        agent_command(dom, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(entropy).decode()})
-    finally:
-        agent_command(dom, "guest-file-close", {"handle": handle})
-    return why + "; fresh bytes were mixed in without it"
+class GuestAgent:
+    """The guest agent of the domain ``native``."""
+
+    native: libvirt.virDomain
+
+    def has_agent(self) -> bool:
+        """Does the guest have libvirt's QEMU guest agent channel?"""
+        root = ET.fromstring(self.native.XMLDesc(0))
+        return any(target.get("name") == AGENT_CHANNEL for target in root.iterfind("devices/channel/target"))
+
+    def agent_answers(self, timeout: int = 2) -> bool:
+        try:
+            agent_command(self.native, "guest-ping", timeout=timeout)
+            return True
+        except lib().libvirtError:
+            return False
+
+    def sync_clock(self) -> None:
+        """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
+        not replay the ticks the restored guest "missed" (as QEMU's own loadvm test does).
+
+        ``date -s`` through the agent, where the guest has it: the agent's own
+        guest-set-time (libvirt's ``setTime``, what Nova uses, and the fallback here)
+        also runs ``hwclock -w``, which waits for the next second boundary, 0.5-2.7 s
+        under TCG, measured.
+        """
+        import libvirt_qemu
+
+        try:
+            code, _err = agent_exec(self.native, "/bin/date", ["-u", "-s", f"@{time.time():.6f}"])
+        except lib().libvirtError as exc:
+            if is_agent_unavailable(exc):
+                raise
+            code = -1  # no /bin/date in this guest
+        if code != 0:
+            now = time.time()
+            self.native.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
+        with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
+            libvirt_qemu.qemuMonitorCommand(self.native, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
+
+    def reseed(self) -> str | None:
+        """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""
+        entropy = os.urandom(64)
+        try:
+            code, err = agent_exec(self.native, "/usr/bin/perl", ["-e", _RESEED_PERL, entropy.hex()])
+            if code == 0:
+                return None
+            why = f"the reseed helper failed: {err}"
+        except lib().libvirtError as exc:
+            if is_agent_unavailable(exc):
+                raise  # not the guest's lack of perl: the caller waits for the agent and tries again
+            why = f"no perl in the guest to force a reseed ({exc})"
+        # Writing still mixes the bytes into the pool, without a forced reseed.
+        handle = agent_command(self.native, "guest-file-open", {"path": "/dev/urandom", "mode": "w"})
+        try:
+            agent_command(self.native, "guest-file-write",
+                          {"handle": handle, "buf-b64": base64.b64encode(entropy).decode()})
+        finally:
+            agent_command(self.native, "guest-file-close", {"handle": handle})
+        return why + "; fresh bytes were mixed in without it"

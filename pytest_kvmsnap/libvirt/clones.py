@@ -24,7 +24,8 @@ domain with another UUID, and QEMU can only ``loadvm`` an internal snapshot of
 the top image, not of a backing file: hence full copies, not overlays.  At the
 end the run's finisher destroys the clones (transient: nothing stays defined)
 and removes their pools; a killed run's clones and pools are found by their
-ownership records and removed by the next run.
+ownership records and removed by the next run.  :class:`LibvirtClones` is the
+engine's :class:`~pytest_kvmsnap.engine.Clones`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pytest_kvmsnap.engine import Machine, Snapshot
 from pytest_kvmsnap.exceptions import UnsupportedGuest
 from pytest_kvmsnap.libvirt import connection, preflight, storage
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine, native_domain
+from pytest_kvmsnap.libvirt.snapshots import LibvirtSnapshot, native_snapshot
 from pytest_kvmsnap.ownership import MARK, Owner, kept_clone_name, kept_description, owner_description
 from pytest_kvmsnap.records import CloneSource
 
@@ -46,111 +50,23 @@ def source_pool_name(domain: str, run_id: str) -> str:
     """The run's pool of the original's copies (a clone's pool is named as the clone)."""
     return f"{domain}{MARK}{run_id}"
 
-
-def check_copyable(dom: libvirt.virDomain) -> None:
-    """Every disk the guest writes must be a file this process can copy: refused up front,
-    not halfway through with cp's error."""
-    for disk in preflight.writable_disks(ET.fromstring(dom.XMLDesc(0))):
-        if disk.get("type", "file") == "file":
-            continue
-        target = disk.find("target")
-        source = disk.find("source")
-        where = ""
-        if source is not None:
-            detail = source.get("protocol") or source.get("dev") or source.get("pool") or ""
-            where = f" ({detail}{':' + source.get('name', '') if source.get('name') else ''})" if detail else ""
-        raise UnsupportedGuest(
-            f"--kvm-clones copies disk image files, but disk {target.get('dev') if target is not None else '?'} "
-            f"of {dom.name()!r} is a {disk.get('type')} disk{where}; clone mode cannot copy it. "
-            "Drop --kvm-clones (workers then take turns on the guest), or give the test guest file disks."
-        )
-
-
 def _xml_flags() -> int:
     libvirt = connection.lib()
     return int(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-
 
 def _writable_disks(root: ET.Element) -> list[ET.Element]:
     """The disks to copy: those the guest writes to (see backend) that have a source."""
     return [d for d in preflight.writable_disks(root) if d.find("source") is not None]
 
-
 def _disk_file(disk: ET.Element) -> str:
     return disk.find("source").get("file", "")  # type: ignore[union-attr]
-
 
 def _disk_target(disk: ET.Element) -> str:
     return disk.find("target").get("dev", "")  # type: ignore[union-attr]
 
-
 def _new_pool(conn: libvirt.virConnect, parent: str, name: str, owner: Owner) -> libvirt.virStoragePool:
     """A new pool ``name`` of the run's, in a directory of that name in ``parent``."""
     return storage.make_pool(conn, name, posixpath.join(parent, name), owner)
-
-
-# --- once per run: the source images --------------------------------------
-
-
-def make_source(dom: libvirt.virDomain, snap: libvirt.virDomainSnapshot, owner: Owner) -> CloneSource:
-    """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
-    libvirt = connection.lib()
-    conn = dom.connect()
-    root = ET.fromstring(dom.XMLDesc(_xml_flags()))
-    disks = _writable_disks(root)
-    name = source_pool_name(dom.name(), owner.run_id)
-    pool = _new_pool(conn, posixpath.dirname(_disk_file(disks[0])), name, owner)
-    copies = {_disk_target(disk): f"{_disk_target(disk)}.qcow2" for disk in disks}
-    paused = False
-    try:
-        if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
-            dom.suspend()  # QEMU flushes the image metadata when it stops: the copy is consistent
-            paused = True
-        for disk in disks:
-            storage.copy_file(conn, _disk_file(disk), pool, copies[_disk_target(disk)], f"{name}-read")
-    except BaseException:
-        storage.remove_pool(pool)
-        raise
-    finally:
-        if paused:  # only what this resumes was paused here: a failed suspend is the error to see
-            dom.resume()
-    return CloneSource(storage.pool_path(pool), copies, snap.getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE),
-                       ET.tostring(root, encoding="unicode"), pool=name)
-
-
-def remove_source(conn: libvirt.virConnect, source: CloneSource) -> None:
-    remove_own_pool(conn, source.pool)
-
-
-def remove_own_pool(conn: libvirt.virConnect, name: str) -> None:
-    """Remove pool ``name`` if it is there and the plugin's: its owner volume says so, or it has
-    none and is empty (a run killed between defining it and writing that volume, the first
-    thing written into it: see :func:`orphans`)."""
-    try:
-        pool = conn.storagePoolLookupByName(name)
-    except connection.lib().libvirtError:
-        return
-    if storage.pool_owner(pool) is not None or storage.is_empty(pool):
-        storage.remove_pool(pool)
-
-
-# --- per clone ---------------------------------------------------------------
-
-
-def make_clone(conn: libvirt.virConnect, source: CloneSource, original: str, name: str,
-               owner: Owner) -> tuple[libvirt.virDomain, libvirt.virDomainSnapshot]:
-    """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
-    libvirt = connection.lib()
-    try:
-        root = _clone_xml(source, original, name, owner, _copy_disks(conn, source, name, owner))
-        dom = conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
-        snap = _redefine_snapshot(dom, source.snapshot_xml)
-        dom.revertToSnapshot(snap, 0)  # a new QEMU, started with -loadvm: memory too
-    except BaseException:
-        destroy(conn, name)
-        raise
-    return dom, snap
-
 
 def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner: Owner) -> dict[str, str]:
     """Copy the run's images into clone ``name``'s own pool; return target device -> file."""
@@ -158,7 +74,6 @@ def _copy_disks(conn: libvirt.virConnect, source: CloneSource, name: str, owner:
     pool = _new_pool(conn, posixpath.dirname(source.directory), name, owner)
     return {target: storage.copy(origin.storageVolLookupByName(volume), pool, volume).path()
             for target, volume in source.disks.items()}
-
 
 def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.virDomainSnapshot:
     """Give ``dom`` the metadata of an internal snapshot its disk copies already hold
@@ -170,7 +85,6 @@ def _redefine_snapshot(dom: libvirt.virDomain, snapshot_xml: str) -> libvirt.vir
     snap_root.append(ET.fromstring(dom.XMLDesc(_xml_flags())))
     return dom.snapshotCreateXML(ET.tostring(snap_root, encoding="unicode"),
                                  connection.lib().VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
-
 
 def _clone_xml(source: CloneSource, original: str, name: str, owner: Owner,
                disk_files: dict[str, str]) -> ET.Element:
@@ -201,86 +115,167 @@ def _clone_xml(source: CloneSource, original: str, name: str, owner: Owner,
     return root
 
 
-def destroy(conn: libvirt.virConnect, name: str) -> None:
-    """Stop a clone (transient: it is gone then) and remove its pool of disk copies."""
-    libvirt = connection.lib()
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        dom = None  # gone already (QEMU died, libvirtd restarted); its pool may not be
-    if dom is not None:
-        persistent = dom.isPersistent()  # never made so by the plugin; a user may have
+
+class LibvirtClones:
+    """Clones at the hypervisor of connection ``conn``, through its storage API and transient domains."""
+
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
+
+    def check_copyable(self, machine: Machine) -> None:
+        """Every disk the guest writes must be a file this process can copy: refused up front,
+        not halfway through with cp's error."""
+        dom = native_domain(machine)
+        for disk in preflight.writable_disks(ET.fromstring(dom.XMLDesc(0))):
+            if disk.get("type", "file") == "file":
+                continue
+            target = disk.find("target")
+            source = disk.find("source")
+            where = ""
+            if source is not None:
+                detail = source.get("protocol") or source.get("dev") or source.get("pool") or ""
+                where = f" ({detail}{':' + source.get('name', '') if source.get('name') else ''})" if detail else ""
+            raise UnsupportedGuest(
+                f"--kvm-clones copies disk image files, but disk {target.get('dev') if target is not None else '?'} "
+                f"of {dom.name()!r} is a {disk.get('type')} disk{where}; clone mode cannot copy it. "
+                "Drop --kvm-clones (workers then take turns on the guest), or give the test guest file disks."
+            )
+
+    # once per run: the source images
+
+    def make_source(self, machine: Machine, baseline: Snapshot, owner: Owner) -> CloneSource:
+        """Copy the original's writable disks, baseline snapshot inside, while it is paused."""
+        libvirt = connection.lib()
+        dom = native_domain(machine)
+        root = ET.fromstring(dom.XMLDesc(_xml_flags()))
+        disks = _writable_disks(root)
+        name = source_pool_name(dom.name(), owner.run_id)
+        pool = _new_pool(self.conn, posixpath.dirname(_disk_file(disks[0])), name, owner)
+        copies = {_disk_target(disk): f"{_disk_target(disk)}.qcow2" for disk in disks}
+        paused = False
+        try:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                dom.suspend()  # QEMU flushes the image metadata when it stops: the copy is consistent
+                paused = True
+            for disk in disks:
+                storage.copy_file(self.conn, _disk_file(disk), pool, copies[_disk_target(disk)], f"{name}-read")
+        except BaseException:
+            storage.remove_pool(pool)
+            raise
+        finally:
+            if paused:  # only what this resumes was paused here: a failed suspend is the error to see
+                dom.resume()
+        snapshot_xml = native_snapshot(baseline).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+        return CloneSource(storage.pool_path(pool), copies, snapshot_xml, ET.tostring(root, encoding="unicode"),
+                           pool=name)
+
+    def remove_source(self, source: CloneSource) -> None:
+        self.remove_pool(source.pool)
+
+    def remove_pool(self, name: str) -> None:
+        """Remove pool ``name`` if it is there and the plugin's: its owner volume says so, or it has
+        none and is empty (a run killed between defining it and writing that volume, the first
+        thing written into it: see :meth:`orphans`)."""
+        try:
+            pool = self.conn.storagePoolLookupByName(name)
+        except connection.lib().libvirtError:
+            return
+        if storage.pool_owner(pool) is not None or storage.is_empty(pool):
+            storage.remove_pool(pool)
+
+    # per clone
+
+    def make_clone(self, source: CloneSource, original: str, name: str, owner: Owner) -> tuple[Machine, Snapshot]:
+        """Start clone ``name`` at the baseline; return it and its baseline snapshot."""
+        libvirt = connection.lib()
+        try:
+            root = _clone_xml(source, original, name, owner, _copy_disks(self.conn, source, name, owner))
+            dom = self.conn.createXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
+            snap = _redefine_snapshot(dom, source.snapshot_xml)
+            dom.revertToSnapshot(snap, 0)  # a new QEMU, started with -loadvm: memory too
+        except BaseException:
+            self.destroy(name)
+            raise
+        return LibvirtMachine(dom), LibvirtSnapshot(snap)
+
+    def destroy(self, name: str) -> None:
+        """Stop a clone (transient: it is gone then) and remove its pool of disk copies."""
+        libvirt = connection.lib()
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            dom = None  # gone already (QEMU died, libvirtd restarted); its pool may not be
+        if dom is not None:
+            persistent = dom.isPersistent()  # never made so by the plugin; a user may have
+            if dom.isActive():
+                dom.destroy()  # a transient domain is gone from here on
+            if persistent:
+                for snap in dom.listAllSnapshots():
+                    snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                dom.undefine()
+        self.remove_pool(name)
+
+    # a clone kept for the user (--kvm-keep-failed)
+
+    def keep(self, name: str, snapshots: list[str], record: dict[str, object]) -> str:
+        """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
+
+        A clone is transient, and its pool is removed with it; so its QEMU is
+        stopped, its pool handed to the user (its owner volume deleted: no run's
+        leftover now, the pool and its disks stay), and a persistent domain defined on them,
+        marked kept for the user (``record`` goes into that mark), with the kept
+        snapshots' metadata redefined on it.  ``virsh snapshot-revert`` then starts it
+        from a kept state, memory included.
+        """
+        libvirt = connection.lib()
+        dom = self.conn.lookupByName(name)
+        root = ET.fromstring(dom.XMLDesc(_xml_flags()))
+        snapshot_xml = [dom.snapshotLookupByName(snap).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+                        for snap in snapshots]
+        kept = kept_clone_name(name)
         if dom.isActive():
-            dom.destroy()  # a transient domain is gone from here on
-        if persistent:
-            for snap in dom.listAllSnapshots():
-                snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-            dom.undefine()
-    remove_own_pool(conn, name)
+            dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
+        root.find("name").text = kept  # type: ignore[union-attr]
+        root.find("description").text = kept_description(record)  # type: ignore[union-attr]
+        kept_dom = self.conn.defineXML(ET.tostring(root, encoding="unicode"))
+        for xml in snapshot_xml:
+            _redefine_snapshot(kept_dom, xml)
+        # Last: until here, a failure leaves the pool the run's, removed with the clone.
+        self.conn.storagePoolLookupByName(name).storageVolLookupByName(storage.OWNER_VOLUME).delete(0)
+        return kept
 
+    # orphans
 
-# --- a clone kept for the user (--kvm-keep-failed) ---------------------------
+    def orphans(self, machine: Machine, dead: Callable[[Owner], bool],
+                dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+        """Clones of ``machine`` that dead runs left, and their other pools (copies of it, or
+        a clone's copies whose domain is gone).
 
-def keep(conn: libvirt.virConnect, name: str, snapshots: list[str], record: dict[str, object]) -> str:
-    """Turn clone ``name`` into a defined, shut-off domain that keeps its disks and ``snapshots``.
-
-    A clone is transient, and its pool is removed with it; so its QEMU is
-    stopped, its pool handed to the user (its owner volume deleted: no run's
-    leftover now, the pool and its disks stay), and a persistent domain defined on them,
-    marked kept for the user (``record`` goes into that mark), with the kept
-    snapshots' metadata redefined on it.  ``virsh snapshot-revert`` then starts it
-    from a kept state, memory included.
-    """
-    libvirt = connection.lib()
-    dom = conn.lookupByName(name)
-    root = ET.fromstring(dom.XMLDesc(_xml_flags()))
-    snapshot_xml = [dom.snapshotLookupByName(snap).getXMLDesc(libvirt.VIR_DOMAIN_XML_SECURE) for snap in snapshots]
-    kept = kept_clone_name(name)
-    if dom.isActive():
-        dom.destroy()  # transient: the domain and its snapshot metadata are gone, its disks stay
-    root.find("name").text = kept  # type: ignore[union-attr]
-    root.find("description").text = kept_description(record)  # type: ignore[union-attr]
-    kept_dom = conn.defineXML(ET.tostring(root, encoding="unicode"))
-    for xml in snapshot_xml:
-        _redefine_snapshot(kept_dom, xml)
-    # Last: until here, a failure leaves the pool the run's, removed with the clone.
-    conn.storagePoolLookupByName(name).storageVolLookupByName(storage.OWNER_VOLUME).delete(0)
-    return kept
-
-
-# --- orphans ----------------------------------------------------------------
-
-
-def orphans(conn: libvirt.virConnect, dom: libvirt.virDomain, dead: Callable[[Owner], bool],
-            dead_runs: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
-    """Clones of ``dom`` that dead runs left, and their other pools (copies of ``dom``, or
-    a clone's copies whose domain is gone).
-
-    ``dead_runs``: ids of runs already known dead (by their snapshots on ``dom``).  A run
-    killed between defining a pool and writing its owner volume left a pool with no owner
-    and nothing in it; it is taken for that run's when its name is the run's
-    (``<guest>-kvmsnap-<run>[-<slot>]``) and the run is known dead by something it owned.
-    """
-    prefix = dom.name() + MARK
-    runs = set(dead_runs)
-    clones = []
-    for other in conn.listAllDomains():
-        if other.name().startswith(prefix):
-            owner = Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
-            if owner is not None and dead(owner):
-                clones.append(other.name())
+        ``dead_runs``: ids of runs already known dead (by their snapshots on the guest).  A run
+        killed between defining a pool and writing its owner volume left a pool with no owner
+        and nothing in it; it is taken for that run's when its name is the run's
+        (``<guest>-kvmsnap-<run>[-<slot>]``) and the run is known dead by something it owned.
+        """
+        prefix = machine.name + MARK
+        runs = set(dead_runs)
+        clones = []
+        for other in self.conn.listAllDomains():
+            if other.name().startswith(prefix):
+                owner = Owner.from_description(ET.fromstring(other.XMLDesc(0)).findtext("description"))
+                if owner is not None and dead(owner):
+                    clones.append(other.name())
+                    runs.add(owner.run_id)
+        pools, ownerless = [], []
+        for pool in storage.pools(self.conn, prefix):
+            owner = storage.pool_owner(pool)
+            if owner is None:
+                ownerless.append(pool)
+            elif dead(owner):
                 runs.add(owner.run_id)
-    pools, ownerless = [], []
-    for pool in storage.pools(conn, prefix):
-        owner = storage.pool_owner(pool)
-        if owner is None:
-            ownerless.append(pool)
-        elif dead(owner):
-            runs.add(owner.run_id)
-            if pool.name() not in clones:  # a clone's goes with it
+                if pool.name() not in clones:  # a clone's goes with it
+                    pools.append(pool.name())
+        for pool in ownerless:
+            run = pool.name()[len(prefix):].split("-")[0]
+            if run in runs and pool.name() not in clones and storage.is_empty(pool):
                 pools.append(pool.name())
-    for pool in ownerless:
-        run = pool.name()[len(prefix):].split("-")[0]
-        if run in runs and pool.name() not in clones and storage.is_empty(pool):
-            pools.append(pool.name())
-    return clones, sorted(pools)
+        return clones, sorted(pools)

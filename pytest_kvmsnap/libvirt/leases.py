@@ -15,15 +15,17 @@ properties a lease needs (checked on libvirt 9.0, see docs/backends.md):
 
 Its name must not start like a clone's (``<guest>-kvmsnap-``), which recovery
 scans for; it ends in ``.kvmsnap-lease`` so that ``virsh list --all`` says what
-it is.  No pytest here.
+it is.  :class:`LibvirtLeases` is the engine's
+:class:`~pytest_kvmsnap.engine.Leases`.  No pytest here.
 """
 
 from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from pytest_kvmsnap.engine import LeaseHandle
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.libvirt import connection
 from pytest_kvmsnap.ownership import LeaseRecord, Taken
@@ -42,93 +44,113 @@ def is_lease_name(name: str) -> bool:
     return name.endswith(SUFFIX)
 
 
-def read(conn: libvirt.virConnect, guest: str) -> tuple[libvirt.virDomain, LeaseRecord] | None:
-    """The guest's lease domain and what it says; None when there is none.
+class LibvirtLease:
+    """A handle on one lease domain: it acts by UUID, so it fences off a lease taken over."""
 
-    A domain of that name that is not a lease (no record in its description) is
-    someone else's: an error, and it is never touched.
-    """
-    libvirt = connection.lib()
-    try:
-        dom = conn.lookupByName(lease_name(guest))
-        record = LeaseRecord.from_description(_description(dom))
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None  # none, or it went between the lookup and the read
-        raise
-    if record is None:
-        raise KvmSnapError(f"domain {lease_name(guest)!r} exists but is not a pytest-kvmsnap lease; the plugin "
-                           f"keeps the lease on guest {guest!r} under that name: rename that domain")
-    return dom, record
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.native = dom
+
+    @property
+    def id(self) -> str:
+        return str(self.native.UUIDString())
 
 
-def by_uuid(conn: libvirt.virConnect, lease_uuid: str) -> libvirt.virDomain | None:
-    """The lease with that UUID, or None once it is gone (taken over, released)."""
-    return connection.unless_missing(lambda: conn.lookupByUUIDString(lease_uuid), connection.lib().VIR_ERR_NO_DOMAIN)
+def _dom(handle: LeaseHandle) -> libvirt.virDomain:
+    return cast(LibvirtLease, handle).native
 
 
-def reread(dom: libvirt.virDomain) -> LeaseRecord | None:
-    """What the lease ``dom`` (a handle, so by UUID) says now; None once it is gone or replaced."""
-    text = connection.unless_missing(lambda: _description(dom), connection.lib().VIR_ERR_NO_DOMAIN)
-    return None if text is None else LeaseRecord.from_description(text)
+class LibvirtLeases:
+    """The leases at the hypervisor of connection ``conn``."""
 
+    def __init__(self, conn: libvirt.virConnect) -> None:
+        self.conn = conn
 
-def define(conn: libvirt.virConnect, record: LeaseRecord) -> libvirt.virDomain:
-    """Define the lease; :class:`Taken` when a domain of its name exists (another host was first)."""
-    libvirt = connection.lib()
-    try:
-        return conn.defineXML(_domain_xml(record))
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_ERR_DOM_EXIST) \
-                and "already exists" in str(exc):
-            raise Taken(str(exc)) from None
-        raise
+    def read(self, guest: str) -> tuple[LeaseHandle, LeaseRecord] | None:
+        """The guest's lease and what it says; None when there is none.
 
+        A domain of that name that is not a lease (no record in its description) is
+        someone else's: an error, and it is never touched.
+        """
+        libvirt = connection.lib()
+        try:
+            dom = self.conn.lookupByName(lease_name(guest))
+            record = LeaseRecord.from_description(_description(dom))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # none, or it went between the lookup and the read
+            raise
+        if record is None:
+            raise KvmSnapError(f"domain {lease_name(guest)!r} exists but is not a pytest-kvmsnap lease; the "
+                               f"plugin keeps the lease on guest {guest!r} under that name: rename that domain")
+        return LibvirtLease(dom), record
 
-def take_over(conn: libvirt.virConnect, expired: libvirt.virDomain, record: LeaseRecord) -> libvirt.virDomain:
-    """Replace the expired lease ``expired`` (the handle it was read by) with ``record``.
+    def by_id(self, lease_id: str) -> LeaseHandle | None:
+        """The lease with that UUID, or None once it is gone (taken over, released)."""
+        dom = connection.unless_missing(lambda: self.conn.lookupByUUIDString(lease_id),
+                                        connection.lib().VIR_ERR_NO_DOMAIN)
+        return None if dom is None else LibvirtLease(dom)
 
-    Undefining by that handle fails when another host took over first (its lease
-    has another UUID), and defining fails when another host defined one in
-    between: either way :class:`Taken`, and only one taker wins.
-    """
-    libvirt = connection.lib()
-    try:
-        expired.undefine()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            raise Taken(str(exc)) from None
-        raise
-    return define(conn, record)
+    def reread(self, handle: LeaseHandle) -> LeaseRecord | None:
+        """What the lease says now (its handle acts by UUID); None once it is gone or replaced."""
+        text = connection.unless_missing(lambda: _description(_dom(handle)), connection.lib().VIR_ERR_NO_DOMAIN)
+        return None if text is None else LeaseRecord.from_description(text)
 
+    def define(self, record: LeaseRecord) -> LeaseHandle:
+        """Define the lease; :class:`Taken` when a domain of its name exists (another host was first)."""
+        libvirt = connection.lib()
+        try:
+            return LibvirtLease(self.conn.defineXML(_domain_xml(record)))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_ERR_DOM_EXIST) \
+                    and "already exists" in str(exc):
+                raise Taken(str(exc)) from None
+            raise
 
-def renew(dom: libvirt.virDomain, record: LeaseRecord) -> bool:
-    """Write ``record`` (a later expiry) into the lease ``dom``; False when it is no longer there."""
-    libvirt = connection.lib()
-    try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, record.to_description(), None, None,
-                        libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise
-    return True
+    def take_over(self, expired: LeaseHandle, record: LeaseRecord) -> LeaseHandle:
+        """Replace the expired lease (the handle it was read by) with ``record``.
 
+        Undefining by that handle fails when another host took over first (its lease
+        has another UUID), and defining fails when another host defined one in
+        between: either way :class:`Taken`, and only one taker wins.
+        """
+        libvirt = connection.lib()
+        try:
+            _dom(expired).undefine()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise Taken(str(exc)) from None
+            raise
+        return self.define(record)
 
-def release(dom: libvirt.virDomain) -> None:
-    """Undefine the lease ``dom``; one already gone (taken over, removed by hand) is left as it is."""
-    connection.unless_missing(dom.undefine, connection.lib().VIR_ERR_NO_DOMAIN)
+    def renew(self, handle: LeaseHandle, record: LeaseRecord) -> bool:
+        """Write ``record`` (a later expiry) into the lease; False when it is no longer there."""
+        libvirt = connection.lib()
+        try:
+            _dom(handle).setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, record.to_description(), None, None,
+                                     libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
+        return True
 
+    def release(self, handle: LeaseHandle) -> None:
+        """Undefine the lease; one already gone (taken over, removed by hand) is left as it is."""
+        connection.unless_missing(_dom(handle).undefine, connection.lib().VIR_ERR_NO_DOMAIN)
 
-def all_leases(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, LeaseRecord]]:
-    """Every lease at the hypervisor, any run's."""
-    found = []
-    for dom in conn.listAllDomains(connection.lib().VIR_CONNECT_LIST_DOMAINS_INACTIVE):
-        if is_lease_name(dom.name()):
-            record = reread(dom)
-            if record is not None:
-                found.append((dom, record))
-    return found
+    def all(self) -> list[tuple[LeaseHandle, LeaseRecord]]:
+        """Every lease at the hypervisor, any run's."""
+        found: list[tuple[LeaseHandle, LeaseRecord]] = []
+        for dom in self.conn.listAllDomains(connection.lib().VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+            if is_lease_name(dom.name()):
+                handle = LibvirtLease(dom)
+                record = self.reread(handle)
+                if record is not None:
+                    found.append((handle, record))
+        return found
+
+    def is_lease(self, guest: str) -> bool:
+        return is_lease_name(guest)
 
 
 def _description(dom: libvirt.virDomain) -> str:

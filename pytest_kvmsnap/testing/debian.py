@@ -172,8 +172,9 @@ def wait_until_settled(dom: libvirt.virDomain, timeout: float = 300.0) -> None:
     import time
 
     from pytest_kvmsnap.libvirt import agent
+    from pytest_kvmsnap.libvirt.machine import LibvirtMachine
     from pytest_kvmsnap.readiness import poll
 
-    if not poll(lambda: agent.agent_answers(dom), time.monotonic() + timeout, every=0.5):
+    if not poll(LibvirtMachine(dom).agent_answers, time.monotonic() + timeout, every=0.5):
         raise TimeoutError(f"the guest agent of {dom.name()!r} did not answer within {timeout:.0f} s")
     agent.agent_exec(dom, "/bin/systemctl", ["is-system-running", "--wait"], timeout=timeout)

@@ -290,9 +290,10 @@ def test_a_forward_from_qemu_commandline_is_found_and_waited_for(
     result.stdout.fnmatch_lines([f"{guest.name}: baseline kvmsnap-* 3 revert(s)*; ready after 3 of them in "
                                  "median * s (ssh, clock, reseed)"])
     guest.assert_as_found()
-    from pytest_kvmsnap.libvirt import network
+    from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 
-    assert network.host_forwards(guest.domain()).get(22) == ("127.0.0.1", port), "the user's forward was removed"
+    forwards = LibvirtMachine(guest.domain()).host_forwards()
+    assert forwards.get(22) == ("127.0.0.1", port), "the user's forward was removed"
 
 
 KVM_SSH_TESTS = """

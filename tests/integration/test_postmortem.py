@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kvmsnap.engine import kept_for_user
-from pytest_kvmsnap.libvirt import snapshots
-from pytest_kvmsnap.libvirt.engine import LibvirtMachine
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
+from pytest_kvmsnap.libvirt.snapshots import LibvirtSnapshot
 from pytest_kvmsnap.testing import Console, GuestImage, define_guest, remove_guest
 from tests.integration.conftest import URI, RealGuest, _live, run_inner
 from tests.integration.test_semantics import CLEAN, assert_as_found
@@ -66,7 +66,7 @@ def test_a_panicking_guest_is_kept_called_out_and_reverted(inner: pytest.Pyteste
     # The kept state is the panicked guest itself: a revert to it brings back a guest whose
     # console no longer answers.
     snapshot = guest_a.domain().snapshotLookupByName(kept[0])
-    assert snapshots.snapshot_state(snapshot) == "running"  # memory was saved, not only disks
+    assert LibvirtSnapshot(snapshot).state() == "running"  # memory was saved, not only disks
     delete_kept(guest_a)
     assert_as_found(guest_a)
 

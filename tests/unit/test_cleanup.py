@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pytest_kvmsnap.events import to_stdout
-from pytest_kvmsnap.libvirt import leases, snapshots
+from pytest_kvmsnap.libvirt.leases import LibvirtLeases
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
+from pytest_kvmsnap.libvirt.snapshots import DomainSnapshots
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from pytest_kvmsnap.records import RunRecord
@@ -26,7 +28,7 @@ def dead_pid() -> int:
 
 def plugin_snapshot(testdriver: TestDriver, name: str, run: str, pid: int) -> None:
     owner = Owner(run, pid, os.uname().nodename, time.time())
-    snapshots.create_baseline(testdriver.conn.lookupByName(name), f"kvmsnap-{run}", owner)
+    LibvirtMachine(testdriver.conn.lookupByName(name)).take_baseline(f"kvmsnap-{run}", owner)
 
 
 @pytest.fixture
@@ -121,16 +123,16 @@ def test_two_runs_snapshotting_at_once_the_older_keeps_the_guest(
         pytester: pytest.Pytester, testdriver: TestDriver, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race: another lock directory's run takes its baseline just as this one does."""
     name = testdriver.define()
-    real = snapshots.create_baseline
+    real = DomainSnapshots.take_baseline
 
-    def racing(dom, snapshot, owner):  # type: ignore[no-untyped-def]
+    def racing(machine, snapshot, owner):  # type: ignore[no-untyped-def]
         # An older live run snapshots the guest a moment before this run does,
         # through the real test driver, after this run looked and saw no one.
-        if not dom.listAllSnapshots():
-            real(dom, "kvmsnap-olderrun", Owner("olderrun", os.getpid(), owner.host, 1.0))
-        return real(dom, snapshot, owner)
+        if not machine.native.listAllSnapshots():
+            real(machine, "kvmsnap-olderrun", Owner("olderrun", os.getpid(), owner.host, 1.0))
+        return real(machine, snapshot, owner)
 
-    monkeypatch.setattr(snapshots, "create_baseline", racing)  # the inner run is in this process
+    monkeypatch.setattr(DomainSnapshots, "take_baseline", racing)  # the inner run is in this process
     result = run_without_waiting(pytester, name)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*held by run olderrun*seen by its baseline snapshot 'kvmsnap-olderrun'*"])
@@ -180,8 +182,8 @@ def test_cleanup_removes_lock_files_of_guests_that_no_longer_exist_when_no_run_u
 def remote_run(testdriver: TestDriver, guest: str, run: str, expires_in: float) -> None:
     """What a run on another host left: its baseline snapshot, and its lease expiring in ``expires_in`` s."""
     owner = Owner(run, 4242, "another-host", time.time())
-    snapshots.create_baseline(testdriver.conn.lookupByName(guest), f"kvmsnap-{run}", owner)
-    leases.define(testdriver.conn, LeaseRecord(guest, owner, time.time() + expires_in))
+    LibvirtMachine(testdriver.conn.lookupByName(guest)).take_baseline(f"kvmsnap-{run}", owner)
+    LibvirtLeases(testdriver.conn).define(LeaseRecord(guest, owner, time.time() + expires_in))
 
 
 def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.Pytester,
@@ -197,7 +199,7 @@ def test_a_run_on_another_host_is_dead_once_its_lease_expired(pytester: pytest.P
         "orphan snapshot(s)",
         f"  {name}: removed the lease of dead run gone (pid 4242 on another-host)"])
     assert testdriver.snapshots(name) == []
-    assert leases.read(testdriver.conn, name) is None
+    assert LibvirtLeases(testdriver.conn).read(name) is None
 
 
 def test_a_run_on_another_host_with_a_live_lease_is_left_alone(pytester: pytest.Pytester,
@@ -208,6 +210,6 @@ def test_a_run_on_another_host_with_a_live_lease_is_left_alone(pytester: pytest.
     result.stdout.fnmatch_lines([f"  {name}: kvmsnap-busy belongs to live run busy (pid 4242 on another-host); "
                                  "left alone"])
     assert testdriver.snapshots(name) == ["kvmsnap-busy"]
-    found = leases.read(testdriver.conn, name)
+    found = LibvirtLeases(testdriver.conn).read(name)
     assert found is not None and found[1].holder.run_id == "busy"
-    found[0].undefine()
+    LibvirtLeases(testdriver.conn).release(found[0])

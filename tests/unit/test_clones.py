@@ -7,7 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_kvmsnap.libvirt.clones import _clone_xml, orphans
+from pytest_kvmsnap.libvirt.clones import LibvirtClones, _clone_xml
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 from pytest_kvmsnap.ownership import Owner, clone_name
 from pytest_kvmsnap.records import CloneSource
 from tests.conftest import TestDriver
@@ -86,7 +87,7 @@ def test_a_pool_without_the_plugins_owner_record_is_never_an_orphan(testdriver: 
     pool = testdriver.conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{name}-kvmsnap-deadrun</name><target><path>/x/{name}</path></target></pool>", 0)
     try:
-        clones_left, pools = orphans(testdriver.conn, dom, lambda owner: True)
+        clones_left, pools = LibvirtClones(testdriver.conn).orphans(LibvirtMachine(dom), lambda owner: True)
         assert (clones_left, pools) == ([], [])
     finally:
         pool.undefine()
@@ -98,21 +99,21 @@ def test_an_empty_ownerless_pool_of_a_run_known_dead_is_its_orphan(testdriver: T
     """A run killed between defining a pool and writing its owner volume (the first thing in it)
     left it ownerless and empty: once that run is known dead by what it owned (its snapshot on the
     guest), the pool is its orphan and removed.  One with anything in it is never touched."""
-    from pytest_kvmsnap.libvirt import clones, storage
+    from pytest_kvmsnap.libvirt import storage
 
     name = testdriver.define()
-    dom = testdriver.conn.lookupByName(name)
+    clones, machine = LibvirtClones(testdriver.conn), LibvirtMachine(testdriver.conn.lookupByName(name))
     pool = testdriver.conn.storagePoolDefineXML(
         f"<pool type='dir'><name>{name}-kvmsnap-deadrun-1</name><target><path>/x/{name}</path></target></pool>", 0)
     try:
         if volume:
             pool.create(0)
             pool.createXML(storage._volume_xml(volume, 4096), 0)
-        found = orphans(testdriver.conn, dom, lambda owner: True, frozenset({"deadrun"}))
+        found = clones.orphans(machine, lambda owner: True, frozenset({"deadrun"}))
         assert found == ([], [] if volume else [f"{name}-kvmsnap-deadrun-1"])
-        assert orphans(testdriver.conn, dom, lambda owner: True, frozenset({"otherrun"})) == ([], [])
+        assert clones.orphans(machine, lambda owner: True, frozenset({"otherrun"})) == ([], [])
         if not volume:
-            clones.remove_own_pool(testdriver.conn, f"{name}-kvmsnap-deadrun-1")
+            clones.remove_pool(f"{name}-kvmsnap-deadrun-1")
             assert f"{name}-kvmsnap-deadrun-1" not in testdriver.conn.listStoragePools() + \
                 testdriver.conn.listDefinedStoragePools()
     finally:

@@ -17,8 +17,7 @@ from pytest_kvmsnap.events import Event, Notice
 from pytest_kvmsnap.finishing import Finisher
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.libvirt import snapshots
-from pytest_kvmsnap.libvirt.engine import LibvirtMachine
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 from pytest_kvmsnap.locking import GuestLock, RecordStore
 from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.processes import process_token, running
@@ -113,7 +112,7 @@ def test_a_dead_runs_pid_reused_by_another_process_is_not_its_owner(
     reused = Owner("deadrun", os.getpid(), socket.gethostname(), 1.0, token.split(":")[0] + ":1")
     assert not running(reused.host, reused.pid, reused.proc)
     assert running(reused.host, reused.pid, "")  # an old record without a token: the pid decides
-    snapshots.create_baseline(dom, "kvmsnap-deadrun", reused)
+    LibvirtMachine(dom).take_baseline("kvmsnap-deadrun", reused)
     pytester.makepyfile(three_tests(name))
     result = run(pytester)
     result.assert_outcomes(passed=3)

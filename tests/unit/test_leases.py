@@ -15,7 +15,9 @@ from pytest_kvmsnap.config import Settings, resolve
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError, LeaseLost
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
-from pytest_kvmsnap.libvirt import connection, leases, snapshots
+from pytest_kvmsnap.libvirt import connection, leases
+from pytest_kvmsnap.libvirt.leases import LibvirtLeases
+from pytest_kvmsnap.libvirt.snapshots import DomainSnapshots
 from pytest_kvmsnap.ownership import LeaseRecord, Owner
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -37,8 +39,9 @@ def runs(testdriver: TestDriver) -> Iterator[list[RunLeases]]:
     yield made
     for run in made:
         run.stop()
-    for dom, _record in leases.all_leases(testdriver.conn):
-        dom.undefine()
+    every = LibvirtLeases(testdriver.conn)
+    for handle, _record in every.all():
+        every.release(handle)
 
 
 def test_a_free_guest_is_leased_and_a_live_holder_is_named_to_the_next(runs: list[RunLeases]) -> None:
@@ -58,7 +61,7 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced_off(runs: l
     stalled.stop()  # a runner that stopped renewing (kill -9, powered off, SIGSTOP)
     time.sleep(0.5)
     assert taker.take(URI, GUEST) is None
-    found = leases.read(taker.hypervisor.engine(URI).native, GUEST)
+    found = LibvirtLeases(taker.hypervisor.engine(URI).native).read(GUEST)
     assert found is not None and found[1].holder.run_id == "run-b"
     # Woken up, it knows by its own clock that it may have lost the guest: it touches it no more.
     with pytest.raises(LeaseLost, match="lease on guest 'leased-guest' at test:///default is lost: it was not "
@@ -79,10 +82,10 @@ def test_a_holder_whose_lease_was_replaced_learns_it_at_its_next_renewal(runs: l
     runs.append(holder)
     assert holder.take(URI, GUEST) is None
     conn = holder.hypervisor.engine(URI).native
-    found = leases.read(conn, GUEST)
+    found = LibvirtLeases(conn).read(GUEST)
     assert found is not None
     owner = holder.owner if new_holder == "run-a" else Owner(new_holder, 1, "host-b", 1.0)
-    leases.take_over(conn, found[0], LeaseRecord(GUEST, owner, time.time() + 60))
+    LibvirtLeases(conn).take_over(found[0], LeaseRecord(GUEST, owner, time.time() + 60))
     time.sleep(0.5)  # more than one renewal
     with pytest.raises(LeaseLost, match=why):
         holder.check(URI, GUEST)
@@ -101,7 +104,7 @@ def test_of_two_hosts_taking_over_one_expired_lease_at_once_exactly_one_wins(run
         results_by_run = dict(zip([run.owner.run_id for run in takers], results, strict=True))
         winners = [run_id for run_id, holder in results_by_run.items() if holder is None]
         assert len(winners) == 1, results_by_run
-        found = leases.read(takers[0].hypervisor.engine(URI).native, guest)
+        found = LibvirtLeases(takers[0].hypervisor.engine(URI).native).read(guest)
         assert found is not None and found[1].holder.run_id == winners[0]
 
 
@@ -120,7 +123,7 @@ def test_a_dead_process_on_this_host_frees_its_lease_at_once(runs: list[RunLease
 
     gone = Owner("run-gone", 2**22 + 7, socket.gethostname(), 1.0)  # no such pid
     conn = runner("x", "y").hypervisor.engine(URI).native
-    leases.define(conn, LeaseRecord(GUEST, gone, time.time() + 3600))
+    LibvirtLeases(conn).define(LeaseRecord(GUEST, gone, time.time() + 3600))
     taker = runner("run-b", socket.gethostname())
     runs.append(taker)
     assert taker.take(URI, GUEST) is None
@@ -147,14 +150,14 @@ def test_the_lease_expiry_is_checked_as_a_setting(pytester: pytest.Pytester) -> 
 def expire(uri: str, guest: str) -> None:
     """Make the guest's lease expired, as if its holder had stopped renewing long ago."""
     conn = connection.open_connection(uri)
-    found = leases.read(conn, guest)
+    found = LibvirtLeases(conn).read(guest)
     assert found is not None
-    dom, record = found
-    leases.renew(dom, LeaseRecord(record.guest, record.holder, time.time() - 1))
+    handle, record = found
+    LibvirtLeases(conn).renew(handle, LeaseRecord(record.guest, record.holder, time.time() - 1))
 
 
 def read_expiry(run: RunLeases) -> float:
-    found = leases.read(run.hypervisor.engine(URI).native, GUEST)
+    found = LibvirtLeases(run.hypervisor.engine(URI).native).read(GUEST)
     assert found is not None
     return found[1].expires
 
@@ -186,14 +189,14 @@ def test_a_lease_a_failed_baseline_took_is_given_back_at_once(pytester: pytest.P
     def refuse(*_args: object) -> None:
         raise KvmSnapError("no snapshot today")
 
-    monkeypatch.setattr(snapshots, "create_baseline", refuse)
+    monkeypatch.setattr(DomainSnapshots, "take_baseline", refuse)
     pytester.makepyfile(three_tests(name) + f"""
         def test_z_the_lease_is_gone_already():
             import libvirt
-            from pytest_kvmsnap.libvirt import leases
-            assert leases.read(libvirt.open("test:///default"), {name!r}) is None
+            from pytest_kvmsnap.libvirt.leases import LibvirtLeases
+            assert LibvirtLeases(libvirt.open("test:///default")).read({name!r}) is None
     """)
     result = run_unit(pytester, "-p", "no:randomly")
     result.assert_outcomes(errors=3, passed=1)
     result.stdout.fnmatch_lines(["*no snapshot today*"])
-    assert leases.read(testdriver.conn, name) is None
+    assert LibvirtLeases(testdriver.conn).read(name) is None

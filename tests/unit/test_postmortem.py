@@ -17,7 +17,7 @@ import pytest
 from pytest_kvmsnap import postmortem
 from pytest_kvmsnap.engine import kept_for_user
 from pytest_kvmsnap.figures import GuestFigures, from_properties, slow_entries
-from pytest_kvmsnap.libvirt.engine import LibvirtMachine
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit as run
 from tests.unit.helpers import three_tests

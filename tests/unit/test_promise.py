@@ -16,7 +16,8 @@ import pytest
 
 from pytest_kvmsnap import hypervisor
 from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost, KvmSnapError
-from pytest_kvmsnap.libvirt import connection, qemu, snapshots
+from pytest_kvmsnap.libvirt import connection
+from pytest_kvmsnap.libvirt.snapshots import DomainSnapshots
 from tests.conftest import RECORDER, RevertLog, TestDriver
 from tests.unit.helpers import run_unit, three_tests
 
@@ -131,7 +132,8 @@ def test_wide_scopes_run_without_xdist(pytester, guest, revert_log, scope) -> No
 def test_lost_connection_while_taking_the_baseline_is_retried(pytester, guest, revert_log, testdriver,  # type: ignore[no-untyped-def]
                                                               monkeypatch) -> None:
     """libvirt finished the snapshot but the call failed: reconnect, adopt it, go on."""
-    monkeypatch.setattr(snapshots, "create_baseline", failing(snapshots.create_baseline, 1, lost, run_first=True))
+    monkeypatch.setattr(DomainSnapshots, "take_baseline",
+                        failing(DomainSnapshots.take_baseline, 1, lost, run_first=True))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=3)
@@ -142,8 +144,9 @@ def test_lost_connection_while_taking_the_baseline_is_retried(pytester, guest, r
 
 def test_a_refused_baseline_is_cached_released_and_cleaned_up(pytester, guest, testdriver, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A real refusal fails every test fast, holds nothing, and leaves no snapshot of the run."""
-    monkeypatch.setattr(snapshots, "create_baseline", failing(
-        snapshots.create_baseline, 9, lambda: KvmSnapError("cannot take a baseline snapshot: refused"), run_first=True))
+    refused = failing(DomainSnapshots.take_baseline, 9,
+                      lambda: KvmSnapError("cannot take a baseline snapshot: refused"), run_first=True)
+    monkeypatch.setattr(DomainSnapshots, "take_baseline", refused)
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(errors=3)
@@ -156,7 +159,7 @@ def test_a_refused_baseline_is_cached_released_and_cleaned_up(pytester, guest, t
 
 def test_lost_connection_twice_during_baseline_errors_one_test_not_the_run(pytester, guest, revert_log,  # type: ignore[no-untyped-def]
                                                                           testdriver, monkeypatch) -> None:
-    monkeypatch.setattr(snapshots, "create_baseline", failing(snapshots.create_baseline, 2, lost))
+    monkeypatch.setattr(DomainSnapshots, "take_baseline", failing(DomainSnapshots.take_baseline, 2, lost))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=2, errors=1)
@@ -168,7 +171,7 @@ def test_lost_connection_twice_during_baseline_errors_one_test_not_the_run(pytes
 
 
 def test_lost_connection_during_a_revert_is_retried(pytester, guest, revert_log, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(qemu, "revert_libvirt", failing(qemu.revert_libvirt, 1, lost))
+    monkeypatch.setattr(DomainSnapshots, "revert_cold", failing(DomainSnapshots.revert_cold, 1, lost))
     pytester.makepyfile(three_tests(guest))
     run_unit(pytester).assert_outcomes(passed=3)
     assert len(revert_log.reasons()) == 3
@@ -177,7 +180,7 @@ def test_lost_connection_during_a_revert_is_retried(pytester, guest, revert_log,
 def test_a_revert_that_could_not_be_made_is_owed_by_the_next_unit(pytester, guest, revert_log,  # type: ignore[no-untyped-def]
                                                                  monkeypatch) -> None:
     """Its test errors; the next test, although revert='after', starts with the owed revert."""
-    monkeypatch.setattr(qemu, "revert_libvirt", failing(qemu.revert_libvirt, 2, lost))
+    monkeypatch.setattr(DomainSnapshots, "revert_cold", failing(DomainSnapshots.revert_cold, 2, lost))
     pytester.makepyfile(three_tests(guest))
     result = run_unit(pytester)
     result.assert_outcomes(passed=3, errors=1)  # the error is test 1's teardown

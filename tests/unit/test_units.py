@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_kvmsnap.engine import kept_for_user, owned_snapshots
-from pytest_kvmsnap.libvirt.engine import LibvirtMachine
+from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 from tests.conftest import RevertLog, TestDriver
 from tests.unit.helpers import run_unit as run
 from tests.unit.helpers import three_tests
