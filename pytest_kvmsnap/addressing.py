@@ -4,10 +4,10 @@ On QEMU's user-mode network a guest has no address the host can route to (its
 10.0.2.x is inside QEMU), so a forward QEMU already has for the port is used
 (``<qemu:commandline>`` hostfwd, whoever made it), else a free port on the
 host's 127.0.0.1 is forwarded to it (``hostfwd_add``), one
-per QEMU process: each clone has its own, and a new process (after a libvirt
+per QEMU process: each clone has its own, and a new process (after a cold
 revert) needs new forwards.  The forwards are kept in the run record, which
-the finisher reads to remove them.  On a libvirt network, the guest's own
-address as libvirt sees it.  No pytest here.
+the finisher reads to remove them.  On a network the hypervisor manages, the
+guest's own address as the engine sees it.  No pytest here.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ def guest_address(engine: Engine, machine: Machine, state: GuestState, name: str
     if netdev is None:
         address = machine.ipv4()
         if address is None:
-            raise KvmSnapError(f"guest {name!r} has no IPv4 address libvirt can see (no DHCP lease on a "
-                               "libvirt network, no guest agent, no ARP entry): put it on a libvirt network, "
-                               "or forward its port on a user-mode network")
+            raise KvmSnapError(f"guest {name!r} has no IPv4 address the hypervisor can see (no DHCP lease on "
+                               "a network it manages, no guest agent, no ARP entry): put it on such a network "
+                               "(NAT or bridge), or forward its port on a user-mode network")
         return address, port
     if not engine.is_this_host():
         raise KvmSnapError(f"guest {name!r} is on QEMU's user-mode network on {engine.hostname()}: a forwarded "
                            f"port would listen on that host's 127.0.0.1, which this host cannot reach. Put "
-                           "the guest on a libvirt network (NAT or bridge) to test it from here.")
+                           "the guest on a network the hypervisor manages (NAT or bridge) to test it from here.")
     identity = machine.process_identity()
     process = identity[0] if identity else -1
     forward = record.forwards.get(str(port))

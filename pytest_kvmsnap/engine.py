@@ -253,6 +253,10 @@ class EngineKind(Protocol):
     def agent_unavailable(self, exc: Exception) -> bool:
         """Is ``exc`` the agent not being there yet (its channel reconnects after a revert)?"""
 
+    @property
+    def service(self) -> str:
+        """What users call the service that answers at a URI (libvirt: libvirtd), for messages."""
+
 
 def refusal(capabilities: Capabilities, *, clones: bool, revert_method: str, agent_required: bool,
             wait: str) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 
 class KvmSnapError(Exception):
@@ -22,52 +21,21 @@ class ConfigError(KvmSnapError):
 
 
 class ConnectionFailed(KvmSnapError):
-    """The libvirt URI could not be opened."""
-
-    @classmethod
-    def from_libvirt(cls, uri: str, detail: str) -> ConnectionFailed:
-        lowered = detail.lower()
-        remote = urlsplit(uri).hostname  # qemu+ssh://user@host/system: another host's daemon
-        # A non-root client of qemu:///system is checked by polkit over D-Bus;
-        # without a system bus that fails before any permission answer.
-        if remote and any(word in lowered for word in ("publickey", "host key verification")):
-            hint = (
-                f"SSH to {remote} refused: check the user in the URI, its key (?keyfile=...) and "
-                "root's known_hosts for that host"
-            )
-        elif any(word in lowered for word in ("permission denied", "authentication", "polkit",
-                                            "system bus", "access denied", "not authorized")):
-            hint = (
-                "permission was denied: run as root, add your user to the 'libvirt' group, "
-                "or use qemu:///session for guests you own"
-            )
-        elif remote and any(word in lowered for word in ("connection refused", "unable to connect",
-                                                          "no route", "timed out", "could not resolve")):
-            hint = (
-                f"the hypervisor host {remote} cannot be reached, or its libvirtd does not listen: "
-                "check that host (is it up, is libvirtd running there, does the transport's port answer?)"
-            )
-        elif "no such file" in lowered or "connection refused" in lowered or "failed to connect" in lowered:
-            hint = (
-                "libvirtd does not seem to be running: start it (systemctl start libvirtd, "
-                "or 'libvirtd -d' where no init system runs it; scripts/setup-host.sh does both)"
-            )
-        else:
-            hint = "check the URI (--kvm-uri, ini kvm_uri or LIBVIRT_DEFAULT_URI)"
-        return cls(f"cannot open libvirt connection {uri!r}: {hint}.\nlibvirt said: {detail}")
+    """The hypervisor at a URI could not be reached; the message names the cause and the fix."""
 
 
 class ConnectionLost(KvmSnapError):
-    """libvirtd stopped answering mid-call (restarted, stopped or killed).
+    """The hypervisor's service stopped answering mid-call (restarted, stopped or killed).
 
     Transient: the plugin reconnects and retries the step once; it is never
-    cached as a guest's permanent failure.
+    cached as a guest's permanent failure.  ``service`` is what users call it
+    (the engine's ``EngineKind.service``: libvirtd).
     """
 
-    def __init__(self, uri: str, action: str, detail: str) -> None:
+    def __init__(self, uri: str, action: str, detail: str, service: str = "the hypervisor") -> None:
         super().__init__(
-            f"lost the connection to libvirtd at {uri} while {action} ({detail}): "
-            "libvirtd was restarted or stopped"
+            f"lost the connection to {service} at {uri} while {action} ({detail}): "
+            f"{service} was restarted or stopped"
         )
         self.uri = uri
 

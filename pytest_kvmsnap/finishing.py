@@ -135,7 +135,7 @@ class Finisher:
         is restored whether or not this succeeds.
         """
         if not record.forwards:
-            return  # most guests: no libvirt round trips for nothing
+            return  # most guests: no round trips to the hypervisor for nothing
         network = machine.user_network()
         identity = machine.process_identity()
         for host_port, process in record.forwards.values():

@@ -89,7 +89,7 @@ def summary(record: RunRecord, pool: bool = False) -> str:
 
 
 class Guest:
-    """A libvirt guest as a test sees it.
+    """A guest as a test sees it (``domain`` and ``connection`` are the engine's own objects).
 
     ``baseline`` is the snapshot this test's unit reverts to; ``revert()`` goes
     back to it now.  Inside a running test the guest always counts as dirty.
@@ -133,7 +133,7 @@ class Guest:
 
         On QEMU's user-mode network a free port on 127.0.0.1 is forwarded to it
         (each clone gets its own); on other networks, the guest's address from
-        libvirt (DHCP lease, guest agent, ARP) and ``port`` itself.
+        hypervisor (libvirt: DHCP lease, guest agent, ARP) and ``port`` itself.
         """
         return self._address(port)
 

@@ -1,6 +1,6 @@
 """Engines (connections to hypervisors), the guests looked up through them, and reconnects.
 
-A connection does not survive a libvirtd restart, but the guests' QEMU
+A connection does not survive a restart of its service (libvirtd), but the guests' QEMU
 processes do: a lost connection is noticed (one cheap round trip), a new one
 is opened once the daemon answers again, and a step that lost its connection
 mid-way is run once more.
@@ -22,7 +22,7 @@ from pytest_kvmsnap.exceptions import ConnectionFailed, ConnectionLost
 from pytest_kvmsnap.libvirt.engine import LIBVIRT
 
 T = TypeVar("T")
-RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted libvirtd to answer again
+RECONNECT_TIMEOUT = 30.0  # seconds to wait for a restarted service (libvirtd) to answer again
 RECONNECT_POLL = 0.5
 
 
@@ -107,7 +107,7 @@ class Hypervisor:
                 self.reconnect(uri)
 
     def reconnect(self, uri: str) -> None:
-        """Drop the connection to ``uri`` and open a new one, waiting for libvirtd to answer."""
+        """Drop the connection to ``uri`` and open a new one, waiting for its service to answer."""
         self._drop(uri)
         deadline = time.monotonic() + RECONNECT_TIMEOUT
         while True:
@@ -116,14 +116,14 @@ class Hypervisor:
                 break
             except ConnectionFailed as exc:
                 if time.monotonic() >= deadline:
-                    raise ConnectionFailed(f"the libvirt connection to {uri} was lost and libvirtd did not "
+                    raise ConnectionFailed(f"the connection to {uri} was lost and {self.kind.service} did not "
                                            f"answer again within {RECONNECT_TIMEOUT:.0f} s: {exc}") from None
-                self.report(Waiting(f"kvmsnap: waiting for libvirtd at {uri} to answer again"))
+                self.report(Waiting(f"kvmsnap: waiting for {self.kind.service} at {uri} to answer again"))
                 time.sleep(RECONNECT_POLL)
-        self.on_reconnect(f"kvmsnap: reconnected to {uri}: the libvirt connection was lost (libvirtd restarted?)")
+        self.on_reconnect(f"kvmsnap: reconnected to {uri}: the connection was lost ({self.kind.service} restarted?)")
 
     def retrying(self, action: str, step: Callable[[], T], uri: str | None = None) -> T:
-        """Run ``step``; if libvirtd dropped the connection, reconnect and run it once more.
+        """Run ``step``; if the connection dropped, reconnect and run it once more.
 
         ``step`` must be safe to run again and look up what it needs afresh:
         objects from the lost connection are dead.

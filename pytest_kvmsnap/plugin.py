@@ -39,6 +39,7 @@ from pytest_kvmsnap.session import (
     WORKER_OWNER,
     WORKER_RUN,
     coordinator_for,
+    distribution_refusal,
     is_worker,
     lock_dir,
     lock_dir_path,
@@ -235,35 +236,6 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     if layering is not None:  # wider fixtures set up and nothing narrower did: checkpoint before the body
         coordinator, spec, _item = layering
         _or_fail(lambda: coordinator.layering.before_setup(spec, "function", item.nodeid))
-
-
-# xdist modes that keep every test of one module (and class) on one worker.
-_KEEPS_MODULES = ("loadscope", "loadfile")
-
-
-def distribution_refusal(item: pytest.Item, spec: Spec, dist: str | None) -> str | None:
-    """Why a test of a unit larger than itself may not run under xdist's ``dist``.
-
-    ``dist`` is None outside xdist's workers: one process spreads nothing.
-    """
-    if dist is None or spec.scope == "function":
-        return None
-    if dist == "loadgroup":
-        # xdist marks a grouped test's node id with '@'.  With pytest 9.2 and
-        # pytest-xdist 3.8 it silently does not (pytest-xdist issue 1386), nor
-        # for a marker added after collection; a split unit would see other
-        # units' changes.
-        if "@" in item.nodeid:
-            return None
-        return (f"{item.nodeid} uses scope={spec.scope!r}, but this pytest-xdist's --dist loadgroup "
-                "does not group tests with this pytest (pytest-xdist issue 1386), or the marker was added "
-                "after xdist grouped the tests. Use --dist loadscope or loadfile for class and module "
-                "scopes, or run without xdist.")
-    if dist in _KEEPS_MODULES and spec.scope in ("class", "module"):
-        return None
-    return (f"{item.nodeid} uses scope={spec.scope!r}, whose tests must run on one xdist "
-            f"worker, but --dist {dist} spreads them. Use --dist loadscope or loadfile for class "
-            "and module scopes, or --dist loadgroup (pytest-kvmsnap groups each unit).")
 
 
 def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:

@@ -138,7 +138,7 @@ def console_since(guest: str, mark: ConsoleMark, lines: int) -> ConsoleTail:
     try:
         with open(mark.path, "rb") as log:
             size = log.seek(0, 2)
-            # A QEMU restarted by a libvirt revert truncates a log without append='on'.
+            # A QEMU restarted by a cold revert truncates a log without append='on'.
             start = mark.offset if size >= mark.offset else 0
             log.seek(max(start, size - CONSOLE_READ_LIMIT))
             raw = log.read()

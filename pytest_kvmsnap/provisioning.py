@@ -141,7 +141,7 @@ class Provisioner:
                                "create; rename or delete it (virsh snapshot-delete)")
         machine.resume_if_paused_by_snapshot()
         if not machine.is_running() or machine.holds_memory(snap.name):
-            self.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that libvirt "
+            self.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that the hypervisor "
                                "finished after the connection was lost"))
             return snap
         machine.delete_snapshot(snap)

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar, cast
+from urllib.parse import urlsplit
 
 from pytest_kvmsnap.exceptions import (
     ConnectionFailed,
@@ -44,7 +45,48 @@ def open_connection(uri: str) -> libvirt.virConnect:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        raise ConnectionFailed.from_libvirt(uri, str(exc)) from None
+        raise connection_failed(uri, str(exc)) from None
+
+
+def connection_failed(uri: str, detail: str) -> ConnectionFailed:
+    """Why ``uri`` could not be opened, from libvirt's answer ``detail``, with the fix."""
+    lowered = detail.lower()
+    remote = urlsplit(uri).hostname  # qemu+ssh://user@host/system: another host's daemon
+    # A non-root client of qemu:///system is checked by polkit over D-Bus;
+    # without a system bus that fails before any permission answer.
+    if remote and any(word in lowered for word in ("publickey", "host key verification")):
+        hint = (
+            f"SSH to {remote} refused: check the user in the URI, its key (?keyfile=...) and "
+            "root's known_hosts for that host"
+        )
+    elif any(word in lowered for word in ("permission denied", "authentication", "polkit",
+                                        "system bus", "access denied", "not authorized")):
+        hint = (
+            "permission was denied: run as root, add your user to the 'libvirt' group, "
+            "or use qemu:///session for guests you own"
+        )
+    elif remote and any(word in lowered for word in ("connection refused", "unable to connect",
+                                                      "no route", "timed out", "could not resolve")):
+        hint = (
+            f"the hypervisor host {remote} cannot be reached, or its libvirtd does not listen: "
+            "check that host (is it up, is libvirtd running there, does the transport's port answer?)"
+        )
+    elif "no such file" in lowered or "connection refused" in lowered or "failed to connect" in lowered:
+        hint = (
+            "libvirtd does not seem to be running: start it (systemctl start libvirtd, "
+            "or 'libvirtd -d' where no init system runs it; scripts/setup-host.sh does both)"
+        )
+    else:
+        hint = "check the URI (--kvm-uri, ini kvm_uri or LIBVIRT_DEFAULT_URI)"
+    return ConnectionFailed(f"cannot open libvirt connection {uri!r}: {hint}.\nlibvirt said: {detail}")
+
+
+SERVICE = "libvirtd"  # what users call the service at a URI, in messages
+
+
+def lost(uri: str, action: str, exc: Exception) -> ConnectionLost:
+    """The plugin's error for a connection that dropped while ``action`` ran."""
+    return ConnectionLost(uri, action, str(exc), SERVICE)
 
 
 def is_lost_connection(exc: Exception) -> bool:
@@ -72,7 +114,7 @@ def libvirt_errors(uri: str, action: str) -> Iterator[None]:
         yield
     except libvirt.libvirtError as exc:
         if is_lost_connection(exc):
-            raise ConnectionLost(uri, action, str(exc)) from None
+            raise lost(uri, action, exc) from None
         raise KvmSnapError(f"libvirt failed while {action}: {exc}") from None
 
 

@@ -72,6 +72,10 @@ class LibvirtKind:
     """Engines over libvirt, one per URI."""
 
     @property
+    def service(self) -> str:
+        return connection.SERVICE
+
+    @property
     def refusal(self) -> type[Exception]:
         return cast(type[Exception], connection.lib().libvirtError)
 

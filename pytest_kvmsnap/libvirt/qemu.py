@@ -16,11 +16,10 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
 from pytest_kvmsnap.exceptions import (
-    ConnectionLost,
     KvmSnapError,
     RevertFailed,
 )
-from pytest_kvmsnap.libvirt.connection import is_lost_connection, lib
+from pytest_kvmsnap.libvirt.connection import is_lost_connection, lib, lost
 
 if TYPE_CHECKING:
     import libvirt
@@ -121,8 +120,7 @@ class QemuProcess:
             text = hmp(self.native, f"loadvm {snapshot}").strip()
         except libvirt.libvirtError as exc:
             if is_lost_connection(exc):
-                raise ConnectionLost(self.native.connect().getURI(), f"loading {snapshot!r} in place",
-                                     str(exc)) from None
+                raise lost(self.native.connect().getURI(), f"loading {snapshot!r} in place", exc) from None
             raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {exc}") from None
         except KvmSnapError as exc:
             raise RevertFailed(f"in-place loadvm of {snapshot!r} failed: {exc}") from None

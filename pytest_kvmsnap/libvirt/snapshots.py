@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, cast
 
 from pytest_kvmsnap.engine import Snapshot
 from pytest_kvmsnap.exceptions import (
-    ConnectionLost,
     KvmSnapError,
     RevertFailed,
     SnapshotNotFound,
     UnsupportedGuest,
 )
-from pytest_kvmsnap.libvirt.connection import is_lost_connection, is_this_host, lib, unless_missing
+from pytest_kvmsnap.libvirt.connection import is_lost_connection, is_this_host, lib, lost, unless_missing
 from pytest_kvmsnap.libvirt.preflight import writable_disks
 from pytest_kvmsnap.libvirt.qemu import hmp
 from pytest_kvmsnap.ownership import Owner, owner_description
@@ -87,8 +86,7 @@ class DomainSnapshots:
             return LibvirtSnapshot(dom.snapshotCreateXML(xml, 0))
         except libvirt.libvirtError as exc:
             if is_lost_connection(exc):
-                raise ConnectionLost(dom.connect().getURI(), f"taking the baseline snapshot of {dom.name()!r}",
-                                     str(exc)) from None
+                raise lost(dom.connect().getURI(), f"taking the baseline snapshot of {dom.name()!r}", exc) from None
             # The qcow2/pflash advice is for libvirt's refusals of internal
             # snapshots, not for every failure (a busy or lost daemon is not one).
             if exc.get_error_code() in (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
@@ -148,8 +146,7 @@ class DomainSnapshots:
             dom.revertToSnapshot(snap, 0)
         except lib().libvirtError as exc:
             if is_lost_connection(exc):
-                raise ConnectionLost(dom.connect().getURI(), f"reverting {dom.name()!r} to {snap.getName()!r}",
-                                     str(exc)) from None
+                raise lost(dom.connect().getURI(), f"reverting {dom.name()!r} to {snap.getName()!r}", exc) from None
             raise RevertFailed(f"reverting {dom.name()!r} to {snap.getName()!r} failed: {exc}") from None
 
     def delete_snapshot(self, snapshot: Snapshot) -> None:

@@ -331,6 +331,7 @@ class FakeKind:
     """``EngineKind`` of the fake engine: URIs ``fake://<host>`` name hosts in ``hosts``."""
 
     refusal = Refused
+    service = "the fake hypervisor"
 
     def __init__(self, **hosts: FakeHost) -> None:
         self.hosts = hosts

@@ -128,9 +128,9 @@ def test_strict_inplace_is_refused_where_the_engine_has_no_hot_revert(pytester: 
 ])
 def test_a_connection_failure_blames_the_host_it_happened_on(uri: str, said: str, hint: str) -> None:
     """A local daemon's advice (systemctl start libvirtd) is never given for another host's."""
-    from pytest_kvmsnap.exceptions import ConnectionFailed
+    from pytest_kvmsnap.libvirt.connection import connection_failed
 
-    message = str(ConnectionFailed.from_libvirt(uri, said))
+    message = str(connection_failed(uri, said))
     assert message.startswith(f"cannot open libvirt connection {uri!r}: {hint}"), message
     assert said in message
 

@@ -43,7 +43,8 @@ def failing(real: Callable[..., Any], times: int, error: Callable[[], Exception]
 
 
 def lost() -> ConnectionLost:
-    return ConnectionLost("test:///default", "doing it", "End of file while reading data: Input/output error")
+    return ConnectionLost("test:///default", "doing it", "End of file while reading data: Input/output error",
+                          "libvirtd")
 
 
 # --- markers added however pytest documents ---------------------------------
@@ -138,7 +139,7 @@ def test_lost_connection_while_taking_the_baseline_is_retried(pytester, guest, r
     result = run_unit(pytester)
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*lost the connection to libvirtd at test:///default while doing it*trying once more",
-                                 f"*{guest}: using baseline kvmsnap-* that libvirt finished after the connection*"])
+                                 f"*{guest}: using baseline kvmsnap-* that the hypervisor finished after*"])
     assert testdriver.snapshots(guest) == []
 
 
