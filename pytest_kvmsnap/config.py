@@ -114,7 +114,7 @@ SETTINGS = (
             "its random generator to reseed (guest agent): on, off, or auto. Default: auto.",
             default="auto", choices=AGENT_STEPS),
     Setting("keep_failed", "when a test fails, save its guests' state (memory and disk) as a snapshot kept "
-            "for you before any revert: look at it with virsh snapshot-revert. Default: off.",
+            "for you before any revert: the summary says how to look at it and delete it. Default: off.",
             default=False, flag=True, ini_type="bool"),
     Setting("keep_failed_max", "at most this many failed states kept per guest and run (each holds the "
             "guest's memory on its disk). Default: 3.", default=3),
@@ -152,7 +152,7 @@ def parse_wait(value: object) -> Wait:
     if text == "ssh":
         return Wait("ssh", 22)
     kind, _, port = text.partition(":")
-    if kind == "tcp" and port.isdigit() and 1 <= int(port) <= 65535:
+    if kind == "tcp" and _digits(port) and 1 <= int(port) <= 65535:
         return Wait("tcp", int(port))
     raise ConfigError(f"kvm_wait = {value!r} is not one of agent, ssh, hook, tcp:PORT (a port from 1 to 65535)")
 
@@ -283,15 +283,15 @@ def _seconds(name: str, value: object) -> float:
 
 def _count(name: str, value: object) -> int:
     text = str(value).strip()
-    if not text.isdigit():
+    if not _digits(text):
         raise ConfigError(f"{name} = {value!r} is not a whole number (0 or more)")
     return int(text)
 
 
 def _clones(value: object) -> str:
     text = str(value).strip().lower()
-    if text == "auto" or (text.isdigit() and int(text) >= 0):
-        return str(int(text)) if text.isdigit() else text
+    if text == "auto" or (_digits(text) and int(text) >= 0):
+        return str(int(text)) if _digits(text) else text
     raise ConfigError(f"kvm_clones = {value!r} is not 'auto' or a number of clones (0 = off)")
 
 
@@ -313,3 +313,8 @@ def validate(settings: Settings, source: str) -> Settings:
                 f"{source}: {s.dest} = {value!r} is not one of {', '.join(s.choices)}"
             )
     return settings
+
+
+def _digits(text: str) -> bool:
+    """Only 0-9: str.isdigit() also takes '²' and other digits int() refuses (found by hypothesis)."""
+    return text.isascii() and text.isdigit()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pytest_kvmsnap import postmortem
@@ -48,6 +48,7 @@ values = st.dictionaries(st.sampled_from([s.dest for s in SETTINGS]), st.one_of(
 
 @settings(max_examples=300)
 @given(options=values, ini=values, env=st.dictionaries(st.sampled_from(["LIBVIRT_DEFAULT_URI", "X"]), st.text()))
+@example(options={}, ini={"kvm_keep_failed_max": "\u00b2", "kvm_clones": "\u00b2"}, env={})  # isdigit() took '²'
 def test_the_resolver_gives_valid_settings_or_one_config_error(options: dict[str, Any], ini: dict[str, Any],
                                                                env: dict[str, str]) -> None:
     for name in ("kvm_domains", "kvm_uri"):  # a repeatable option and a linelist ini value are lists
