@@ -236,6 +236,21 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+class Advice(Protocol):
+    """The commands a message tells a user to type, in the engine's own tool (libvirt: virsh),
+    quoted for a POSIX shell: what the plugin knows how to do, said in words the user can run."""
+
+    def revert(self, uri: str, guest: str, snapshot: str) -> str: ...
+
+    def delete_snapshot(self, uri: str, guest: str, snapshot: str) -> str: ...
+
+    def remove_guest(self, uri: str, guest: str, pool: str) -> str:
+        """Remove a guest the plugin handed to the user (a kept clone) and its storage ``pool``."""
+
+    def save_state(self, guest: str) -> str:
+        """Save the guest's current state under a name the user picks (``NAME`` in the command)."""
+
+
 class EngineKind(Protocol):
     """How to reach engines of one kind, and how their failures read."""
 
@@ -256,6 +271,10 @@ class EngineKind(Protocol):
     @property
     def service(self) -> str:
         """What users call the service that answers at a URI (libvirt: libvirtd), for messages."""
+
+    @property
+    def advice(self) -> Advice:
+        """The commands messages advise, in the engine's own tool."""
 
 
 def refusal(capabilities: Capabilities, *, clones: bool, revert_method: str, agent_required: bool,

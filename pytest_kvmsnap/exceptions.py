@@ -50,11 +50,13 @@ class DomainNotFound(KvmSnapError):
 
 
 class SnapshotNotFound(KvmSnapError):
-    def __init__(self, snapshot: str, domain: str, existing: Iterable[str]) -> None:
+    def __init__(self, snapshot: str, domain: str, existing: Iterable[str], create: str = "") -> None:
+        """``create``: the engine's command that takes a snapshot of ``domain`` (Advice.save_state)."""
         names = ", ".join(sorted(existing)) or "none"
+        how = f" ({create})" if create else ""
         super().__init__(
             f"domain {domain!r} has no snapshot named {snapshot!r}. Its snapshots: {names}. "
-            f"Create it (virsh snapshot-create-as {domain} NAME) or fix snapshot=/--kvm-snapshot."
+            f"Create it{how} or fix snapshot=/--kvm-snapshot."
         )
 
 

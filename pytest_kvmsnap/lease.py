@@ -110,7 +110,7 @@ class Lease:
                 self._wait(name, f"run {owner.run_id} (pid {owner.pid} on {owner.host}, which keeps its locks "
                                  f"elsewhere; seen by its baseline snapshot {snapshot!r} on the guest)", deadline,
                            f"if that run is gone, run pytest --kvm-cleanup on {owner.host} or delete the snapshot "
-                           f"(virsh snapshot-delete {name} {snapshot})")
+                           f"({self.hypervisor.kind.advice.delete_snapshot(lock.uri, name, snapshot)})")
 
     def rival(self, name: str, uri: str) -> Rival | None:
         """The oldest other live run whose baseline snapshot is on the guest."""

@@ -358,7 +358,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     all_times = [t for record in coordinator.finishing.finished for t in record.revert_times()]
     if all_times:
         tr.write_line(f"kvmsnap: {len(all_times)} revert(s), median {statistics.median(all_times):.3f} s")
-    write_summary(tr, config.stash[RUN_FIGURES_KEY], coordinator.settings.uri, config.get_verbosity() > 0)
+    write_summary(tr, config.stash[RUN_FIGURES_KEY], coordinator.settings.uri, coordinator.hypervisor.kind.advice,
+                  config.get_verbosity() > 0)
 
 
 def _run_has_records(config: pytest.Config) -> bool:

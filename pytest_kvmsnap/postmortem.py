@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 import struct
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_kvmsnap.engine import Machine, kept_for_user
+from pytest_kvmsnap.engine import Advice, Machine, kept_for_user
 from pytest_kvmsnap.ownership import kept_description
 
 # What a kernel says when the guest, not the test, went wrong; most serious first.
@@ -160,17 +159,13 @@ class Kept:
     why_not: str | None = None
     pool: str = ""  # a kept clone: the storage pool of its disks, deleted with it
 
-    def commands(self, uri: str) -> tuple[str, str]:
-        """How to look at the kept state, and how to delete it."""
+    def commands(self, advice: Advice, uri: str) -> tuple[str, str]:
+        """How to look at the kept state, and how to delete it (a kept clone: with its storage)."""
         assert self.snapshot is not None, "only a kept state has commands"
-        virsh = f"virsh -c {shlex.quote(uri)}"
-        guest, snap = shlex.quote(self.guest), shlex.quote(self.snapshot)
-        look = f"{virsh} snapshot-revert {guest} {snap}"
-        if self.pool:  # all through libvirt: the hypervisor may be another host
-            pool = shlex.quote(self.pool)
-            return look, (f"{virsh} undefine {guest} --snapshots-metadata --remove-all-storage && "
-                          f"{virsh} pool-destroy {pool} && {virsh} pool-delete {pool} && {virsh} pool-undefine {pool}")
-        return look, f"{virsh} snapshot-delete {guest} {snap}"
+        look = advice.revert(uri, self.guest, self.snapshot)
+        if self.pool:
+            return look, advice.remove_guest(uri, self.guest, self.pool)
+        return look, advice.delete_snapshot(uri, self.guest, self.snapshot)
 
 
 def keep(machine: Machine, guest: str, nodeid: str, run_id: str, limit: int) -> Kept:

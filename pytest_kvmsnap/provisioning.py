@@ -124,21 +124,22 @@ class Provisioner:
         """Take this run's baseline of ``name``, or adopt the one an interrupted call left."""
         machine = self.hypervisor.machine(name, uri)
         left = machine.find_snapshot(self.snapshot_name)
-        snap = self._adopt(name, machine, left) if left is not None else None
+        snap = self._adopt(name, uri, machine, left) if left is not None else None
         if snap is None:
             snap = machine.take_baseline(self.snapshot_name, self.owner)
         self.lease.keep_or_back_off(name, uri, snap)
         return snap
 
-    def _adopt(self, name: str, machine: Machine, snap: Snapshot) -> Snapshot | None:
+    def _adopt(self, name: str, uri: str, machine: Machine, snap: Snapshot) -> Snapshot | None:
         """This run's snapshot is already there: an earlier call lost its connection
         while libvirt went on and finished it.  Nothing used the guest since (that
         test errored in setup), so a complete one is the baseline; else retake it.
         """
         owner = snapshot_owner(snap)
         if owner is None or owner.run_id != self.owner.run_id:
+            delete = self.hypervisor.kind.advice.delete_snapshot(uri, name, snap.name)
             raise KvmSnapError(f"guest {name!r} has a snapshot {snap.name!r} that this run did not "
-                               "create; rename or delete it (virsh snapshot-delete)")
+                               f"create; rename or delete it ({delete})")
         machine.resume_if_paused_by_snapshot()
         if not machine.is_running() or machine.holds_memory(snap.name):
             self.report(Notice(f"kvmsnap: {name}: using baseline {snap.name} that the hypervisor "

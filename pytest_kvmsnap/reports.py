@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvmsnap.config import Settings
+from pytest_kvmsnap.engine import Advice
 from pytest_kvmsnap.figures import GuestFigures, Slow, from_properties, slow_entries
 from pytest_kvmsnap.postmortem import ConsoleTail, Kept
 
@@ -79,12 +80,12 @@ def _call_out(report: pytest.TestReport, line: str) -> None:
         report.longrepr = f"{line}\n{report.longrepr}"
 
 
-def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, verbose: bool) -> None:
+def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, advice: Advice, verbose: bool) -> None:
     """Kept snapshots, those not kept, evidence files and (``-v``) the slowest reverts and waits."""
     for test, figures in run.kept:
         if figures.kept_snapshot:
             kept = Kept(figures.kept_guest, test, figures.kept_snapshot, pool=figures.kept_pool)
-            look, delete = kept.commands(figures.kept_uri or uri)
+            look, delete = kept.commands(advice, figures.kept_uri or uri)
             where = "" if kept.guest == figures.guest else f" of {kept.guest}"
             tr.write_line(f"kvmsnap: kept {figures.guest}'s state after {test} failed: snapshot "
                           f"{figures.kept_snapshot}{where}")
@@ -95,7 +96,7 @@ def write_summary(tr: pytest.TerminalReporter, run: RunFigures, uri: str, verbos
                           f"({figures.not_kept})", yellow=True)
     if any(figures.kept_snapshot for _, figures in run.kept):
         tr.write_line("kvmsnap: a revert replaces the guest's current state: save it first to come back to it "
-                      "(virsh snapshot-create-as GUEST NAME)")
+                      f"({advice.save_state('GUEST')})")
     if run.artifacts:
         directories = sorted({str(Path(path).parent) for path in run.artifacts})
         tr.write_line(f"kvmsnap: {len(run.artifacts)} evidence file(s) of failed tests in {', '.join(directories)}")

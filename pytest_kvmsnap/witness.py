@@ -88,6 +88,6 @@ class Witness:
             return
         figures.kept_snapshot, figures.kept_guest, figures.kept_pool = kept.snapshot, kept.guest, kept.pool
         figures.kept_uri = state.uri
-        look, delete = kept.commands(state.uri)
+        look, delete = kept.commands(self.hypervisor.kind.advice, state.uri)
         self.report(Notice(f"kvmsnap: {name}: its state after {nodeid} failed is kept as snapshot "
                            f"{kept.snapshot} of {kept.guest}; after the run, look: {look}; delete: {delete}"))

@@ -11,8 +11,9 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, cast
 
-from pytest_kvmsnap.engine import Capabilities, Clones, Leases, Machine
+from pytest_kvmsnap.engine import Advice, Capabilities, Clones, Leases, Machine
 from pytest_kvmsnap.libvirt import agent, connection, preflight
+from pytest_kvmsnap.libvirt.advice import VirshAdvice
 from pytest_kvmsnap.libvirt.clones import LibvirtClones
 from pytest_kvmsnap.libvirt.leases import LibvirtLeases
 from pytest_kvmsnap.libvirt.machine import LibvirtMachine
@@ -74,6 +75,10 @@ class LibvirtKind:
     @property
     def service(self) -> str:
         return connection.SERVICE
+
+    @property
+    def advice(self) -> Advice:
+        return VirshAdvice()
 
     @property
     def refusal(self) -> type[Exception]:

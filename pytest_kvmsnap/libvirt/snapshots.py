@@ -20,6 +20,7 @@ from pytest_kvmsnap.exceptions import (
     SnapshotNotFound,
     UnsupportedGuest,
 )
+from pytest_kvmsnap.libvirt.advice import VirshAdvice
 from pytest_kvmsnap.libvirt.connection import is_lost_connection, is_this_host, lib, lost, unless_missing
 from pytest_kvmsnap.libvirt.preflight import writable_disks
 from pytest_kvmsnap.libvirt.qemu import hmp
@@ -63,7 +64,8 @@ class DomainSnapshots:
         """The snapshot called ``name``; if there is none, an error that lists the guest's snapshots."""
         snap = self.find_snapshot(name)
         if snap is None:
-            raise SnapshotNotFound(name, self.native.name(), self.native.snapshotListNames())
+            domain = self.native.name()
+            raise SnapshotNotFound(name, domain, self.native.snapshotListNames(), VirshAdvice().save_state(domain))
         return snap
 
     def find_snapshot(self, name: str) -> Snapshot | None:

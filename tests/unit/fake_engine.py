@@ -327,11 +327,28 @@ class FakeHost:
         return self.machines[name]
 
 
+class FakeAdvice:
+    """The fake hypervisor's tool, ``fakectl``: proves that messages take their commands from the engine."""
+
+    def revert(self, uri: str, guest: str, snapshot: str) -> str:
+        return f"fakectl {uri} revert {guest} {snapshot}"
+
+    def delete_snapshot(self, uri: str, guest: str, snapshot: str) -> str:
+        return f"fakectl {uri} delete {guest} {snapshot}"
+
+    def remove_guest(self, uri: str, guest: str, pool: str) -> str:
+        return f"fakectl {uri} remove {guest} {pool}"
+
+    def save_state(self, guest: str) -> str:
+        return f"fakectl save {guest} NAME"
+
+
 class FakeKind:
     """``EngineKind`` of the fake engine: URIs ``fake://<host>`` name hosts in ``hosts``."""
 
     refusal = Refused
     service = "the fake hypervisor"
+    advice = FakeAdvice()
 
     def __init__(self, **hosts: FakeHost) -> None:
         self.hosts = hosts

@@ -182,3 +182,30 @@ def test_a_plugin_provides_the_engine_and_pytest_runs_on_it(pytester: pytest.Pyt
     result.stdout.fnmatch_lines(["*g: baseline kvmsnap-* taken in *, 3 revert(s)*"])
     assert guest.disk == {"state": "clean"} and guest.saved == {} and host.leases == {}
     assert [step.split()[0] for step in guest.log] == ["take", "hot", "hot", "hot", "delete"]
+
+
+def test_the_commands_a_message_advises_come_from_the_engine(pytester: pytest.Pytester) -> None:
+    """A kept failed state is looked at and deleted with the engine's own tool: no libvirt words
+    reach a user of another engine (the fake one's tool is ``fakectl``)."""
+    host = FakeHost()
+    host.add("g", state="clean")
+    fake_engine.PROVIDED = FakeKind(a=host)
+    pytester.makeconftest("""
+        from tests.unit import fake_engine
+
+        def pytest_kvmsnap_engine(config):
+            return fake_engine.PROVIDED
+    """)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.kvm_snapshot("g")
+        def test_fails(kvm_guest):
+            assert False
+    """)
+    result = pytester.runpytest("--kvm-uri=fake://a", "--kvm-keep-failed", "-p", "no:randomly")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["  look:   fakectl fake://a revert g kept-test_fails-*",
+                                 "  delete: fakectl fake://a delete g kept-test_fails-*",
+                                 "*save it first to come back to it (fakectl save GUEST NAME)"])
+    assert "virsh" not in result.stdout.str()

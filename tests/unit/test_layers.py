@@ -14,9 +14,9 @@ ENGINE_PACKAGE = "libvirt"
 LAYERS = [
     "exceptions", "config", "events", "figures", "ownership", "processes", "records", "locking", "engine",
     # the libvirt engine (pytest_kvmsnap/libvirt/): the only modules that know libvirt
-    "libvirt.connection", "libvirt.preflight", "libvirt.qemu", "libvirt.snapshots", "libvirt.evidence",
-    "libvirt.agent", "libvirt.network", "libvirt.machine", "libvirt.leases", "libvirt.storage", "libvirt.clones",
-    "libvirt.engine",
+    "libvirt.advice", "libvirt.connection", "libvirt.preflight", "libvirt.qemu", "libvirt.snapshots",
+    "libvirt.evidence", "libvirt.agent", "libvirt.network", "libvirt.machine", "libvirt.leases", "libvirt.storage",
+    "libvirt.clones", "libvirt.engine",
     # what the plugin does, through engine.py's interface
     "postmortem", "deadlock", "units", "layers", "placement", "hypervisor", "heartbeat", "revert", "lease",
     "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",

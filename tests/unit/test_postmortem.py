@@ -144,10 +144,11 @@ def test_a_kept_clones_commands_are_virsh_only_and_quoted() -> None:
     """A kept clone is deleted through libvirt (the hypervisor may be another host), names quoted."""
     import shlex
 
+    from pytest_kvmsnap.libvirt.advice import VirshAdvice
     from pytest_kvmsnap.postmortem import Kept
 
     kept = Kept("web-kept-r1-0", "t.py::test_x", "kept-test_x-r1-1", pool="web-kvmsnap-r1-0")
-    look, delete = kept.commands("qemu+ssh://u@h/session?keyfile=/k")
+    look, delete = kept.commands(VirshAdvice(), "qemu+ssh://u@h/session?keyfile=/k")
     assert shlex.split(look) == ["virsh", "-c", "qemu+ssh://u@h/session?keyfile=/k", "snapshot-revert",
                                  "web-kept-r1-0", "kept-test_x-r1-1"]
     steps = [shlex.split(step) for step in delete.split(" && ")]
