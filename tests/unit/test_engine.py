@@ -155,11 +155,8 @@ def test_an_engine_without_hot_reverts_serves_auto_with_cold_ones(tmp_path: Path
                    wait="") == "it cannot clone guests: drop --kvm-clones"
 
 
-def test_a_plugin_provides_the_engine_and_pytest_runs_on_it(pytester: pytest.Pytester) -> None:
-    """The whole plugin, through pytest, on the second engine a conftest provides
-    (``pytest_kvmsnap_engine``): the marker, the fixture, the summary, the guest as found."""
-    host = FakeHost()
-    guest = host.add("g", state="clean")
+def provide_engine(pytester: pytest.Pytester, host: FakeHost) -> None:
+    """A conftest that provides the fake engine over ``host`` (as ``fake://a``) through the hook."""
     fake_engine.PROVIDED = FakeKind(a=host)
     pytester.makeconftest("""
         from tests.unit import fake_engine
@@ -167,6 +164,14 @@ def test_a_plugin_provides_the_engine_and_pytest_runs_on_it(pytester: pytest.Pyt
         def pytest_kvmsnap_engine(config):
             return fake_engine.PROVIDED
     """)
+
+
+def test_a_plugin_provides_the_engine_and_pytest_runs_on_it(pytester: pytest.Pytester) -> None:
+    """The whole plugin, through pytest, on the second engine a conftest provides
+    (``pytest_kvmsnap_engine``): the marker, the fixture, the summary, the guest as found."""
+    host = FakeHost()
+    guest = host.add("g", state="clean")
+    provide_engine(pytester, host)
     pytester.makepyfile("""
         import pytest
 
@@ -189,13 +194,7 @@ def test_the_commands_a_message_advises_come_from_the_engine(pytester: pytest.Py
     reach a user of another engine (the fake one's tool is ``fakectl``)."""
     host = FakeHost()
     host.add("g", state="clean")
-    fake_engine.PROVIDED = FakeKind(a=host)
-    pytester.makeconftest("""
-        from tests.unit import fake_engine
-
-        def pytest_kvmsnap_engine(config):
-            return fake_engine.PROVIDED
-    """)
+    provide_engine(pytester, host)
     pytester.makepyfile("""
         import pytest
 
