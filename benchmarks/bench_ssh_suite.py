@@ -5,9 +5,17 @@ reverts), writes its own, and logs out.  The connection retries until sshd
 answers, as a hand-written suite must after a revert; with ``--kvm-wait=ssh``
 the plugin has already waited.  ``KVMSNAP_BENCH_HANDWRITTEN`` runs it without
 the plugin, reverting with ``revertToSnapshot`` or ``loadvm`` (or not at all)
-after each test, like bench_suite.py.
+after each test, like bench_suite.py.  ``KVMSNAP_BENCH_KVM_SSH=1`` runs each
+test's commands through the plugin's ``kvm_ssh`` instead of its own client.
+
+With ``KVMSNAP_BENCH_TIMES`` each test appends to that file when its first
+command completed and when its last did: the gap from one test's last
+command to the next one's first is the revert-to-usable time (teardown,
+revert, the plugin's steps, login, a first command), measured the same way
+with and without the plugin.
 """
 
+import json
 import os
 import time
 
@@ -18,6 +26,14 @@ from bench_suite import EXPECT_CLEAN, HANDWRITTEN, N, handwritten_revert, handwr
 from pytest_kvmsnap.libvirt.machine import LibvirtMachine
 
 KEY = os.environ.get("KVMSNAP_BENCH_SSH_KEY", "")
+KVM_SSH = os.environ.get("KVMSNAP_BENCH_KVM_SSH", "") == "1"
+TIMES = os.environ.get("KVMSNAP_BENCH_TIMES", "")
+
+
+def stamp(i, what):
+    if TIMES:
+        with open(TIMES, "a") as times:
+            times.write(json.dumps([i, what, time.time()]) + "\n")
 
 
 @pytest.fixture
@@ -54,13 +70,48 @@ def run(client, command):
     return out.read().decode().strip()
 
 
+class OwnClient:
+    """What a user's suite does: log in afresh in each test."""
+
+    def __init__(self, address):
+        self.client = login(address)
+
+    def __call__(self, command):
+        return run(self.client, command)
+
+    def close(self):
+        self.client.close()
+
+
+class PluginClient:
+    """The plugin's kvm_ssh: reconnected after each revert, reused within a test."""
+
+    def __init__(self, kvm_ssh):
+        self.kvm_ssh = kvm_ssh
+
+    def __call__(self, command):
+        return self.kvm_ssh.run(command, check=False).stdout
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def shell(request):
+    if KVM_SSH:
+        return PluginClient(request.getfixturevalue("kvm_ssh"))
+    return OwnClient(request.getfixturevalue("address"))
+
+
 @pytest.mark.kvm_snapshot
 @pytest.mark.parametrize("i", range(N))
-def test_over_ssh(i, address):
-    client = login(address)
+def test_over_ssh(i, shell):
     try:
+        found = shell("cat /root/marker 2>/dev/null")
+        stamp(i, "usable")
         if EXPECT_CLEAN:
-            assert run(client, "cat /root/marker 2>/dev/null") == "", f"test {i} found the previous marker"
-        run(client, f"echo {i} > /root/marker")
+            assert found == "", f"test {i} found the previous marker"
+        shell(f"echo {i} > /root/marker")
+        stamp(i, "done")
     finally:
-        client.close()
+        shell.close()

@@ -4,15 +4,22 @@ Usage (as root, after scripts/setup-host.sh, with the project installed):
 
     python benchmarks/debian_benchmark.py [--tests 8] [--rounds 1]
 
-On the Debian 12 test guest (512 MiB, TCG unless KVM works), the same suite
-(bench_ssh_suite.py: each test logs in over SSH, retrying until sshd answers)
-runs, in this one run:
+On the Debian 12 test guest (512 MiB, KVM where it works, else TCG), the same
+suite (bench_ssh_suite.py: each test runs a first command over SSH, then a
+second) runs, in this one run:
 
-- with the plugin: the agent steps off (revert only), on (clock + reseed, the
-  default), and on with ``--kvm-wait=ssh``;
-- with a hand-written conftest reverting with ``loadvm`` or ``revertToSnapshot``.
+- with the plugin: the clock and reseed steps off (revert only); the defaults
+  (clock + reseed through the guest agent), with the test's own paramiko login;
+  the defaults with the plugin's ``kvm_ssh`` (clock + reseed over its
+  connection); the defaults with ``--kvm-wait=ssh``;
+- with a hand-written conftest reverting with ``loadvm`` or ``revertToSnapshot``
+  and logging in with paramiko.
 
-Costs are (T(mode) - T(no reverts)) / (N - 1), as in revert_benchmark.py.
+Two figures per row: the per-test cost, (T(mode) - T(no reverts)) / (N - 1) as
+in revert_benchmark.py; and *revert to usable*, the median gap from one test's
+last command to the next test's first command completing (teardown, revert,
+the plugin's steps, login and that command), timed by the suite itself.  The
+ratio is revert to usable against the hand-written ``loadvm`` conftest's.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import libvirt
@@ -32,10 +40,12 @@ from pytest_kvmsnap.testing.guest import build_image, domain_type, remove_guest
 
 HERE = Path(__file__).resolve().parent
 GUEST = "kvmsnap-bench-debian"
+# row -> (plugin options, whether the suite uses kvm_ssh)
 MODES = {
-    "plugin, revert only": ["--kvm-sync-clock=off", "--kvm-reseed=off"],
-    "plugin, clock + reseed (default)": [],
-    "plugin, clock + reseed + --kvm-wait=ssh": ["--kvm-wait=ssh"],
+    "plugin, revert only (no clock, no reseed)": (["--kvm-sync-clock=off", "--kvm-reseed=off"], False),
+    "plugin, defaults (agent), own paramiko login": ([], False),
+    "plugin, defaults, kvm_ssh": ([], True),
+    "plugin, defaults + --kvm-wait=ssh, own login": (["--kvm-wait=ssh"], False),
 }
 
 
@@ -54,6 +64,13 @@ def remove(conn: libvirt.virConnect, image: DebianImage) -> None:
     image.disk_for(GUEST).unlink(missing_ok=True)
 
 
+def revert_to_usable(times: Path) -> float:
+    """The median gap from a test's last command to the next test's first command completing."""
+    stamps = {(i, what): at for i, what, at in map(json.loads, times.read_text().splitlines())}
+    tests = sorted({i for i, _ in stamps})
+    return statistics.median(stamps[(i, "usable")] - stamps[(i - 1, "done")] for i in tests[1:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=8)
@@ -63,26 +80,42 @@ def main() -> int:
     conn = libvirt.open(URI)
     image, name = start_guest(conn), GUEST
     suite = HERE / "bench_ssh_suite.py"
+    times = Path(tempfile.mkdtemp()) / "times.jsonl"
 
-    def seconds(*extra: str, handwritten: str = "") -> float:
-        took = statistics.median(suite_seconds(name, args.tests, "-p", "no:xdist", *extra, handwritten=handwritten,
-                                               suite=suite) for _ in range(args.rounds))
-        print(f"  suite {' '.join(extra) or handwritten or 'defaults'}: {took:.1f} s", flush=True)
-        return took
+    def measure(*extra: str, handwritten: str = "", kvm_ssh: bool = False) -> tuple[float, float]:
+        """(suite seconds, revert to usable), medians over the rounds."""
+        os.environ["KVMSNAP_BENCH_KVM_SSH"] = "1" if kvm_ssh else ""
+        options = [*extra, f"--kvm-ssh-key={image.ssh_key}"] if kvm_ssh else list(extra)
+        runs = []
+        for _ in range(args.rounds):
+            times.unlink(missing_ok=True)
+            took = suite_seconds(name, args.tests, "-p", "no:xdist", *options, handwritten=handwritten, suite=suite)
+            runs.append((took, revert_to_usable(times)))
+        took, usable = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"  suite {' '.join(options) or handwritten or 'defaults'}{' (kvm_ssh)' if kvm_ssh else ''}: "
+              f"{took:.1f} s, revert to usable {usable:.3f} s", flush=True)
+        return took, usable
+    os.environ["KVMSNAP_BENCH_TIMES"] = str(times)
     try:
-        seconds("--kvm-revert=never")  # warm-up
-        never, hand_none = seconds("--kvm-revert=never"), seconds(handwritten="none")
-        rows = {mode: (seconds(*extra) - never) / (args.tests - 1) for mode, extra in MODES.items()}
-        rows.update({f"hand-written {m}": (seconds(handwritten=m) - hand_none) / (args.tests - 1)
-                     for m in ("loadvm", "revertToSnapshot")})
+        measure("--kvm-revert=never")  # warm-up
+        never, hand_none = measure("--kvm-revert=never")[0], measure(handwritten="none")[0]
+        rows = {}
+        for mode, (extra, kvm_ssh) in MODES.items():
+            took, usable = measure(*extra, kvm_ssh=kvm_ssh)
+            rows[mode] = ((took - never) / (args.tests - 1), usable)
+        for method in ("loadvm", "revertToSnapshot"):
+            took, usable = measure(handwritten=method)
+            rows[f"hand-written {method}, paramiko login"] = ((took - hand_none) / (args.tests - 1), usable)
     finally:
         remove(conn, image)
     accelerator = "KVM" if domain_type(conn, build_image()) == "kvm" else "TCG (no working KVM here)"
-    print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests, per-test cost")
-    for mode, cost in rows.items():
-        print(f"  {mode:42}{cost:8.3f} s")
+    reference = rows["hand-written loadvm, paramiko login"][1]
+    print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests")
+    print(f"  {'':46}{'per test':>10}{'revert to usable':>18}{'ratio':>8}")
+    for mode, (cost, usable) in rows.items():
+        print(f"  {mode:46}{cost:8.3f} s{usable:16.3f} s{usable / reference:8.2f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"accelerator": accelerator, "rows": rows}, indent=2))
     return 0
 
 
