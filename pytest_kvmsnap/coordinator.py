@@ -41,7 +41,7 @@ from pytest_kvmsnap.locking import RecordStore
 from pytest_kvmsnap.ownership import Owner
 from pytest_kvmsnap.processes import process_token
 from pytest_kvmsnap.provisioning import Provisioner
-from pytest_kvmsnap.readiness import Readiness
+from pytest_kvmsnap.readiness import GuestShell, Readiness
 from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import Reverter
@@ -72,8 +72,10 @@ class Coordinator:
         self.holder = Holder(settings, self.hypervisor, self.store, lease, self.leases, self.provisioner,
                              self._incident, clone_slot=clone_slot, worker=worker)
         reverter = Reverter(settings, report)
+        # guest (as tests name it) -> the kvm_ssh client tests use on it: settles it after reverts
+        self.shells: dict[str, GuestShell] = {}
         readiness = Readiness(settings, report, lambda name, timeout: self.ops.run_ready_hook(name, timeout),
-                              self.hypervisor.kind.agent_unavailable)
+                              self.hypervisor.kind.agent_unavailable, self.shells.get)
         self.ops = GuestOps(self.hypervisor, self.holder, reverter, readiness, report, ready_hook)
         self.finishing = Finisher(settings, self.hypervisor, reverter, self.store, report)
         self.witness = Witness(settings, self.hypervisor, run_id, report)

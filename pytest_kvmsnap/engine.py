@@ -116,10 +116,9 @@ class Machine(Protocol):
 
     def agent_answers(self, timeout: int = 2) -> bool: ...
 
-    def sync_clock(self) -> None: ...
-
-    def reseed(self) -> str | None:
-        """Fresh entropy in the guest; None, or why only partly."""
+    def refresh(self, clock: bool, reseed: bool) -> str | None:
+        """After a restore: set the guest's clock from the host's and/or give it fresh
+        entropy (guestside.py); None, or why the reseed was only partial."""
 
     # 8: evidence
     def console_log(self) -> str | None:

@@ -123,7 +123,7 @@ class Finisher:
         if not poll(lambda: machine.agent_answers(timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
             return
         try:
-            machine.sync_clock()
+            machine.refresh(clock=True, reseed=False)
         except (KvmSnapError, self.hypervisor.kind.refusal) as exc:  # restored all the same
             self.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
                                f"set to the host's: {exc}"))

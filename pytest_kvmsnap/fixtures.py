@@ -1,13 +1,15 @@
-"""Public fixtures: ``kvm_guest``, ``kvm_guests``, ``kvm_guest_factory``, ``kvm_ssh`` and ``kvm_connection``."""
+"""Public fixtures: ``kvm_guest``, ``kvm_guests``, ``kvm_guest_factory``, ``kvm_ssh``, ``kvm_testinfra``,
+``kvm_fabric`` and ``kvm_connection``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_kvmsnap.clients import FabricConnections, make_testinfra_host
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guest import Guest
 from pytest_kvmsnap.session import CURRENT_KEY, PREPARED_KEY, SETTINGS_KEY, coordinator_for
@@ -57,20 +59,51 @@ class GuestFactory:
     def __init__(self, config: pytest.Config) -> None:
         self._config = config
         self._ssh: dict[str, GuestSSH] = {}
+        self._fabric: FabricConnections | None = None
 
     def ssh(self, name: str | None = None) -> GuestSSH:
         """The SSH client of guest ``name`` of the current test (its first guest without a name): one
-        per guest and process, reconnected after every revert (``pytest_kvmsnap.ssh``)."""
+        per guest and process, reconnected after every revert (``pytest_kvmsnap.ssh``).
+
+        From its first use on, the plugin sets the guest's clock and reseeds it
+        over this connection after each revert (readiness.py), and the test
+        reuses the connection instead of opening one more.
+        """
         guest = self.get(name)
-        key = name or next(iter(self.all()))
+        key = name or next(iter(self.all()))  # as tests name it: the original's name in clone mode
         if key not in self._ssh:
             settings = self._config.stash[SETTINGS_KEY]
             self._ssh[key] = GuestSSH(guest, settings.ssh_user, settings.ssh_key, settings.ssh_timeout)
+            coordinator_for(self._config).shells[key] = self._ssh[key]
         return self._ssh[key]
+
+    def testinfra(self, name: str | None = None) -> Any:
+        """pytest-testinfra's ``Host`` for guest ``name`` of the current test (paramiko backend,
+        ``--kvm-ssh-user``/``--kvm-ssh-key``); its connection is dropped after every revert."""
+        settings = self._config.stash[SETTINGS_KEY]
+        return self._fail_plainly(lambda: make_testinfra_host(self.get(name), settings.ssh_user, settings.ssh_key,
+                                                         settings.ssh_timeout))
+
+    def fabric(self, name: str | None = None) -> Any:
+        """A fabric ``Connection`` to guest ``name`` of the current test, made anew after a revert."""
+        if self._fabric is None:
+            settings = self._config.stash[SETTINGS_KEY]
+            self._fabric = FabricConnections(settings.ssh_user, settings.ssh_key, settings.ssh_timeout)
+        connections = self._fabric
+        return self._fail_plainly(lambda: connections.get(self.get(name)))
+
+    @staticmethod
+    def _fail_plainly(make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except KvmSnapError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     def close(self) -> None:
         for client in self._ssh.values():
             client.close()
+        if self._fabric is not None:
+            self._fabric.close()
 
     def get(self, name: str | None = None) -> Guest:
         """Guest ``name`` of the current test; without a name, its first guest (as ``kvm_guest``)."""
@@ -115,3 +148,16 @@ def kvm_ssh(kvm_guest_factory: GuestFactory, kvm_guest: Guest) -> GuestSSH:
     ``kvm_guest_factory.ssh()``, the same client.
     """
     return kvm_guest_factory.ssh()
+
+
+@pytest.fixture
+def kvm_testinfra(kvm_guest_factory: GuestFactory, kvm_guest: Guest) -> Any:
+    """pytest-testinfra's ``Host`` for the test's first guest: ``kvm_testinfra.file(...)``,
+    ``.service(...)``, ``.run(...)`` across reverts (``pytest-kvmsnap[testinfra]``)."""
+    return kvm_guest_factory.testinfra()
+
+
+@pytest.fixture
+def kvm_fabric(kvm_guest_factory: GuestFactory, kvm_guest: Guest) -> Any:
+    """A fabric ``Connection`` to the test's first guest, made anew after each revert."""
+    return kvm_guest_factory.fabric()

@@ -18,10 +18,19 @@ import pytest
 
 from pytest_kvmsnap import hookspecs
 from pytest_kvmsnap.cleanup import add_cleanup_options, run_cleanup
+from pytest_kvmsnap.clients import drop_testinfra_connections
 from pytest_kvmsnap.config import Settings, add_options, resolve
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.exceptions import ConfigError, KvmSnapError
-from pytest_kvmsnap.fixtures import kvm_connection, kvm_guest, kvm_guest_factory, kvm_guests, kvm_ssh
+from pytest_kvmsnap.fixtures import (
+    kvm_connection,
+    kvm_fabric,
+    kvm_guest,
+    kvm_guest_factory,
+    kvm_guests,
+    kvm_ssh,
+    kvm_testinfra,
+)
 from pytest_kvmsnap.guest import summary
 from pytest_kvmsnap.layers import Fixture
 from pytest_kvmsnap.locking import GuestLock
@@ -47,7 +56,7 @@ from pytest_kvmsnap.session import (
     worker_dist,
 )
 
-__all__ = ["kvm_connection", "kvm_guest", "kvm_guest_factory", "kvm_guests", "kvm_ssh"]
+__all__ = ["kvm_connection", "kvm_fabric", "kvm_guest", "kvm_guest_factory", "kvm_guests", "kvm_ssh", "kvm_testinfra"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -219,6 +228,11 @@ def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: p
     coordinator = request.config.stash.get(COORDINATOR_KEY, None)
     if coordinator is not None:
         coordinator.layering.fixture_ended(id(fixturedef))
+
+
+def pytest_kvmsnap_reverted(config: pytest.Config, domain: str) -> None:
+    """pytest-testinfra's cached connections (its --hosts fixture's too) are rewound: drop them."""
+    drop_testinfra_connections()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -6,11 +6,20 @@ before they answer (more so under TCG, which flushes its translated code after
 ``loadvm``).  So, after the baseline and after each revert, before the next
 test's fixtures:
 
-1. through the guest agent, if ``sync_clock`` / ``reseed`` apply: set the clock
-   from the host's and reset RTC reinjection; mix in host randomness and force
-   a reseed;
+1. if ``sync_clock`` / ``reseed`` apply: set the clock from the host's and mix
+   in host randomness with a forced reseed, in one guest process
+   (guestside.py); over the SSH connection ``kvm_ssh`` hands the test when the
+   run uses one on this guest, else through the guest agent;
 2. wait as ``kvm_wait`` says: the agent answers, a TCP port accepts, sshd sends
    its banner, or the user's ``pytest_kvmsnap_ready`` hook returns.
+
+Why SSH first: the agent cannot be reached until about a second after an
+in-place ``loadvm`` began.  The load resets the virtio-serial port, QEMU reports
+it closed and then open, and libvirt closes its agent connection on the first
+event and reopens it on the second -- which QEMU holds back, because it sends
+at most one VSERPORT_CHANGE per port and second.  A test that uses ``kvm_ssh``
+logs in after every revert anyway; that connection settles the guest at the
+cost of one command, and the test then reuses it.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Machine
@@ -28,6 +37,7 @@ from pytest_kvmsnap.exceptions import KvmSnapError
 T = TypeVar("T")
 AGENT_GRACE = 15.0  # seconds an "auto" agent gets to answer before it counts as absent
 POLL = 0.2
+AGENT_POLL = 0.05  # a ping of an agent libvirt has not reconnected yet fails at once: ask often
 
 
 class NotReady(KvmSnapError):
@@ -37,13 +47,22 @@ class NotReady(KvmSnapError):
 Address = Callable[[int], tuple[str, int]]  # guest port -> where the host connects to it
 
 
+class GuestShell(Protocol):
+    """A command channel into the guest that the test uses too (ssh.GuestSSH)."""
+
+    def settle(self, clock: bool, reseed: bool) -> str | None:
+        """Clock and/or reseed in the guest now; None, or why the reseed was partial."""
+
+
 class Readiness:
     def __init__(self, settings: Settings, report: Reporter, ready_hook: Callable[[str, float], None],
-                 agent_unavailable: Callable[[Exception], bool]) -> None:
+                 agent_unavailable: Callable[[Exception], bool],
+                 shell: Callable[[str], GuestShell | None] = lambda name: None) -> None:
         self.settings = settings
         self.report = report
         self.ready_hook = ready_hook  # (guest name, timeout): the user's pytest_kvmsnap_ready
         self.agent_unavailable = agent_unavailable  # the engine's EngineKind.agent_unavailable
+        self.shell = shell  # guest -> the kvm_ssh connection the run uses on it, if any
         self._agent: dict[str, bool] = {}  # guest -> whether its agent is used
         # (guest, host, port) a whole wait never reached -> why: not waited for again in this run
         self._unreachable: dict[tuple[str, str, int], str] = {}
@@ -51,20 +70,31 @@ class Readiness:
     def settle(self, name: str, machine: Machine, address: Address, *, restored: bool) -> list[str]:
         """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot."""
         deadline = time.monotonic() + self.settings.wait_timeout
-        steps = []
-        if restored and self._uses_agent(name, machine, deadline):
-            if self.settings.sync_clock != "off":
-                self._through_agent(machine, deadline, machine.sync_clock)
-                steps.append("clock")
-            if self.settings.reseed != "off":
-                partial = self._through_agent(machine, deadline, machine.reseed)
-                if partial:
-                    self.report(Notice(f"kvmsnap: {name}: reseed: {partial}"))
-                steps.append("reseed")
+        steps: list[str] = []
+        clock, reseed = self.settings.sync_clock != "off", self.settings.reseed != "off"
+        if restored and (clock or reseed):
+            steps += self._refresh(name, machine, deadline, clock, reseed)
         if self.settings.wait:
             self._wait(name, machine, address, deadline)
             steps.append(str(self.settings.wait))
         return steps
+
+    def _refresh(self, name: str, machine: Machine, deadline: float, clock: bool, reseed: bool) -> list[str]:
+        """Clock and entropy over the test's SSH connection, else the agent; the steps taken."""
+        shell, partial, via = self.shell(name), None, ""
+        if shell is not None:
+            try:
+                partial, via = shell.settle(clock, reseed), " via ssh"
+            except KvmSnapError as exc:
+                self.report(Notice(f"kvmsnap: {name}: clock and reseed over SSH failed, through the guest agent "
+                                   f"instead: {exc}"))
+        if not via:
+            if not self._uses_agent(name, machine, deadline):
+                return []
+            partial = self._through_agent(machine, deadline, lambda: machine.refresh(clock, reseed))
+        if partial:
+            self.report(Notice(f"kvmsnap: {name}: reseed: {partial}"))
+        return [step + via for step, wanted in (("clock", clock), ("reseed", reseed)) if wanted]
 
     def _uses_agent(self, name: str, machine: Machine, deadline: float) -> bool:
         """Whether clock and entropy go through the agent: 'on' needs it; 'auto' uses it
@@ -77,7 +107,7 @@ class Readiness:
             present = required or machine.has_agent()
             if present:
                 limit = deadline if required else min(deadline, time.monotonic() + AGENT_GRACE)
-                present = poll(machine.agent_answers, limit)
+                present = poll(machine.agent_answers, limit, every=AGENT_POLL)
                 if not present and required:
                     raise NotReady(f"guest {name!r}: its guest agent did not answer within "
                                    f"{self.settings.wait_timeout:.0f} s, and --kvm-sync-clock/--kvm-reseed=on "
@@ -96,7 +126,7 @@ class Readiness:
             except Exception as exc:
                 if not self.agent_unavailable(exc) or time.monotonic() >= deadline:
                     raise
-            poll(machine.agent_answers, deadline)
+            poll(machine.agent_answers, deadline, every=AGENT_POLL)
 
     def _wait(self, name: str, machine: Machine, address: Address, deadline: float) -> None:
         wait = self.settings.wait
@@ -104,7 +134,7 @@ class Readiness:
             self.ready_hook(name, max(0.0, deadline - time.monotonic()))
             return
         if wait.kind == "agent":
-            if not poll(lambda: machine.agent_answers(), deadline):
+            if not poll(machine.agent_answers, deadline, every=AGENT_POLL):
                 self._not_ready(name, "the guest agent to answer guest-ping")
             return
         port = wait.port

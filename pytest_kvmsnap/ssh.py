@@ -15,12 +15,16 @@ optional extra (``pip install pytest-kvmsnap[ssh]``).  No pytest here.
 
 from __future__ import annotations
 
+import os
+import shlex
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.guestside import NO_PERL, partial, settle_script
 
 if TYPE_CHECKING:
     import paramiko
@@ -97,6 +101,34 @@ class GuestSSH:
         if check and not result.ok:
             raise SSHFailed(f"{self._where}: {command!r} exited {status}: {result.stderr or result.stdout}"[:2000])
         return result
+
+    def settle(self, clock: bool, reseed: bool) -> str | None:
+        """Set the guest's clock from the host's and/or force a reseed with host bytes, in one
+        command (guestside.py); as root, else through ``sudo -n``.  None, or why the reseed
+        was only partial; SSHFailed when the clock or the reseed failed.
+
+        The host's time is sent when the guest's shell asks for it, so the time
+        it takes to open the session does not make the clock late.
+        """
+        script = settle_script(clock, reseed)
+        command = f"sh -c {shlex.quote(script)}"
+        if self.user != "root":
+            command = f"sudo -n {command}"
+        try:
+            stdin, out, err = self.client.exec_command(command, timeout=self.timeout)
+            asked = out.readline()
+            stdin.write(f"{time.time():.6f} {os.urandom(64).hex()}\n")
+            stdin.flush()
+            stdin.close()
+            stderr = err.read().decode(errors="replace")
+            status = out.channel.recv_exit_status()
+        except (OSError, _paramiko().SSHException) as exc:
+            self._drop()
+            raise SSHFailed(f"{self._where}: setting the clock and reseeding did not complete within "
+                            f"{self.timeout:g} s ({type(exc).__name__}: {exc})") from None
+        if status in (0, NO_PERL) and asked.strip() == "ready":
+            return None if status == 0 else partial(status, stderr)
+        raise SSHFailed(f"{self._where}: {partial(status, stderr)}")
 
     def put(self, local: str | Path, remote: str) -> None:
         """Copy a local file to ``remote`` on the guest (SFTP)."""

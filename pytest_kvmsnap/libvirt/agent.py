@@ -14,9 +14,8 @@ import time
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
-from pytest_kvmsnap.exceptions import (
-    KvmSnapError,
-)
+from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.guestside import NO_PERL, RESEED_PERL, partial, settle_script
 from pytest_kvmsnap.libvirt.connection import lib
 
 if TYPE_CHECKING:
@@ -24,11 +23,6 @@ if TYPE_CHECKING:
 
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
-# Forces the guest kernel to mix in fresh bytes and reseed its random generator.
-# ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
-_RESEED_PERL = ('open(my $f, ">", "/dev/urandom") or die "open: $!"; my $d = pack("H*", $ARGV[0]); '
-                'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!"; '
-                'ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";')
 
 
 def agent_command(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None,
@@ -80,6 +74,24 @@ class GuestAgent:
         except lib().libvirtError:
             return False
 
+    def refresh(self, clock: bool, reseed: bool) -> str | None:
+        """Clock and entropy in one guest process (guestside.py); step by step where the guest
+        has no /bin/sh or the one process failed.  None, or why the reseed was only partial."""
+        if not (clock or reseed):
+            return None
+        try:
+            code, err = agent_exec(self.native, "/bin/sh", ["-c", settle_script(clock, reseed), "sh",
+                                                             f"{time.time():.6f}", os.urandom(64).hex()])
+        except lib().libvirtError as exc:
+            if is_agent_unavailable(exc):
+                raise  # the caller waits for the agent and tries again
+            code, err = -1, ""  # no /bin/sh in this guest
+        if code in (0, NO_PERL):
+            return None if code == 0 else partial(code, err)
+        if clock:
+            self.sync_clock()
+        return self.reseed() if reseed else None
+
     def sync_clock(self) -> None:
         """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
         not replay the ticks the restored guest "missed" (as QEMU's own loadvm test does).
@@ -107,7 +119,7 @@ class GuestAgent:
         """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""
         entropy = os.urandom(64)
         try:
-            code, err = agent_exec(self.native, "/usr/bin/perl", ["-e", _RESEED_PERL, entropy.hex()])
+            code, err = agent_exec(self.native, "/usr/bin/perl", ["-e", RESEED_PERL, entropy.hex()])
             if code == 0:
                 return None
             why = f"the reseed helper failed: {err}"

@@ -8,6 +8,7 @@ through the guest agent.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from collections.abc import Iterator
@@ -146,7 +147,7 @@ def test_a_client_cached_across_reverts(inner: pytest.Pytester, debian: DebianGu
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-v", str(example),
                                         f"--kvm-domain={debian.name}", "--kvm-wait=ssh",
                                         f"--kvm-ssh-key={debian.image.ssh_key}", f"--kvm-uri={_uri()}")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     debian.assert_as_found()
 
 
@@ -296,6 +297,69 @@ def test_a_forward_from_qemu_commandline_is_found_and_waited_for(
     assert forwards.get(22) == ("127.0.0.1", port), "the user's forward was removed"
 
 
+TESTINFRA_HOSTS_TESTS = """
+    import time, pytest
+
+    @pytest.fixture(scope="module")
+    def installed(host):
+        host.run("echo app > /root/app")  # testinfra's connection opens before the module's checkpoint
+
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range(3))
+    def test_each(i, installed, host):
+        start = time.monotonic()
+        assert host.file("/root/app").content_string == "app\\n"
+        assert not host.file("/root/marker").exists, "an earlier test's change leaked"
+        host.run("echo %s > /root/marker", str(i))
+        assert time.monotonic() - start < 20, "a stale connection was waited on"
+"""
+
+
+def test_testinfra_hosts_fixture_survives_reverts(inner: pytest.Pytester,
+                                                  forwarded_debian: tuple[DebianGuest, int]) -> None:
+    """pytest-testinfra's own ``host`` (``--hosts``), cached by testinfra for the whole run and first
+    connected before a layer's checkpoint: after each revert the plugin drops its connection, so
+    the next command reconnects instead of hanging on a rewound one."""
+    guest, port = forwarded_debian
+    inner.makepyfile(TESTINFRA_HOSTS_TESTS.format(name=guest.name))
+    result = run_inner(inner, f"--hosts=paramiko://root@127.0.0.1:{port}",
+                       f"--ssh-identity-file={guest.image.ssh_key}", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    guest.assert_as_found()
+    assert guest.run("ls /root/app")[0] != 0, "the module fixture's work was left"
+
+
+CLIENT_FIXTURES_TESTS = """
+    import time, pytest
+
+    @pytest.fixture(scope="module")
+    def app(kvm_guest_factory):  # both connections open before the module's checkpoint
+        kvm_guest_factory.testinfra().run("echo app > /root/app")
+        kvm_guest_factory.fabric().run("echo fab > /root/fab", hide=True)
+
+    @pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", range(3))
+    def test_each(i, app, kvm_testinfra, kvm_fabric, kvm_guest):
+        start = time.monotonic()
+        assert kvm_testinfra.file("/root/app").content_string == "app\\n"
+        assert kvm_fabric.run("cat /root/fab", hide=True).stdout == "fab\\n"
+        assert not kvm_testinfra.file("/root/marker").exists, "an earlier test's change leaked"
+        kvm_fabric.run(f"echo {{i}} > /root/marker", hide=True)
+        assert kvm_testinfra.file("/root/marker").content_string == f"{{i}}\\n"
+        assert kvm_guest.generation == i
+        assert time.monotonic() - start < 20, "a stale connection was waited on"
+"""
+
+
+def test_kvm_testinfra_and_kvm_fabric_across_reverts(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """The plugin's testinfra Host and fabric Connection for the guest, from a module fixture (before the
+    checkpoint) and the tests, across reverts, with no code of the user's for the address or the key."""
+    inner.makepyfile(CLIENT_FIXTURES_TESTS.format(name=debian.name))
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    debian.assert_as_found()
+
+
 KVM_SSH_TESTS = """
     import time, pytest
 
@@ -334,6 +398,33 @@ def test_kvm_ssh_reconnects_after_every_revert_from_any_fixture_scope(inner: pyt
     result.assert_outcomes(passed=5)
     debian.assert_as_found()
     assert debian.run("ls /root/app /root/seed")[0] != 0, "the fixtures' work was left"
+
+
+SETTLED_OVER_SSH = """
+    import json, time, pytest
+    pytestmark = pytest.mark.kvm_snapshot("{name}")
+    @pytest.mark.parametrize("i", [1, 2, 3])
+    def test_each(i, kvm_ssh):
+        random = kvm_ssh.run("head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '").stdout
+        offset = time.time() - float(kvm_ssh.run("date +%s.%N").stdout)
+        open(f"seen-{{i}}", "w").write(json.dumps([random, offset]))
+        time.sleep(10)  # the clock of a restored guest would be this much behind
+"""
+
+
+def test_kvm_ssh_carries_the_clock_and_the_reseed(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """With kvm_ssh in use, the clock and the reseed go over its connection after each revert (no wait for
+    the agent); the guest is within 1 s of the host and reads fresh random bytes each time."""
+    inner.makepyfile(SETTLED_OVER_SSH.format(name=debian.name))
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([f"{debian.name}: *; ready after 2 of them in median * s "
+                                 "(clock via ssh, reseed via ssh)"])
+    seen = [json.loads((inner.path / f"seen-{i}").read_text()) for i in (1, 2, 3)]
+    print(f"after reverts 1 and 2 over SSH: guest clock behind by {seen[1][1]:.3f} and {seen[2][1]:.3f} s")
+    assert all(abs(offset) < 1.0 for _, offset in seen[1:])
+    assert seen[1][0] != seen[2][0], "the same random bytes after two reverts: not reseeded"
+    debian.assert_as_found()
 
 
 def test_kvm_ssh_says_when_the_credentials_are_the_problem(inner: pytest.Pytester, debian: DebianGuest) -> None:

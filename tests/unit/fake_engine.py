@@ -156,10 +156,7 @@ class FakeMachine:
     def agent_answers(self, timeout: int = 2) -> bool:
         return False
 
-    def sync_clock(self) -> None:
-        raise Refused("no agent")
-
-    def reseed(self) -> str | None:
+    def refresh(self, clock: bool, reseed: bool) -> str | None:
         raise Refused("no agent")
 
     def console_log(self) -> str | None:

@@ -13,6 +13,7 @@ ENGINE_PACKAGE = "libvirt"
 # Top to bottom: a module may import only the modules listed before it.
 LAYERS = [
     "exceptions", "config", "events", "figures", "ownership", "processes", "records", "locking", "engine",
+    "guestside",
     # the libvirt engine (pytest_kvmsnap/libvirt/): the only modules that know libvirt
     "libvirt.advice", "libvirt.connection", "libvirt.preflight", "libvirt.qemu", "libvirt.snapshots",
     "libvirt.evidence", "libvirt.agent", "libvirt.network", "libvirt.machine", "libvirt.leases", "libvirt.storage",
@@ -20,7 +21,7 @@ LAYERS = [
     # what the plugin does, through engine.py's interface
     "postmortem", "deadlock", "units", "layers", "placement", "hypervisor", "heartbeat", "revert", "lease",
     "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",
-    "holding", "guestops", "layering", "coordinator", "ssh",
+    "holding", "guestops", "layering", "coordinator", "ssh", "clients",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
 ]

@@ -7,11 +7,14 @@ sshd: tests/integration/test_debian.py.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import pytest
 
 from pytest_kvmsnap.config import Settings, parse_wait
+from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.guestside import CLOCK_FAILED, NO_PERL, partial, settle_script
 from pytest_kvmsnap.readiness import NotReady, Readiness
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -140,3 +143,75 @@ def test_a_host_that_refuses_is_a_slow_guest_and_is_waited_for_again() -> None:
         with pytest.raises(NotReady, match=r"was not ready within 0 s after the revert: waited for a TCP "
                                            rf"connection on 127.0.0.1:{port} \(guest port 8080\)"):
             ready.settle("g", None, lambda _port: ("127.0.0.1", port), restored=False)  # type: ignore[arg-type]
+
+
+# --- clock and reseed over the test's SSH connection (issue 25) ----------------------
+
+class AgentGuest:
+    """A machine whose agent answers and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, bool]] = []
+
+    def has_agent(self) -> bool:
+        return True
+
+    def agent_answers(self, timeout: int = 2) -> bool:
+        return True
+
+    def refresh(self, clock: bool, reseed: bool) -> str | None:
+        self.calls.append((clock, reseed))
+        return None
+
+
+class Shell:
+    def __init__(self, fails: bool = False) -> None:
+        self.fails, self.calls = fails, 0
+
+    def settle(self, clock: bool, reseed: bool) -> str | None:
+        self.calls += 1
+        if self.fails:
+            raise KvmSnapError("ssh root@127.0.0.1:2222 (guest 'g'): no connection within 30 s")
+        return None
+
+
+def _settling(shell: Shell | None, events: list[object]) -> Readiness:
+    return Readiness(Settings(uri="test:///default"), events.append, lambda name, timeout: None, lambda exc: False,
+                     lambda name: shell)
+
+
+def test_with_a_kvm_ssh_connection_the_clock_and_the_reseed_go_over_it() -> None:
+    machine, shell, events = AgentGuest(), Shell(), list[object]()
+    steps = _settling(shell, events).settle("g", machine, lambda port: ("127.0.0.1", port),  # type: ignore[arg-type]
+                                            restored=True)
+    assert steps == ["clock via ssh", "reseed via ssh"]
+    assert shell.calls == 1 and machine.calls == [], "the agent was used as well"
+
+
+def test_without_one_they_go_through_the_agent_in_one_step() -> None:
+    machine, events = AgentGuest(), list[object]()
+    steps = _settling(None, events).settle("g", machine, lambda port: ("127.0.0.1", port),  # type: ignore[arg-type]
+                                           restored=True)
+    assert steps == ["clock", "reseed"] and machine.calls == [(True, True)]
+
+
+def test_a_failing_ssh_connection_falls_back_to_the_agent_saying_why() -> None:
+    machine, shell, events = AgentGuest(), Shell(fails=True), list[object]()
+    steps = _settling(shell, events).settle("g", machine, lambda port: ("127.0.0.1", port),  # type: ignore[arg-type]
+                                            restored=True)
+    assert steps == ["clock", "reseed"] and machine.calls == [(True, True)]
+    assert [str(getattr(event, "text", "")) for event in events] == [
+        "kvmsnap: g: clock and reseed over SSH failed, through the guest agent instead: "
+        "ssh root@127.0.0.1:2222 (guest 'g'): no connection within 30 s"]
+
+
+def test_the_guest_side_script_is_valid_sh_and_says_which_step_failed() -> None:
+    for clock, reseed in [(True, True), (True, False), (False, True)]:
+        assert subprocess.run(["sh", "-n", "-c", settle_script(clock, reseed)], check=False).returncode == 0
+    # no arguments: it asks for the time when it is ready, and reads it from its input
+    asked = subprocess.run(["sh", "-c", settle_script(False, False)], input="1.5 00\n", capture_output=True,
+                           text=True, check=True)
+    assert asked.stdout == "ready\n"
+    assert partial(NO_PERL, "") == "no perl in the guest to force a reseed; fresh bytes were mixed in without it"
+    assert partial(CLOCK_FAILED, "date: cannot set date: Operation not permitted\n") == (
+        "setting the clock failed (exit 10): date: cannot set date: Operation not permitted")
