@@ -107,11 +107,11 @@ SETTINGS = (
             "guest's PORT succeeds), ssh (an SSH banner is read from port 22), hook (your "
             "pytest_kvmsnap_ready(guest) returns). Default: no wait.", default=""),
     Setting("wait_timeout", "seconds --kvm-wait may take before the test errors. Default: 120.", default=120.0),
-    Setting("sync_clock", "after a revert, set the guest's clock from the host's (guest agent) and "
-            "reset QEMU's RTC reinjection: on, off, or auto (on when the guest has an agent channel "
-            "and the agent answers). Default: auto.", default="auto", choices=AGENT_STEPS),
+    Setting("sync_clock", "after a revert, set the guest's clock from the host's (over kvm_ssh's connection "
+            "once a test used it on the guest, else the guest agent) and reset QEMU's RTC reinjection: on, "
+            "off, or auto (on when one of those answers). Default: auto.", default="auto", choices=AGENT_STEPS),
     Setting("reseed", "after a revert, mix fresh host randomness into the guest's entropy pool and force "
-            "its random generator to reseed (guest agent): on, off, or auto. Default: auto.",
+            "its random generator to reseed (as the clock): on, off, or auto. Default: auto.",
             default="auto", choices=AGENT_STEPS),
     Setting("keep_failed", "when a test fails, save its guests' state (memory and disk) as a snapshot kept "
             "for you before any revert: the summary says how to look at it and delete it. Default: off.",
@@ -122,6 +122,10 @@ SETTINGS = (
             "console during it (from the console's log file); 0 = none. Default: 50.", default=50),
     Setting("artifacts", "directory for a failed test's evidence files (console log, screenshot of a guest "
             "with a screen); default: kvmsnap-artifacts beside the --junitxml file, else none."),
+    Setting("address", "where this host reaches a guest, instead of asking the hypervisor: NAME=HOST (each "
+            "port of guest NAME at HOST) or NAME=HOST:PORT (its SSH port 22 at HOST:PORT, a forward of "
+            "yours); once per guest (ini: a line each). Default: the hypervisor's view.", multiple=True,
+            ini_type="linelist"),
     Setting("ssh_user", "the user kvm_ssh logs in as. Default: root.", default="root"),
     Setting("ssh_key", "the private key kvm_ssh logs in with; default: your default keys and ssh-agent."),
     Setting("ssh_timeout", "seconds each kvm_ssh step may take (connect, handshake, login, a command unless "
@@ -158,6 +162,57 @@ def parse_wait(value: object) -> Wait:
 
 
 @dataclass(frozen=True)
+class NamedAddress:
+    """``--kvm-address NAME=HOST[:PORT]``, parsed once: where the user says a guest is reached."""
+
+    host: str
+    ssh_port: int = 0  # HOST:PORT given: where the guest's port 22 is; 0: every port at HOST
+
+    def reach(self, name: str, port: int) -> tuple[str, int]:
+        if not self.ssh_port:
+            return self.host, port
+        if port != 22:
+            raise ConfigError(f"kvm_address names only where the SSH port of guest {name!r} is ({self.host}:"
+                              f"{self.ssh_port}), not its port {port}: name the host alone (NAME=HOST) if "
+                              "every port is reached there")
+        return self.host, self.ssh_port
+
+
+def parse_addresses(lines: object) -> tuple[tuple[str, NamedAddress], ...]:
+    """``NAME=HOST``, ``NAME=HOST:PORT``, ``NAME=[IPv6]:PORT``; one clear line for anything else."""
+    named: dict[str, NamedAddress] = {}
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    if lines is not None and not isinstance(lines, list | tuple):
+        raise ConfigError(f"kvm_address = {lines!r} is not NAME=HOST or NAME=HOST:PORT lines")
+    for line in lines or ():
+        name, _, where = str(line).strip().partition("=")
+        parsed = _host_port(where)
+        if not name or any(c.isspace() for c in name) or parsed is None:
+            raise ConfigError(f"kvm_address = {line!r} is not NAME=HOST or NAME=HOST:PORT (a port from 1 to 65535)")
+        if name in named:
+            raise ConfigError(f"kvm_address names guest {name!r} twice")
+        named[name] = NamedAddress(*parsed)
+    return tuple(named.items())
+
+
+def _host_port(where: str) -> tuple[str, int] | None:
+    """HOST (port 0: every port), HOST:PORT or [IPv6]:PORT; None if it is none of them."""
+    host, port = where, None
+    if where.startswith("["):
+        host, colon, port = where[1:].partition("]:")
+        if not colon:
+            return None
+    elif where.count(":") == 1:  # more than one: an IPv6 address alone
+        host, port = where.split(":")
+    if not host or any(c.isspace() for c in where):
+        return None
+    if port is None:
+        return host, 0
+    return (host, int(port)) if _digits(port) and 1 <= int(port) <= 65535 else None
+
+
+@dataclass(frozen=True)
 class Settings:
     """The run-wide settings after command line, ini and environment were merged."""
 
@@ -182,6 +237,7 @@ class Settings:
     keep_failed_max: int = 3
     console_lines: int = 50
     artifacts: str | None = None
+    addresses: tuple[tuple[str, NamedAddress], ...] = ()  # --kvm-address: (guest name, where)
     ssh_user: str = "root"
     ssh_key: str | None = None
     ssh_timeout: float = 30.0
@@ -191,6 +247,10 @@ class Settings:
     def pool(self) -> tuple[str, ...]:
         """The hypervisors to use, in the order given."""
         return self.uris or (self.uri,)
+
+    def named_address(self, name: str) -> NamedAddress | None:
+        """Where the user said guest ``name`` is reached (--kvm-address), if they did."""
+        return dict(self.addresses).get(name)
 
     def clone_count(self, workers: int) -> int:
         """How many clones per guest for a run with ``workers`` processes (0 = off)."""
@@ -251,6 +311,11 @@ def resolve(config: pytest.Config, env: dict[str, str] | None = None) -> Setting
     values["keep_failed_max"] = _count("kvm_keep_failed_max", values["keep_failed_max"])
     values["console_lines"] = _count("kvm_console_lines", values["console_lines"])
     values["clones"] = _clones(values["clones"])
+    values["addresses"] = parse_addresses(values.pop("address"))
+    if values["clones"] != "0" and values["addresses"]:
+        raise ConfigError("kvm_address and kvm_clones do not go together: every clone of a guest starts from "
+                          "its memory, so one address cannot reach them apart. Drop kvm_address; the plugin "
+                          "finds each clone's address or forwards a port to it.")
     if values["clones"] != "0" and values["snapshot"]:
         raise ConfigError("kvm_clones and kvm_snapshot do not go together: clones start from the "
                           "state each guest is found in. Drop one of them.")
@@ -307,7 +372,7 @@ def _value(config: pytest.Config, s: Setting) -> Any:
 
 def validate(settings: Settings, source: str) -> Settings:
     for s in SETTINGS:
-        value = getattr(settings, s.name)
+        value = getattr(settings, s.name, None)
         if s.choices and value not in s.choices:
             raise ConfigError(
                 f"{source}: {s.dest} = {value!r} is not one of {', '.join(s.choices)}"

@@ -76,7 +76,7 @@ class Coordinator:
         self.shells: dict[str, GuestShell] = {}
         readiness = Readiness(settings, report, lambda name, timeout: self.ops.run_ready_hook(name, timeout),
                               self.hypervisor.kind.agent_unavailable, self.shells.get)
-        self.ops = GuestOps(self.hypervisor, self.holder, reverter, readiness, report, ready_hook)
+        self.ops = GuestOps(settings, self.hypervisor, self.holder, reverter, readiness, report, ready_hook)
         self.finishing = Finisher(settings, self.hypervisor, reverter, self.store, report)
         self.witness = Witness(settings, self.hypervisor, run_id, report)
         self.layering = Layering(self.hypervisor, self.holder,

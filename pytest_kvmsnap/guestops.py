@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pytest_kvmsnap.addressing import guest_address
+from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.events import Ready, Reporter
 from pytest_kvmsnap.exceptions import ConfigError, RevertFailed
 from pytest_kvmsnap.figures import GuestFigures
@@ -23,8 +24,9 @@ ReadyHook = Callable[[Guest, float], None]
 
 
 class GuestOps:
-    def __init__(self, hypervisor: Hypervisor, holder: Holder, reverter: Reverter, readiness: Readiness,
-                 report: Reporter, ready_hook: ReadyHook | None) -> None:
+    def __init__(self, settings: Settings, hypervisor: Hypervisor, holder: Holder, reverter: Reverter,
+                 readiness: Readiness, report: Reporter, ready_hook: ReadyHook | None) -> None:
+        self.settings = settings
         self.hypervisor = hypervisor
         self.holder = holder
         self.reverter = reverter
@@ -51,6 +53,9 @@ class GuestOps:
         self.ready_hook(self.guest(name), timeout)
 
     def address(self, state: GuestState, port: int) -> tuple[str, int]:
+        named = self.settings.named_address(state.test_name)
+        if named is not None:
+            return named.reach(state.test_name, port)
         return guest_address(self.hypervisor.engine(state.uri), self.holder.machine(state), state,
                              state.test_name, port)
 

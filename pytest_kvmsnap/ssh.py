@@ -116,9 +116,10 @@ class GuestSSH:
             command = f"sudo -n {command}"
         try:
             stdin, out, err = self.client.exec_command(command, timeout=self.timeout)
-            asked = out.readline()
-            stdin.write(f"{time.time():.6f} {os.urandom(64).hex()}\n")
-            stdin.flush()
+            asked = out.readline().strip() == "ready"
+            if asked:  # else it ended before asking (sudo wanted a password, say): its stderr says why
+                stdin.write(f"{time.time():.6f} {os.urandom(64).hex()}\n")
+                stdin.flush()
             stdin.close()
             stderr = err.read().decode(errors="replace")
             status = out.channel.recv_exit_status()
@@ -126,7 +127,10 @@ class GuestSSH:
             self._drop()
             raise SSHFailed(f"{self._where}: setting the clock and reseeding did not complete within "
                             f"{self.timeout:g} s ({type(exc).__name__}: {exc})") from None
-        if status in (0, NO_PERL) and asked.strip() == "ready":
+        if not asked:
+            raise SSHFailed(f"{self._where}: {command.split()[0]} did not start the settle script (exit {status}): "
+                            f"{stderr.strip()[:300] or 'no message'}")
+        if status in (0, NO_PERL):
             return None if status == 0 else partial(status, stderr)
         raise SSHFailed(f"{self._where}: {partial(status, stderr)}")
 

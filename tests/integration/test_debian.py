@@ -209,13 +209,26 @@ CLONE_ADDRESSES = """
 """
 
 
-def test_clones_each_get_their_own_forwarded_port(ssh_inner: pytest.Pytester, debian: DebianGuest) -> None:
-    """Two workers, two clones of one memory image: each its own QEMU, so its own host port."""
+KVM_SSH_SHELL = """
+    @pytest.fixture
+    def ssh(kvm_ssh):
+        return lambda command: kvm_ssh.run(command).stdout
+"""
+
+
+@pytest.mark.parametrize("client", ["own", "kvm_ssh"])
+def test_clones_each_get_their_own_forwarded_port(ssh_inner: pytest.Pytester, debian: DebianGuest,
+                                                  client: str) -> None:
+    """Two workers, two clones of one memory image: each its own QEMU, so its own host port; with
+    kvm_ssh each clone's clock and reseed go over that clone's connection."""
     import json
 
-    ssh_inner.makepyfile(CLONE_ADDRESSES.format(name=debian.name))
-    result = run_inner(ssh_inner, "-n", "2", "--kvm-clones=auto", "--kvm-wait=ssh")
+    ssh_inner.makepyfile(CLONE_ADDRESSES.format(name=debian.name) + (KVM_SSH_SHELL if client == "kvm_ssh" else ""))
+    options = [f"--kvm-ssh-key={debian.image.ssh_key}"] if client == "kvm_ssh" else []
+    result = run_inner(ssh_inner, "-n", "2", "--kvm-clones=auto", "--kvm-wait=ssh", *options)
     result.assert_outcomes(passed=6)
+    if client == "kvm_ssh":
+        result.stdout.fnmatch_lines(["*ready after * (ssh, clock via ssh, reseed via ssh)*"])
     seen = {tuple(json.loads(path.read_text())) for path in ssh_inner.path.glob("where-*.json")}
     clones = {clone for clone, _ in seen}
     ports = {port for _, port in seen}
@@ -295,6 +308,26 @@ def test_a_forward_from_qemu_commandline_is_found_and_waited_for(
 
     forwards = LibvirtMachine(guest.domain()).host_forwards()
     assert forwards.get(22) == ("127.0.0.1", port), "the user's forward was removed"
+
+
+def test_an_address_the_user_names_is_used(inner: pytest.Pytester,
+                                           forwarded_debian: tuple[DebianGuest, int]) -> None:
+    """--kvm-address NAME=HOST:PORT: address(22) is what the user named ("localhost", where the plugin
+    itself would have found 127.0.0.1), and the wait and kvm_ssh go there."""
+    guest, port = forwarded_debian
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest.name}")
+        @pytest.mark.parametrize("i", [1, 2])
+        def test_each(i, kvm_ssh, kvm_guest):
+            assert kvm_guest.address() == ("localhost", {port})
+            assert not kvm_ssh.run("test -e /root/marker", check=False).ok, "an earlier test's change leaked"
+            kvm_ssh.run("touch /root/marker")
+    """)
+    result = run_inner(inner, f"--kvm-address={guest.name}=localhost:{port}", "--kvm-wait=ssh",
+                       f"--kvm-ssh-key={guest.image.ssh_key}", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    guest.assert_as_found()
 
 
 TESTINFRA_HOSTS_TESTS = """

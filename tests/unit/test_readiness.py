@@ -215,3 +215,39 @@ def test_the_guest_side_script_is_valid_sh_and_says_which_step_failed() -> None:
     assert partial(NO_PERL, "") == "no perl in the guest to force a reseed; fresh bytes were mixed in without it"
     assert partial(CLOCK_FAILED, "date: cannot set date: Operation not permitted\n") == (
         "setting the clock failed (exit 10): date: cannot set date: Operation not permitted")
+
+
+# --- an address the user names (issue 25 item 3) ---------------------------------------
+
+def test_a_named_address_is_used_as_given(pytester: pytest.Pytester, guest: str) -> None:
+    """No hypervisor lookup: HOST:PORT is the guest's SSH port; HOST alone serves every port."""
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest}")
+        def test_ssh_port(kvm_guest):
+            assert kvm_guest.address() == ("127.0.0.1", 2222)
+            with pytest.raises(Exception, match="names only where the SSH port of guest '{guest}' is"):
+                kvm_guest.address(8080)
+    """)
+    run_unit(pytester, f"--kvm-address={guest}=127.0.0.1:2222").assert_outcomes(passed=1)
+    pytester.makeini(f"[pytest]\nkvm_address =\n    {guest}=127.0.0.5\n    other=[::1]:2200\n")
+    pytester.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{guest}")
+        def test_every_port(kvm_guest):
+            assert kvm_guest.address(8080) == ("127.0.0.5", 8080)
+    """)
+    run_unit(pytester).assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kvm-address=web"], "kvm_address = 'web' is not NAME=HOST or NAME=HOST:PORT (a port from 1 to 65535)"),
+    (["--kvm-address=web=127.0.0.1:70000"], "kvm_address = 'web=127.0.0.1:70000' is not NAME=HOST or NAME=HOST:PORT"),
+    (["--kvm-address=web=h", "--kvm-address=web=h:22"], "kvm_address names guest 'web' twice"),
+    (["--kvm-address=web=h", "--kvm-clones=2"], "kvm_address and kvm_clones do not go together"),
+])
+def test_a_bad_named_address_stops_the_run(pytester: pytest.Pytester, args: list[str], message: str) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = run_unit(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
