@@ -45,7 +45,6 @@ MODES = {
     "plugin, revert only (no clock, no reseed)": (["--kvm-sync-clock=off", "--kvm-reseed=off"], False),
     "plugin, defaults (agent), own paramiko login": ([], False),
     "plugin, defaults, kvm_ssh": ([], True),
-    "plugin, defaults + --kvm-wait=ssh, own login": (["--kvm-wait=ssh"], False),
 }
 
 
@@ -64,58 +63,66 @@ def remove(conn: libvirt.virConnect, image: DebianImage) -> None:
     image.disk_for(GUEST).unlink(missing_ok=True)
 
 
-def revert_to_usable(times: Path) -> float:
-    """The median gap from a test's last command to the next test's first command completing."""
+def gaps(times: Path) -> list[float]:
+    """Each gap from a test's last command to the next test's first command completing."""
     stamps = {(i, what): at for i, what, at in map(json.loads, times.read_text().splitlines())}
     tests = sorted({i for i, _ in stamps})
-    return statistics.median(stamps[(i, "usable")] - stamps[(i - 1, "done")] for i in tests[1:])
+    return [stamps[(i, "usable")] - stamps[(i - 1, "done")] for i in tests[1:]]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="every suite this many times, interleaved")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     conn = libvirt.open(URI)
     image, name = start_guest(conn), GUEST
     suite = HERE / "bench_ssh_suite.py"
     times = Path(tempfile.mkdtemp()) / "times.jsonl"
+    os.environ["KVMSNAP_BENCH_TIMES"] = str(times)
+    # row -> (plugin options, hand-written method, kvm_ssh); the two no-revert runs are the baselines
+    runs = {"no reverts (plugin)": (["--kvm-revert=never"], "", False),
+            "no reverts (hand-written)": ([], "none", False),
+            **{mode: (extra, "", kvm_ssh) for mode, (extra, kvm_ssh) in MODES.items()},
+            **{f"hand-written {m}, paramiko login": ([], m, False) for m in ("loadvm", "revertToSnapshot")}}
+    took: dict[str, list[float]] = {row: [] for row in runs}
+    usable: dict[str, list[float]] = {row: [] for row in runs}
 
-    def measure(*extra: str, handwritten: str = "", kvm_ssh: bool = False) -> tuple[float, float]:
-        """(suite seconds, revert to usable), medians over the rounds."""
+    def measure(row: str) -> None:
+        extra, handwritten, kvm_ssh = runs[row]
         os.environ["KVMSNAP_BENCH_KVM_SSH"] = "1" if kvm_ssh else ""
         options = [*extra, f"--kvm-ssh-key={image.ssh_key}"] if kvm_ssh else list(extra)
-        runs = []
-        for _ in range(args.rounds):
-            times.unlink(missing_ok=True)
-            took = suite_seconds(name, args.tests, "-p", "no:xdist", *options, handwritten=handwritten, suite=suite)
-            runs.append((took, revert_to_usable(times)))
-        took, usable = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        print(f"  suite {' '.join(options) or handwritten or 'defaults'}{' (kvm_ssh)' if kvm_ssh else ''}: "
-              f"{took:.1f} s, revert to usable {usable:.3f} s", flush=True)
-        return took, usable
-    os.environ["KVMSNAP_BENCH_TIMES"] = str(times)
+        times.unlink(missing_ok=True)
+        took[row].append(suite_seconds(name, args.tests, "-p", "no:xdist", *options, handwritten=handwritten,
+                                       suite=suite))
+        usable[row].extend(gaps(times))
+        print(f"  {row}: {took[row][-1]:.1f} s, revert to usable {statistics.median(gaps(times)):.3f} s",
+              flush=True)
     try:
-        measure("--kvm-revert=never")  # warm-up
-        never, hand_none = measure("--kvm-revert=never")[0], measure(handwritten="none")[0]
-        rows = {}
-        for mode, (extra, kvm_ssh) in MODES.items():
-            took, usable = measure(*extra, kvm_ssh=kvm_ssh)
-            rows[mode] = ((took - never) / (args.tests - 1), usable)
-        for method in ("loadvm", "revertToSnapshot"):
-            took, usable = measure(handwritten=method)
-            rows[f"hand-written {method}, paramiko login"] = ((took - hand_none) / (args.tests - 1), usable)
+        suite_seconds(name, args.tests, "-p", "no:xdist", "--kvm-revert=never", suite=suite)  # warm-up
+        for _ in range(args.rounds):  # interleaved: a slow minute of the host hits every row alike
+            for row in runs:
+                measure(row)
     finally:
         remove(conn, image)
     accelerator = "KVM" if domain_type(conn, build_image()) == "kvm" else "TCG (no working KVM here)"
-    reference = rows["hand-written loadvm, paramiko login"][1]
-    print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests")
-    print(f"  {'':46}{'per test':>10}{'revert to usable':>18}{'ratio':>8}")
-    for mode, (cost, usable) in rows.items():
-        print(f"  {mode:46}{cost:8.3f} s{usable:16.3f} s{usable / reference:8.2f}")
+    suite_time = {row: statistics.median(values) for row, values in took.items()}
+    reference = statistics.median(usable["hand-written loadvm, paramiko login"])
+    rows = {}
+    print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests x {args.rounds} round(s)")
+    print(f"  {'':46}{'per test':>10}{'revert to usable (quartiles)':>34}{'ratio':>8}")
+    for row, (_, handwritten, _) in runs.items():
+        if row.startswith("no reverts"):
+            continue
+        base = suite_time["no reverts (hand-written)" if handwritten else "no reverts (plugin)"]
+        cost = (suite_time[row] - base) / (args.tests - 1)
+        q1, median, q3 = statistics.quantiles(usable[row], n=4)
+        rows[row] = {"per_test": cost, "revert_to_usable": median, "q1": q1, "q3": q3, "ratio": median / reference}
+        print(f"  {row:46}{cost:8.3f} s{median:12.3f} s ({q1:.3f}-{q3:.3f}){median / reference:8.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"accelerator": accelerator, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"accelerator": accelerator, "tests": args.tests, "rounds": args.rounds,
+                                         "rows": rows}, indent=2))
     return 0
 
 
