@@ -49,10 +49,13 @@ from pytest_kvmsnap.session import (
     WORKER_RUN,
     coordinator_for,
     distribution_refusal,
+    hand_notices_back,
     is_worker,
     lock_dir,
     lock_dir_path,
+    notices_for_summary,
     run_id,
+    take_notices,
     worker_dist,
 )
 
@@ -147,6 +150,11 @@ def _spec_or_none(item: pytest.Item, settings: Settings) -> Spec | None:
         return spec_for(item, settings)
     except ConfigError:
         return None  # reported with all the others once collection is done
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    take_notices(node.config, node)  # node: xdist's WorkerController
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -333,6 +341,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     then is the run's last user of each guest known.
     """
     config = session.config
+    hand_notices_back(config)
     coordinator = config.stash.get(COORDINATOR_KEY, None)
     if coordinator is None and not is_worker(config) and _run_has_records(config):
         coordinator = coordinator_for(config)
@@ -359,7 +368,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         return
     tr = terminalreporter
     tr.section("kvmsnap")
-    for event in coordinator.run_events:
+    for event in [*coordinator.run_events, *notices_for_summary(config)]:
         tr.write_line(event)
     for record in coordinator.finishing.finished:
         for event in record.events:

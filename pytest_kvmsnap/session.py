@@ -19,7 +19,7 @@ import pytest
 from pytest_kvmsnap.config import Settings, Spec
 from pytest_kvmsnap.coordinator import Coordinator
 from pytest_kvmsnap.engine import EngineKind
-from pytest_kvmsnap.events import BaselineTaken, Event, Ready, Reverted, RevertStarting, Waiting
+from pytest_kvmsnap.events import BaselineTaken, Event, Notice, Ready, Reverted, RevertStarting, Waiting
 from pytest_kvmsnap.guest import Guest
 from pytest_kvmsnap.locking import default_lock_dir, prepare_lock_dir
 
@@ -37,6 +37,9 @@ CURRENT_KEY = pytest.StashKey["pytest.Item | None"]()
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"
 WORKER_DIST = "kvmsnap_dist"
+# What a worker hands back (node.workeroutput): its notices, which nobody sees on its stderr.
+WORKER_NOTICES = "kvmsnap_notices"
+NOTICES_KEY = pytest.StashKey[list[str]]()  # a worker's notices; on the controller, every worker's
 PROGRESS_EVERY = 10.0  # seconds between "still waiting" lines
 
 
@@ -48,6 +51,28 @@ def worker_dist(config: pytest.Config) -> str | None:
     """xdist's --dist on a worker (the controller passes it: xdist resets the worker's own), else None."""
     workerinput = getattr(config, "workerinput", None)
     return None if workerinput is None else str(workerinput.get(WORKER_DIST, "no"))
+
+
+def hand_notices_back(config: pytest.Config) -> None:
+    """On a worker at its session's end: its notices go to the controller with its results."""
+    output = getattr(config, "workeroutput", None)
+    if output is not None:
+        output[WORKER_NOTICES] = config.stash.get(NOTICES_KEY, [])
+
+
+def take_notices(config: pytest.Config, node: object) -> None:
+    """On the controller, as a worker ends: keep its notices for the summary."""
+    worker = getattr(getattr(node, "gateway", None), "id", "worker")
+    notices = getattr(node, "workeroutput", {}).get(WORKER_NOTICES, [])
+    config.stash.setdefault(NOTICES_KEY, []).extend(f"[{worker}] {text}" for text in notices)
+
+
+def notices_for_summary(config: pytest.Config) -> list[str]:
+    """The workers' notices, each once (with how often, when more than once)."""
+    counts: dict[str, int] = {}
+    for text in config.stash.get(NOTICES_KEY, []):
+        counts[text] = counts.get(text, 0) + 1
+    return [text if n == 1 else f"{text} ({n} times)" for text, n in counts.items()]
 
 
 def run_id(config: pytest.Config) -> str:
@@ -148,6 +173,8 @@ class SessionReporter:
                 self._last_wait = now
                 self._write(event.text)
         else:
+            if isinstance(event, Notice) and is_worker(self.config):  # xdist shows no worker's stderr
+                self.config.stash.setdefault(NOTICES_KEY, []).append(event.text)
             self._write(event.text)
 
     def _write(self, text: str) -> None:

@@ -208,3 +208,31 @@ def test_the_commands_a_message_advises_come_from_the_engine(pytester: pytest.Py
                                  "  delete: fakectl fake://a delete g kept-test_fails-*",
                                  "*save it first to come back to it (fakectl save GUEST NAME)"])
     assert "virsh" not in result.stdout.str()
+
+
+def test_a_workers_notices_reach_the_summary(pytester: pytest.Pytester) -> None:
+    """xdist shows nothing a worker writes to stderr: its notices (here: a failed test's state
+    kept for the user) come back with its results and are in the controller's summary."""
+    pytester.makeconftest("""
+        from tests.unit.fake_engine import FakeHost, FakeKind
+
+        # Each process builds its own fake host: the worker's guest is not the controller's, so
+        # the controller's restore finds the worker's lease gone (a line the test ignores).
+        HOST = FakeHost()
+        HOST.add("g", state="clean")
+
+        def pytest_kvmsnap_engine(config):
+            return FakeKind(a=HOST)
+    """)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.kvm_snapshot("g")
+        def test_fails(kvm_guest):
+            assert False
+    """)
+    result = pytester.runpytest_subprocess("--kvm-uri=fake://a", "--kvm-keep-failed", "-p", "no:randomly",
+                                           "-n", "1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["=* kvmsnap =*", "[[]gw0[]] kvmsnap: g: its state after *test_fails failed is kept "
+                                 "as snapshot kept-test_fails-*"])
