@@ -120,6 +120,10 @@ class Machine(Protocol):
         """After a restore: set the guest's clock from the host's and/or give it fresh
         entropy (guestside.py); None, or why the reseed was only partial."""
 
+    def clock_set(self) -> None:
+        """The guest's clock was just set (by :meth:`refresh`, or over SSH): stop the hypervisor
+        replaying the timer ticks the restored guest missed (QEMU: RTC reinjection)."""
+
     # 8: evidence
     def console_log(self) -> str | None:
         """The host file the guest's serial console is written to, if any."""

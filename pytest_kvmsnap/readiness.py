@@ -85,6 +85,8 @@ class Readiness:
         if shell is not None:
             try:
                 partial, via = shell.settle(clock, reseed), " via ssh"
+                if clock:
+                    machine.clock_set()
             except KvmSnapError as exc:
                 self.report(Notice(f"kvmsnap: {name}: clock and reseed over SSH failed, through the guest agent "
                                    f"instead: {exc}"))

@@ -87,10 +87,20 @@ class GuestAgent:
                 raise  # the caller waits for the agent and tries again
             code, err = -1, ""  # no /bin/sh in this guest
         if code in (0, NO_PERL):
+            if clock:
+                self.clock_set()
             return None if code == 0 else partial(code, err)
         if clock:
             self.sync_clock()
         return self.reseed() if reseed else None
+
+    def clock_set(self) -> None:
+        """The guest's clock was just set: reset QEMU's RTC reinjection, so that it does not replay
+        the ticks the restored guest "missed" (as QEMU's own loadvm test does)."""
+        import libvirt_qemu
+
+        with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
+            libvirt_qemu.qemuMonitorCommand(self.native, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
 
     def sync_clock(self) -> None:
         """Set the guest's clock from the host's, then reset QEMU's RTC reinjection so it does
@@ -101,8 +111,6 @@ class GuestAgent:
         also runs ``hwclock -w``, which waits for the next second boundary, 0.5-2.7 s
         under TCG, measured.
         """
-        import libvirt_qemu
-
         try:
             code, _err = agent_exec(self.native, "/bin/date", ["-u", "-s", f"@{time.time():.6f}"])
         except lib().libvirtError as exc:
@@ -112,8 +120,7 @@ class GuestAgent:
         if code != 0:
             now = time.time()
             self.native.setTime({"seconds": int(now), "nseconds": int(now % 1 * 1e9)}, 0)
-        with contextlib.suppress(lib().libvirtError):  # machines without an x86 RTC lack the command
-            libvirt_qemu.qemuMonitorCommand(self.native, json.dumps({"execute": "rtc-reset-reinjection"}), 0)
+        self.clock_set()
 
     def reseed(self) -> str | None:
         """Mix 64 fresh host bytes into the guest's pool and force a reseed; None, or why not fully."""

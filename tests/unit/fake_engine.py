@@ -159,6 +159,9 @@ class FakeMachine:
     def refresh(self, clock: bool, reseed: bool) -> str | None:
         raise Refused("no agent")
 
+    def clock_set(self) -> None:
+        pass
+
     def console_log(self) -> str | None:
         return None
 

@@ -152,6 +152,7 @@ class AgentGuest:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, bool]] = []
+        self.clock_resets = 0  # RTC reinjection resets asked of the hypervisor
 
     def has_agent(self) -> bool:
         return True
@@ -162,6 +163,9 @@ class AgentGuest:
     def refresh(self, clock: bool, reseed: bool) -> str | None:
         self.calls.append((clock, reseed))
         return None
+
+    def clock_set(self) -> None:
+        self.clock_resets += 1
 
 
 class Shell:
@@ -186,6 +190,7 @@ def test_with_a_kvm_ssh_connection_the_clock_and_the_reseed_go_over_it() -> None
                                             restored=True)
     assert steps == ["clock via ssh", "reseed via ssh"]
     assert shell.calls == 1 and machine.calls == [], "the agent was used as well"
+    assert machine.clock_resets == 1, "the hypervisor would replay the ticks the guest missed"
 
 
 def test_without_one_they_go_through_the_agent_in_one_step() -> None:
