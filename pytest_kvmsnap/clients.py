@@ -19,20 +19,24 @@ the guest itself.  No pytest here; both libraries are optional.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
+import sys
 from typing import Any
 
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.ssh import SSHGuest
+from pytest_kvmsnap.ssh import SSHGuest, close_silently
 
 
 def drop_testinfra_connections() -> int:
-    """Forget every connection pytest-testinfra holds in this process; how many were dropped."""
-    try:
-        from testinfra.host import Host
-    except ImportError:
+    """Forget every connection pytest-testinfra holds in this process; how many were dropped.
+
+    Runs after every revert: a process that never imported testinfra holds none, and
+    looking in sys.modules costs nothing where a failed import searches the path each time.
+    """
+    module = sys.modules.get("testinfra.host")
+    if module is None:
         return 0
+    Host = module.Host
     hosts = [*Host._host_cache.values(), *(host for group in Host._hosts_cache.values() for host in group)]
     return sum(_drop_backend(host.backend) for host in {id(host): host for host in hosts}.values())
 
@@ -58,16 +62,6 @@ def _exit_master(backend: Any) -> int:
         subprocess.run([*argv, backend.host.name], capture_output=True, timeout=5, check=False)
         return 1
     return 0
-
-
-def close_silently(client: Any) -> None:
-    """Close a paramiko client whose connection may be rewound: its socket first, so that
-    no goodbye goes out over it."""
-    transport = client.get_transport()
-    sock = getattr(transport, "sock", None)
-    if isinstance(sock, socket.socket):
-        sock.close()
-    client.close()
 
 
 def _host_port(guest: SSHGuest, port: int) -> str:

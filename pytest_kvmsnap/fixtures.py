@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -18,14 +18,21 @@ from pytest_kvmsnap.ssh import GuestSSH
 if TYPE_CHECKING:
     import libvirt
 
+T = TypeVar("T")
+
+
+def _one_line(make: Callable[[], T]) -> T:
+    """``make()``; the plugin's own error fails the test as its one line, without a traceback."""
+    try:
+        return make()
+    except KvmSnapError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def kvm_connection(request: pytest.FixtureRequest) -> libvirt.virConnect:
     """The libvirt connection to the configured URI (one per process, closed at the end)."""
-    try:
-        return coordinator_for(request.config).connection()
-    except KvmSnapError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    return _one_line(lambda: coordinator_for(request.config).connection())
 
 
 @pytest.fixture
@@ -34,10 +41,7 @@ def kvm_guests(request: pytest.FixtureRequest) -> Mapping[str, Guest]:
     spec = request.node.stash.get(PREPARED_KEY, None)
     assert spec is not None, "kvmsnap: the test's guests were not prepared; was the plugin disabled?"
     coordinator = coordinator_for(request.config)
-    try:
-        return MappingProxyType({name: coordinator.guest(name) for name in spec.domains})
-    except KvmSnapError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    return _one_line(lambda: MappingProxyType({name: coordinator.guest(name) for name in spec.domains}))
 
 
 @pytest.fixture
@@ -81,8 +85,8 @@ class GuestFactory:
         """pytest-testinfra's ``Host`` for guest ``name`` of the current test (paramiko backend,
         ``--kvm-ssh-user``/``--kvm-ssh-key``); its connection is dropped after every revert."""
         settings = self._config.stash[SETTINGS_KEY]
-        return self._fail_plainly(lambda: make_testinfra_host(self.get(name), settings.ssh_user, settings.ssh_key,
-                                                         settings.ssh_timeout))
+        return _one_line(lambda: make_testinfra_host(self.get(name), settings.ssh_user, settings.ssh_key,
+                                                     settings.ssh_timeout))
 
     def fabric(self, name: str | None = None) -> Any:
         """A fabric ``Connection`` to guest ``name`` of the current test, made anew after a revert."""
@@ -90,14 +94,7 @@ class GuestFactory:
             settings = self._config.stash[SETTINGS_KEY]
             self._fabric = FabricConnections(settings.ssh_user, settings.ssh_key, settings.ssh_timeout)
         connections = self._fabric
-        return self._fail_plainly(lambda: connections.get(self.get(name)))
-
-    @staticmethod
-    def _fail_plainly(make: Callable[[], Any]) -> Any:
-        try:
-            return make()
-        except KvmSnapError as exc:
-            pytest.fail(str(exc), pytrace=False)
+        return _one_line(lambda: connections.get(self.get(name)))
 
     def close(self) -> None:
         for client in self._ssh.values():
@@ -123,11 +120,8 @@ class GuestFactory:
         if spec is None:
             pytest.fail("kvmsnap: kvm_guest_factory was used outside a test marked kvm_snapshot (from a "
                         "fixture that an unmarked test requested?): no guest is prepared for it", pytrace=False)
-        try:
-            coordinator = coordinator_for(self._config)
-            return MappingProxyType({name: coordinator.guest(name) for name in spec.domains})
-        except KvmSnapError as exc:
-            pytest.fail(str(exc), pytrace=False)
+        coordinator = _one_line(lambda: coordinator_for(self._config))
+        return _one_line(lambda: MappingProxyType({name: coordinator.guest(name) for name in spec.domains}))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -69,9 +70,8 @@ def take_notices(config: pytest.Config, node: object) -> None:
 
 def notices_for_summary(config: pytest.Config) -> list[str]:
     """The workers' notices, each once (with how often, when more than once)."""
-    counts: dict[str, int] = {}
-    for text in config.stash.get(NOTICES_KEY, []):
-        counts[text] = counts.get(text, 0) + 1
+    notices: list[str] = config.stash.get(NOTICES_KEY, [])
+    counts = Counter(notices)  # in first-seen order
     return [text if n == 1 else f"{text} ({n} times)" for text, n in counts.items()]
 
 

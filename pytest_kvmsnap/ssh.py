@@ -58,6 +58,15 @@ class CommandResult:
         return self.status == 0
 
 
+def close_silently(client: Any) -> None:
+    """Close a paramiko client whose connection may be rewound: its socket first, so that the
+    transport's goodbye does not go out over it (that is what hangs)."""
+    sock = getattr(client.get_transport(), "sock", None)
+    if isinstance(sock, socket.socket):
+        sock.close()
+    client.close()
+
+
 def _paramiko() -> Any:
     try:
         import paramiko
@@ -160,13 +169,8 @@ class GuestSSH:
 
     def _drop(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        transport = client.get_transport()
-        sock = getattr(transport, "sock", None)
-        if isinstance(sock, socket.socket):
-            sock.close()  # first: the transport's goodbye must not go out over a rewound connection
-        client.close()
+        if client is not None:
+            close_silently(client)
 
     def _connect(self) -> paramiko.SSHClient:
         paramiko = _paramiko()
