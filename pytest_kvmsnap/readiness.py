@@ -147,16 +147,20 @@ class Readiness:
         probe = Probe(host, host_port, banner=wait.kind == "ssh")
         if poll(probe, deadline):
             return
+        # An address the user named is what to check first, not the network or the guest.
+        named = self.settings.named_address(name) is not None
         if probe.unreachable():  # not a slow guest: an address this host does not reach
             self._unreachable[target] = (
                 f"guest {name!r}: {host}:{host_port} (its port {port}) cannot be reached from this host: no "
                 f"connection opened during the whole {self.settings.wait_timeout:.0f} s wait ({probe.error}); "
-                "later tests do not wait for it again in this run. Forward the port to this host (on a "
-                "user-mode network: a hostfwd in <qemu:commandline>, or an <interface type='user'>, which the "
-                "plugin forwards itself), or put the guest on a network this host routes to")
+                "later tests do not wait for it again in this run. " + (
+                    "That is the address --kvm-address names for it: correct that setting" if named else
+                    "Forward the port to this host (on a user-mode network: a hostfwd in <qemu:commandline>, or "
+                    "an <interface type='user'>, which the plugin forwards itself), or put the guest on a "
+                    "network this host routes to"))
             raise NotReady(self._unreachable[target])
         self._not_ready(name, f"{'an SSH banner' if probe.banner else 'a TCP connection'} on {host}:{host_port} "
-                              f"(guest port {port})")
+                              f"(guest port {port}{', named by --kvm-address' if named else ''})")
 
     def _not_ready(self, name: str, what: str) -> None:
         raise NotReady(f"guest {name!r} was not ready within {self.settings.wait_timeout:.0f} s after the "

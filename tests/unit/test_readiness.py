@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pytest_kvmsnap.config import Settings, parse_wait
+from pytest_kvmsnap.config import NamedAddress, Settings, parse_wait
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guestside import CLOCK_FAILED, NO_PERL, partial, settle_script
 from pytest_kvmsnap.readiness import NotReady, Readiness
@@ -256,3 +256,24 @@ def test_a_bad_named_address_stops_the_run(pytester: pytest.Pytester, args: list
     result = run_unit(pytester, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
+
+
+def test_a_named_address_that_fails_the_wait_is_what_the_advice_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user named the address: the error points at that setting, not at forwards or networks."""
+    settings = Settings(uri="test:///default", wait=parse_wait("ssh"), wait_timeout=0.3, sync_clock="off",
+                        reseed="off", addresses=(("g", NamedAddress("127.0.0.1", 2222)),))
+    ready = Readiness(settings, lambda event: None, lambda name, timeout: None, lambda exc: False)
+
+    def silent(address: tuple[str, int], timeout: float) -> socket.socket:
+        raise TimeoutError("timed out")  # faked: nothing leaves this host
+
+    with monkeypatch.context() as patch:
+        patch.setattr(socket, "create_connection", silent)
+        with pytest.raises(NotReady, match=r"cannot be reached from this host.*That is the address --kvm-address "
+                                           r"names for it: correct that setting$"):
+            ready.settle("g", None, lambda port: ("127.0.0.1", 2222), restored=False)  # type: ignore[arg-type]
+    with socket.socket() as closed:  # a loopback port nobody listens on: refused, so "not ready"
+        closed.bind(("127.0.0.1", 0))
+        port = int(closed.getsockname()[1])
+    with pytest.raises(NotReady, match=rf"an SSH banner on 127.0.0.1:{port} \(guest port 22, named by --kvm-address\)"):
+        ready.settle("g", None, lambda _port: ("127.0.0.1", port), restored=False)  # type: ignore[arg-type]
