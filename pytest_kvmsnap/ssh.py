@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.guestside import NO_PERL, partial, settle_script
+from pytest_kvmsnap.guestside import NO_PERL, partial, settle_command
 
 if TYPE_CHECKING:
     import paramiko
@@ -113,16 +113,15 @@ class GuestSSH:
 
     def settle(self, clock: bool, reseed: bool) -> str | None:
         """Set the guest's clock from the host's and/or force a reseed with host bytes, in one
-        command (guestside.py); as root, else through ``sudo -n``.  None, or why the reseed
+        guest process where it can (guestside.py); as root, else through ``sudo -n``.  None, or why the reseed
         was only partial; SSHFailed when the clock or the reseed failed.
 
         The host's time is sent when the guest's shell asks for it, so the time
         it takes to open the session does not make the clock late.
         """
-        script = settle_script(clock, reseed)
-        command = f"sh -c {shlex.quote(script)}"
+        command = settle_command(clock, reseed)
         if self.user != "root":
-            command = f"sudo -n {command}"
+            command = f"sudo -n sh -c {shlex.quote(command)}"
         try:
             stdin, out, err = self.client.exec_command(command, timeout=self.timeout)
             asked = out.readline().strip() == "ready"
@@ -137,7 +136,8 @@ class GuestSSH:
             raise SSHFailed(f"{self._where}: setting the clock and reseeding did not complete within "
                             f"{self.timeout:g} s ({type(exc).__name__}: {exc})") from None
         if not asked:
-            raise SSHFailed(f"{self._where}: {command.split()[0]} did not start the settle script (exit {status}): "
+            starter = "the login shell" if self.user == "root" else "sudo"
+            raise SSHFailed(f"{self._where}: {starter} did not start the settle script (exit {status}): "
                             f"{stderr.strip()[:300] or 'no message'}")
         if status in (0, NO_PERL):
             return None if status == 0 else partial(status, stderr)

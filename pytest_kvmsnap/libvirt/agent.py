@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Any
 
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.guestside import NO_PERL, RESEED_PERL, partial, settle_script
+from pytest_kvmsnap.guestside import NO_PERL, RESEED_PERL, partial, settle_perl, settle_script
 from pytest_kvmsnap.libvirt.connection import lib
 
 if TYPE_CHECKING:
@@ -75,17 +75,13 @@ class GuestAgent:
             return False
 
     def refresh(self, clock: bool, reseed: bool) -> str | None:
-        """Clock and entropy in one guest process (guestside.py); step by step where the guest
-        has no /bin/sh or the one process failed.  None, or why the reseed was only partial."""
+        """Clock and entropy in one guest process, perl, else a shell script (guestside.py); step
+        by step where the guest has neither or the one process failed.  None, or why the reseed was only partial."""
         if not (clock or reseed):
             return None
-        try:
-            code, err = agent_exec(self.native, "/bin/sh", ["-c", settle_script(clock, reseed), "sh",
-                                                             f"{time.time():.6f}", os.urandom(64).hex()])
-        except lib().libvirtError as exc:
-            if is_agent_unavailable(exc):
-                raise  # the caller waits for the agent and tries again
-            code, err = -1, ""  # no /bin/sh in this guest
+        code, err = self._settle_exec("/usr/bin/perl", ["-e", settle_perl(clock, reseed)])
+        if code == -1:  # no perl there: the shell script
+            code, err = self._settle_exec("/bin/sh", ["-c", settle_script(clock, reseed), "sh"])
         if code in (0, NO_PERL):
             if clock:
                 self.clock_set()
@@ -93,6 +89,15 @@ class GuestAgent:
         if clock:
             self.sync_clock()
         return self.reseed() if reseed else None
+
+    def _settle_exec(self, path: str, args: list[str]) -> tuple[int, str]:
+        """Run a settle program with the host's time and fresh bytes; -1 when the guest has no ``path``."""
+        try:
+            return agent_exec(self.native, path, [*args, f"{time.time():.6f}", os.urandom(64).hex()])
+        except lib().libvirtError as exc:
+            if is_agent_unavailable(exc):
+                raise  # the caller waits for the agent and tries again
+            return -1, ""
 
     def clock_set(self) -> None:
         """The guest's clock was just set: reset QEMU's RTC reinjection, so that it does not replay

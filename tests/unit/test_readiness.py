@@ -6,6 +6,7 @@ sshd: tests/integration/test_debian.py.
 
 from __future__ import annotations
 
+import platform
 import socket
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from pytest_kvmsnap.config import NamedAddress, Settings, parse_wait
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.guestside import CLOCK_FAILED, NO_PERL, partial, settle_script
+from pytest_kvmsnap.guestside import CLOCK_FAILED, NO_PERL, partial, settle_command, settle_perl, settle_script
 from pytest_kvmsnap.readiness import NotReady, Readiness
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -220,6 +221,23 @@ def test_the_guest_side_script_is_valid_sh_and_says_which_step_failed() -> None:
     assert partial(NO_PERL, "") == "no perl in the guest to force a reseed; fresh bytes were mixed in without it"
     assert partial(CLOCK_FAILED, "date: cannot set date: Operation not permitted\n") == (
         "setting the clock failed (exit 10): date: cannot set date: Operation not permitted")
+
+
+
+def test_the_guest_side_perl_is_valid_and_finds_the_clock_system_call() -> None:
+    """perl's own ELF header names the architecture (no module to load); run here with the
+    system calls swapped for prints, so that the host's clock is never touched."""
+    for clock, reseed in [(True, True), (True, False), (False, True)]:
+        assert subprocess.run(["perl", "-c", "-e", settle_perl(clock, reseed)], capture_output=True,
+                              check=False).returncode == 0
+        assert subprocess.run(["sh", "-n", "-c", settle_command(clock, reseed)], check=False).returncode == 0
+    program = settle_perl(True, False)
+    dry = program.replace("syscall(", "print(").replace('system("date"', 'system("true"')
+    assert "syscall(" not in dry and 'system("date"' not in dry and dry.count("print(") == 1
+    asked = subprocess.run(["perl", "-e", dry], input=b"1.5 00\n", capture_output=True, check=False)
+    assert asked.stdout.startswith(b"ready\n")
+    if platform.machine() == "x86_64":  # clock_settime is system call 227 there
+        assert asked.stdout[len(b"ready\n"):].startswith(b"2270")
 
 
 # --- an address the user names (issue 25 item 3) ---------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pytest_kvmsnap.guestside import settle_command
 from pytest_kvmsnap.ssh import GuestSSH, SSHFailed
 
 
@@ -114,7 +115,7 @@ def connected(user: str, session: Session) -> GuestSSH:
 def test_settle_sends_the_time_when_the_guest_asks_for_it() -> None:
     session = Session("ready\n", "", 0)
     assert connected("root", session).settle(clock=True, reseed=True) is None
-    assert session.commands[0].startswith("sh -c ")
+    assert session.commands[0] == settle_command(True, True)  # perl in place of the shell, else sh
     sent, entropy = session.stdin.written.split()
     assert abs(float(sent) - time.time()) < 5 and len(entropy) == 128 and session.stdin.closed
 
