@@ -13,6 +13,10 @@ unless KVM works), side by side in this one run:
   service; over 20 s under TCG): the plugin checkpoints it as a layer and every
   test starts from it; again reverting and not.
 
+Then the same fixture as a ``@guest_setup`` on a fixed base snapshot, in two
+runs: the first runs it and keeps its layer, the second reuses it; for each,
+the time from starting pytest to the first test's body.
+
 Per-test cost is (T(revert) - T(never)) / (N - 1) for each, as in
 revert_benchmark.py: the same suite without reverts subtracted.  The checkpoint
 is timed by the plugin (its summary); the layer's end is the time from the
@@ -29,6 +33,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import libvirt
@@ -39,6 +44,28 @@ from pytest_kvmsnap.testing.guest import build_image, domain_type
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = re.compile(r"(\d+) checkpoint\(s\) of wider fixtures' state, median ([\d.]+) s")
+
+
+def kept_runs(conn: libvirt.virConnect, name: str, tests: int, suite: Path, times: Path) -> tuple[float, float]:
+    """From starting pytest to the first test's body, in the run that keeps the guest setup and
+    in the next one, which reuses it (on a base snapshot of the guest as it is now)."""
+    conn.lookupByName(name).snapshotCreateXML("<domainsnapshot><name>bench-base</name></domainsnapshot>", 0)
+    os.environ["KVMSNAP_BENCH_APP"] = "kept"
+    until_first = []
+    for label in ("keeps", "reuses"):
+        times.unlink(missing_ok=True)
+        output: list[str] = []
+        start = time.perf_counter()
+        took = suite_seconds(name, tests, "-p", "no:xdist", "-p", "layers_timing", "--kvm-snapshot=bench-base",
+                             suite=suite, output=output)
+        called = min(json.loads(line)["test_called"] for line in times.read_text().splitlines()
+                     if "test_called" in line)
+        until_first.append(called - start)
+        print(f"  suite with the @guest_setup fixture, the run that {label} it: {took:.1f} s, first test after "
+              f"{until_first[-1]:.1f} s", flush=True)
+        if ("reused from" in "\n".join(output)) != (label == "reuses"):
+            raise SystemExit(f"the run that {label} the setup did not:\n" + "\n".join(output[-20:]))
+    return until_first[0], until_first[1]
 
 
 def main() -> int:
@@ -68,6 +95,7 @@ def main() -> int:
         layered_run = seconds(True, output=output)
         notes = [json.loads(line) for line in times.read_text().splitlines()]
         layered = (layered_run - seconds(True, "--kvm-revert=never")) / (args.tests - 1)
+        first_run, second_run = kept_runs(conn, name, args.tests, suite, times)
     finally:
         remove(conn, image)
     setup = next(n["setup"] for n in notes if "setup" in n)
@@ -82,6 +110,8 @@ def main() -> int:
         "one checkpoint (the layer taken, once per run)": float(found.group(2)),
         "the layer's end (revert down, layer deleted)": end - torn,
         "the session fixture's setup (once with layers; per test without)": setup,
+        "until the first test, @guest_setup, first run (runs it, keeps it)": first_run,
+        "until the first test, @guest_setup, second run (reuses it)": second_run,
     }
     accelerator = "KVM" if domain_type(conn, build_image()) == "kvm" else "TCG (no working KVM here)"
     print(f"== Debian 12, 512 MiB, {accelerator}, {args.tests} SSH tests")

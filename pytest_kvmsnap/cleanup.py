@@ -26,11 +26,14 @@ CLEANUP_HELP = ("list and repair what killed runs left (orphan snapshots of dead
                 "that no longer exist), then exit "
                 "without running tests.")
 DRY_RUN_HELP = "with --kvm-cleanup: only list what would be repaired."
+KEEP_SETUPS_HELP = ("with --kvm-cleanup: list the guest setups kept for later runs (@guest_setup) but do not "
+                    "delete them (by default they are deleted).")
 
 
 def add_cleanup_options(group: pytest.OptionGroup) -> None:
     group.addoption("--kvm-cleanup", action="store_true", dest="kvm_cleanup", help=CLEANUP_HELP)
     group.addoption("--kvm-dry-run", action="store_true", dest="kvm_dry_run", help=DRY_RUN_HELP)
+    group.addoption("--kvm-keep-setups", action="store_true", dest="kvm_keep_setups", help=KEEP_SETUPS_HELP)
 
 
 def run_cleanup(config: pytest.Config) -> int:
@@ -45,8 +48,9 @@ def run_cleanup(config: pytest.Config) -> int:
         return pytest.ExitCode.USAGE_ERROR
     pooled = len(settings.pool) > 1
     kind = engine_kind(config)
-    results = [_clean_host(dataclasses.replace(settings, uri=uri, uris=(uri,)), run_id(config), directory, dry_run,
-                           pooled, kind) for uri in settings.pool]
+    keep = bool(config.getoption("kvm_keep_setups"))
+    results = [_clean_host(dataclasses.replace(settings, uri=uri, uris=(uri,)), run_id(config), directory,
+                           (dry_run, keep), pooled, kind) for uri in settings.pool]
     if all(result is None for result in results):
         return pytest.ExitCode.USAGE_ERROR  # no host could be reached
     coordinator = Coordinator(settings, run_id(config), directory, engine_kind=kind)  # the lock directory's records
@@ -56,9 +60,11 @@ def run_cleanup(config: pytest.Config) -> int:
     return pytest.ExitCode.TESTS_FAILED if any(results) else pytest.ExitCode.OK
 
 
-def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, pooled: bool,
+def _clean_host(settings: Settings, run: str, directory: Path, how: tuple[bool, bool], pooled: bool,
                 kind: EngineKind | None) -> bool | None:
-    """Clean one hypervisor: True if something could not be done, None if it could not be reached."""
+    """Clean one hypervisor: True if something could not be done, None if it could not be reached.
+    ``how``: (dry run, keep the kept guest setups)."""
+    dry_run, keep = how
     coordinator = Coordinator(settings, run, directory, engine_kind=kind)
     try:
         engine = coordinator.hypervisor.engine()
@@ -72,6 +78,7 @@ def _clean_host(settings: Settings, run: str, directory: Path, dry_run: bool, po
     for name in names:
         try:
             lines = coordinator.recovery.cleanup(name, dry_run)
+            lines += coordinator.recovery.cleanup_setups(name, dry_run, keep)
         except (KvmSnapError, coordinator.hypervisor.kind.refusal) as exc:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:

@@ -79,7 +79,7 @@ class Coordinator:
         self.ops = GuestOps(settings, self.hypervisor, self.holder, reverter, readiness, report, ready_hook)
         self.finishing = Finisher(settings, self.hypervisor, reverter, self.store, report)
         self.witness = Witness(settings, self.hypervisor, run_id, report)
-        self.layering = Layering(self.hypervisor, self.holder,
+        self.layering = Layering(self.hypervisor, self.holder, self.ops,
                                  Checkpoints(self.hypervisor, owner, worker, report), self._incident)
         self.run_events: list[str] = []  # incidents about no guest in particular, for the summary
 
@@ -88,6 +88,10 @@ class Coordinator:
         one (xdist's controller prints those, so workers' incidents reach it too)."""
         (record.events if record is not None else self.run_events).append(text)
         self.report(Incident(text))
+
+    def report_incident(self, text: str) -> None:
+        """An incident of the guests held now (a guest setup not kept, say)."""
+        self._incident(text, self.holder.held_record())
 
     def _reconnected(self, text: str) -> None:
         self._incident(text, self.holder.held_record())
@@ -145,6 +149,7 @@ class Coordinator:
         if state.record is not None:
             state.record.holder = nodeid  # what waiting runs and deadlock reports name
         state.unit_tests += 1
+        state.started_at = state.clean_at
         state.clean_at = None  # dirty from the moment a test that uses it starts (written with the holder)
 
     def _check_protected(self, state: GuestState, unit: str) -> None:

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pytest_kvmsnap.ownership import LeaseRecord, Owner, is_damaged, kept_records
+from pytest_kvmsnap.ownership import LeaseRecord, Owner, SetupRecord, is_damaged, kept_records
 from pytest_kvmsnap.records import CloneSource
 
 
@@ -46,6 +46,10 @@ class Snapshot(Protocol):
 
     def state(self) -> str:
         """The guest's state it recorded: running, paused, shutoff ..."""
+
+    def identity(self) -> str:
+        """What tells it from a snapshot of the same name made later (libvirt: its creation
+        time): a kept guest setup is reused only on the very base it was built on."""
 
 
 class LeaseHandle(Protocol):
@@ -310,6 +314,12 @@ def owned_snapshots(machine: Machine) -> list[tuple[Owner, Snapshot]]:
     """The guest's snapshots this plugin created (any run), with their owners."""
     pairs = ((snapshot_owner(snap), snap) for snap in machine.snapshots())
     return [(owner, snap) for owner, snap in pairs if owner is not None]
+
+
+def kept_setups(machine: Machine) -> list[tuple[str, SetupRecord]]:
+    """The guest setups kept on ``machine`` for later runs (reuse.py), by snapshot name."""
+    pairs = ((snap.name, SetupRecord.from_description(snap.description())) for snap in machine.snapshots())
+    return [(name, record) for name, record in pairs if record is not None]
 
 
 def damaged_snapshots(machine: Machine) -> list[str]:

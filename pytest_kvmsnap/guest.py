@@ -40,6 +40,8 @@ class GuestState:
     clone_of: str = ""  # clone mode: ``name`` is this process's clone of that guest
     layers: LayerStack = field(default_factory=LayerStack)  # what wider fixtures built (layers.py)
     unit_tests: int = 0  # tests of the current unit started so far
+    # the snapshot the guest was exactly at when the current test started (None: changed since)
+    started_at: str | None = None
 
     @property
     def test_name(self) -> str:

@@ -14,17 +14,20 @@ from pytest_kvmsnap.checkpoints import Checkpoints
 from pytest_kvmsnap.config import Spec
 from pytest_kvmsnap.exceptions import ConfigError, RevertFailed
 from pytest_kvmsnap.guest import GuestState
+from pytest_kvmsnap.guestops import GuestOps
 from pytest_kvmsnap.holding import Holder
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.layers import Fixture, Layer, carried_away, is_wider
+from pytest_kvmsnap.ownership import SetupRecord
 from pytest_kvmsnap.provisioning import Incident
 
 
 class Layering:
-    def __init__(self, hypervisor: Hypervisor, holder: Holder, checkpoints: Checkpoints,
+    def __init__(self, hypervisor: Hypervisor, holder: Holder, ops: GuestOps, checkpoints: Checkpoints,
                  incident: Incident) -> None:
         self.hypervisor = hypervisor
         self.holder = holder
+        self.ops = ops
         self.checkpoints = checkpoints
         self.incident = incident
         # Wider fixtures that set up on the current test's guests since its last checkpoint,
@@ -88,6 +91,74 @@ class Layering:
                               f"own unit began (requested with getfixturevalue?), so the guest state it built "
                               "cannot be kept apart from theirs; request it as an argument instead")
         self._pending.append(fixture)
+
+    # --- guest setups kept across runs (reuse.py) ------------------------------
+
+    def setup_refusal(self, spec: Spec, fixture: Fixture) -> str | None:
+        """Why guest setup ``fixture`` cannot be kept or reused here (it then runs as any
+        fixture); None when it can."""
+        if not is_wider(fixture.scope, spec.scope):
+            return f"it is not wider than the test's {spec.scope} unit, so it builds no layer"
+        if not spec.snapshot:
+            return ("its guests have no fixed base to build on: give the tests snapshot= (or --kvm-snapshot), "
+                    "the state a kept setup is built on and keyed by")
+        if self._pending or self._narrower_began:
+            return "other fixtures changed the guest before it in the same setup"
+        for name in sorted(spec.domains):
+            state = self.holder.states[name]
+            if state.layers.top(spec.snapshot) != spec.snapshot:
+                return f"it sets up on top of the state of {state.layers.layers[-1].describe()}"
+            if state.unit_tests > 1:  # going to the base or the kept setup would undo the unit's earlier tests
+                return f"it was first set up in the middle of {state.unit}, on what its earlier tests changed"
+        return None
+
+    def bases(self, spec: Spec) -> dict[str, str]:
+        """Each guest's base snapshot, as the engine tells it from one made later under its name."""
+        assert spec.snapshot, "a kept setup has a fixed base"
+        return {name: self.holder.machine(self.holder.states[name]).snapshot(spec.snapshot).identity()
+                for name in sorted(spec.domains)}
+
+    def reuse_setup(self, spec: Spec, fixture: Fixture, key: str, nodeid: str) -> str | None:
+        """Start from the setup kept under ``key`` on every guest of the test, if each has it:
+        its return value (JSON); None (nothing done) when one lacks it."""
+        found = {}
+        for name in sorted(spec.domains):
+            state = self.holder.states[name]
+            with self.hypervisor.errors(state.uri, f"looking for the kept setups of guest {name!r}"):
+                kept = self.checkpoints.find_setup(state, key)
+            if kept is None:
+                return None
+            found[name] = kept
+        for name, (snapshot, record) in found.items():
+            state = self.holder.states[name]
+            with self.hypervisor.errors(state.uri, f"reusing {snapshot} on guest {name!r} for {nodeid}"):
+                self.ops.revert(state, snapshot, f"to reuse {fixture.scope} fixture {fixture.name!r} for {nodeid}")
+                self.ops.settle(state)
+                state.clean_at = None  # the test that set it up uses it from here on
+                self.checkpoints.use_setup(state, spec.snapshot or "", Layer(snapshot, (fixture,), kept=True))
+            self.incident(f"kvmsnap: {state.name}: {fixture.scope} fixture {fixture.name!r} reused from {snapshot} "
+                          f"(kept by run {record.run_id}); its body did not run", state.record)
+        return next(iter(found.values()))[1].value
+
+    def record_setup(self, spec: Spec, nodeid: str) -> None:
+        """Before a guest setup runs to be kept: its guests go to the base its key names (unless
+        the test started on it, and no fixture changed it since: setup_refusal)."""
+        for name in sorted(spec.domains):
+            state = self.holder.states[name]
+            if state.started_at == spec.snapshot:
+                continue
+            with self.hypervisor.errors(state.uri, f"reverting guest {name!r} before a guest setup, for {nodeid}"):
+                self.ops.revert(state, spec.snapshot or "", f"before a guest setup is kept, for {nodeid}")
+                self.ops.settle(state)
+                state.clean_at = None
+
+    def keep_setup(self, spec: Spec, fixture: Fixture, record: SetupRecord) -> None:
+        """The guest setup ran: keep its layer on every guest of the test."""
+        for name in sorted(spec.domains):
+            state = self.holder.states[name]
+            with self.hypervisor.errors(state.uri, f"keeping guest {name!r} after fixture {fixture.name!r}"):
+                self.holder.check_lease(state)
+                self.checkpoints.keep_setup(state, spec.snapshot or "", fixture, record)
 
     def fixture_failed(self, fixture: Fixture) -> None:
         """A fixture failed in setup: it checkpoints nothing, and the wider ones that set up before

@@ -51,6 +51,7 @@ class Layer:
     snapshot: str
     fixtures: tuple[Fixture, ...]
     ended: bool = False
+    kept: bool = False  # a guest setup kept for later runs (reuse.py): never deleted when it ends
 
     def describe(self) -> str:
         return ", ".join(f"{f.scope} fixture {f.name!r}" for f in self.fixtures)

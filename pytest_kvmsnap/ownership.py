@@ -9,6 +9,7 @@ Plain values only: no engine, no pytest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -22,6 +23,9 @@ _DESCRIPTION_TAG = "pytest-kvmsnap baseline "
 # plugin does ever removes or reverts to a kept snapshot.
 _KEPT_TAG = "pytest-kvmsnap kept for the user "
 _LEASE_TAG = "pytest-kvmsnap lease: "
+# A guest setup kept for later runs (reuse.py) carries this tag: no run's, so recovery
+# never reverts to it or deletes it; only a run with its key reverts to it.
+_SETUP_TAG = "pytest-kvmsnap guest setup "
 MARK = "-kvmsnap-"  # in the names of a run's clones and pools of copies: <guest>-kvmsnap-<run>[-<slot>]
 KEPT_MARK = "-kept-"
 
@@ -100,6 +104,35 @@ def kept_records(described: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
             if isinstance(record, dict) and record.get("owner") == OWNER:
                 found.append({**record, "name": name})
     return found
+
+
+@dataclass(frozen=True)
+class SetupRecord:
+    """What a kept guest setup's snapshot says: the key it was built under, the fixture's
+    return value (JSON text), when and by which run."""
+
+    key: str
+    fixture: str
+    variant: str  # the fixture's parameter, if any: variants are kept side by side
+    value: str
+    created: float
+    run_id: str
+
+    def to_description(self) -> str:
+        return _SETUP_TAG + json.dumps({"owner": OWNER, **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_description(cls, text: str | None) -> SetupRecord | None:
+        if not text or not text.startswith(_SETUP_TAG):
+            return None
+        try:
+            data = json.loads(text[len(_SETUP_TAG):])
+            if data.get("owner") != OWNER:
+                return None
+            return cls(str(data["key"]), str(data["fixture"]), str(data["variant"]), str(data["value"]),
+                       float(data["created"]), str(data["run_id"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
 
 
 class Taken(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from pytest_kvmsnap.fixtures import (
     kvm_testinfra,
 )
 from pytest_kvmsnap.guest import summary
-from pytest_kvmsnap.layers import Fixture
 from pytest_kvmsnap.locking import GuestLock
 from pytest_kvmsnap.markers import MARKER, MARKER_HELP, Spec, spec_for, unit_key
 from pytest_kvmsnap.reports import RUN_FIGURES_KEY, RunFigures, attach_evidence, with_artifacts_dir, write_summary
@@ -58,6 +57,7 @@ from pytest_kvmsnap.session import (
     take_notices,
     worker_dist,
 )
+from pytest_kvmsnap.setups import current_layering, fixture_setup, or_fail
 
 __all__ = ["kvm_connection", "kvm_fabric", "kvm_guest", "kvm_guest_factory", "kvm_guests", "kvm_ssh", "kvm_testinfra"]
 
@@ -184,51 +184,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[PREPARED_KEY] = spec  # from here on, teardown ends what setup began
     # Inside _or_fail: the first test creates the coordinator, whose lock
     # directory may be refused; that is one line too, not a traceback.
-    _or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
+    or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
     config.stash[CURRENT_KEY] = item  # for the layers its fixtures build, and kvm_guest_factory
-    _or_fail(lambda: coordinator_for(config).layering.check_fixtures(list(getattr(item, "fixturenames", []))))
-
-
-def _layering(config: pytest.Config) -> tuple[Coordinator, Spec, pytest.Item] | None:
-    """The coordinator, spec and item of the marked test whose fixtures set up now, if any."""
-    item = config.stash.get(CURRENT_KEY, None)
-    if item is None or COORDINATOR_KEY not in config.stash or not item.stash.get(PROTECTED_KEY, False):
-        return None
-    return config.stash[COORDINATOR_KEY], item.stash[PREPARED_KEY], item
-
-
-def _scope(fixturedef: pytest.FixtureDef[Any], item: pytest.Item) -> str:
-    """How long pytest keeps the fixture for ``item``: a class-scoped one on a test outside a
-    class is set up for each test (pytest falls back to the function)."""
-    if fixturedef.scope == "class" and item.getparent(pytest.Class) is None:
-        return "function"
-    return fixturedef.scope
-
-
-# Fixtures of pytest itself and of these plugins change no guest: they build no layer.
-_NO_GUEST_STATE = ("_pytest.", "pytest.", "pytest_kvmsnap.", "xdist.")
+    or_fail(lambda: coordinator_for(config).layering.check_fixtures(list(getattr(item, "fixturenames", []))))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Generator[None]:
-    """Checkpoint what wider fixtures built before a narrower one sets up (layers.py); note a
-    wider one that set up.  A fixture that fails in setup is noted nowhere."""
-    layering = _layering(request.config)
-    if layering is None:
-        return (yield)
-    coordinator, spec, item = layering
-    scope = _scope(fixturedef, item)
-    _or_fail(lambda: coordinator.layering.before_setup(spec, scope, item.nodeid))
-    fixture = Fixture(id(fixturedef), fixturedef.argname, scope)
-    try:
-        result = yield
-    except BaseException:
-        coordinator.layering.fixture_failed(fixture)
-        raise
-    if not getattr(fixturedef.func, "__module__", "").startswith(_NO_GUEST_STATE):
-        _or_fail(lambda: coordinator.layering.fixture_set_up(spec, fixture))
-    return result
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
+                         request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
+    """Layers and kept guest setups (setups.py)."""
+    return (yield from fixture_setup(fixturedef, request))
 
 
 def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
@@ -254,25 +220,10 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         pytest.fail(f"kvmsnap: {item.nodeid} was marked {MARKER} after its setup began (by a fixture or "
                     "a late hook), so its guests were not prepared; mark it at collection instead "
                     "(a decorator, pytestmark, or a conftest's pytest_collection_modifyitems)", pytrace=False)
-    layering = _layering(item.config)
+    layering = current_layering(item.config)
     if layering is not None:  # wider fixtures set up and nothing narrower did: checkpoint before the body
         coordinator, spec, _item = layering
-        _or_fail(lambda: coordinator.layering.before_setup(spec, "function", item.nodeid))
-
-
-def _or_fail(step: Callable[[], object], quiet: bool = False) -> None:
-    """Run a coordinator step; its error fails the test as one line.
-
-    pytest.fail is called outside the ``except`` block so that the report does
-    not chain "During handling of the above exception" onto the message.
-    """
-    try:
-        step()
-        return
-    except KvmSnapError as exc:
-        error = exc
-    if not quiet:  # quiet: the teardown's own error is already being reported
-        pytest.fail(f"kvmsnap: {error}", pytrace=False)
+        or_fail(lambda: coordinator.layering.before_setup(spec, "function", item.nodeid))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -319,7 +270,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def _end_test(item: pytest.Item, coordinator: Coordinator, spec: Spec, nextitem: pytest.Item | None,
               quiet: bool) -> None:
     try:
-        _or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem), item.nodeid),
+        or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem), item.nodeid),
                  quiet)
     finally:  # before pytest makes the teardown report, which JUnit XML takes them from
         item.user_properties.extend(p for figures in coordinator.figures.values() for p in figures.properties())

@@ -7,7 +7,9 @@ naming a dead run is touched; a live run's things are listed at most.
 
 from __future__ import annotations
 
-from pytest_kvmsnap.engine import Machine, Snapshot, damaged_snapshots, owned_snapshots
+from collections.abc import Callable
+
+from pytest_kvmsnap.engine import Machine, Snapshot, damaged_snapshots, kept_setups, owned_snapshots
 from pytest_kvmsnap.events import Reporter
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
@@ -94,10 +96,42 @@ class Recovery:
             lines.extend(self._repair_held(name, machine, uri, lease[1] if dead_lease and lease else None))
         return lines or [f"{name}: nothing to clean"]
 
+    def cleanup_setups(self, name: str, dry_run: bool, keep: bool) -> list[str]:
+        """``--kvm-cleanup``: list the guest setups kept for later runs (reuse.py); delete them,
+        under the guest's lock and lease, unless ``keep``."""
+        machine = self.hypervisor.engine(self.uri).machine(name, checked=False)
+        kept = kept_setups(machine)
+        if not kept or keep or dry_run:
+            verb = "left alone" if keep else "would delete it"
+            return [f"{name}: kept guest setup {snapshot} (fixture {record.fixture!r}, kept by run {record.run_id}); "
+                    f"{verb}" for snapshot, record in kept]
+
+        def delete(_name: str, machine: Machine, _uri: str) -> list[str]:
+            lines = []
+            for snapshot, record in kept_setups(machine):
+                machine.delete_snapshot(machine.snapshot(snapshot))
+                lines.append(f"{name}: deleted kept guest setup {snapshot} (fixture {record.fixture!r}, "
+                             f"kept by run {record.run_id})")
+            return lines
+        return self._held(name, machine, self.uri, delete)
+
     def _repair_held(self, name: str, machine: Machine, uri: str,
                      dead_lease: LeaseRecord | None) -> list[str]:
         """Repair under the guest's lock and its lease (a dead run's lease is taken over, then
         given back: it is gone)."""
+        repaired: list[bool] = []
+
+        def repair(name: str, machine: Machine, uri: str) -> list[str]:
+            repaired.append(True)
+            return self.repair(name, machine, uri)
+        lines = self._held(name, machine, uri, repair)
+        if dead_lease is not None and repaired:
+            dead = dead_lease.holder
+            lines.append(f"{name}: removed the lease of dead run {dead.run_id} (pid {dead.pid} on {dead.host})")
+        return lines
+
+    def _held(self, name: str, machine: Machine, uri: str,
+              step: Callable[[str, Machine, str], list[str]]) -> list[str]:
         lock = self.store.lock(uri, name)
         lock.acquire(self.lease.lock_timeout, self.report, admit=self.lease.may_use)
         try:
@@ -105,15 +139,11 @@ class Recovery:
             if holder is not None:  # a live run took the guest since the lease was read
                 return [f"{name}: held by live {holder.describe()}; left alone"]
             try:
-                lines = self.repair(name, machine, uri)
+                return step(name, machine, uri)
             finally:
                 self.leases.release(uri, name)
         finally:
             lock.release()
-        if dead_lease is not None:
-            dead = dead_lease.holder
-            lines.append(f"{name}: removed the lease of dead run {dead.run_id} (pid {dead.pid} on {dead.host})")
-        return lines
 
     def unused_locks(self, dry_run: bool) -> list[str]:
         """Lock files of guests that no longer exist at the URI (lock files are bounded by guests)."""

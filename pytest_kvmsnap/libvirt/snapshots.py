@@ -47,6 +47,10 @@ class LibvirtSnapshot:
         """The guest state the snapshot recorded: running, paused, shutoff ..."""
         return ET.fromstring(self.native.getXMLDesc(0)).findtext("state") or "unknown"
 
+    def identity(self) -> str:
+        """Its name and creation time (seconds), which libvirt sets when it takes it."""
+        return f"{self.name}@{ET.fromstring(self.native.getXMLDesc(0)).findtext('creationTime') or '?'}"
+
 
 def native_snapshot(snapshot: Snapshot) -> libvirt.virDomainSnapshot:
     return cast(LibvirtSnapshot, snapshot).native

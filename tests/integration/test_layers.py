@@ -135,3 +135,76 @@ def test_a_kill_inside_a_layer_operation_is_repaired_to_the_baseline(
     guest_a.console.check("rm -f /tmp/fill", timeout=60)
     assert not list(locks.glob("*.json")), "a run record was left"
     as_found(guest_a)
+
+
+# --- guest setups kept across runs (reuse.py) -----------------------------------------
+
+KEPT_SETUP = """
+from pathlib import Path
+import pytest
+from pytest_kvmsnap import guest_setup
+
+@pytest.fixture(scope="session")
+@guest_setup
+def app(kvm_guest_factory):
+    guest = kvm_guest_factory.get()
+    console(guest.name).check("echo installed > /data/app; echo running > /tmp/app")
+    ran = Path(__file__).with_name("ran")
+    ran.write_text((ran.read_text() if ran.exists() else "") + "x")
+    return {"guest": guest.name}
+"""
+
+FROM_KEPT_SETUP = """
+import pytest
+
+@pytest.mark.kvm_snapshot("{name}", snapshot="it-base")
+@pytest.mark.parametrize("i", range(2))
+def test_t(i, app, sh):
+    assert app == {{"guest": "{name}"}}
+    assert sh.check("cat /data/app /tmp/app") == "installed\\nrunning", "the kept setup's disk or RAM is gone"
+    assert sh.run("{clean}").status == 0, "an earlier test's change leaked"
+    sh.check(f"echo {{i}} > /data/marker; echo {{i}} > /tmp/marker")
+"""
+
+
+def test_a_guest_setup_is_kept_reused_by_later_runs_and_run_again_when_its_source_changes(
+        inner: pytest.Pytester, guest_a: RealGuest) -> None:
+    dom = guest_a.domain()
+    dom.snapshotCreateXML("<domainsnapshot><name>it-base</name></domainsnapshot>", 0)
+    inner.makeconftest(INNER_CONFTEST + KEPT_SETUP)
+    tests = FROM_KEPT_SETUP.format(name=guest_a.name, clean=CLEAN)
+    inner.makepyfile(test_a=tests, test_b=tests)
+    ran = inner.path / "ran"
+    try:
+        first = run_inner(inner, "-p", "no:randomly")
+        first.assert_outcomes(passed=4)
+        [kept] = [name for name in guest_a.snapshots() if name.startswith("kvmsnap-setup-app-")]
+        first.stdout.fnmatch_lines([f"*{guest_a.name}: kept {kept} after session fixture 'app' for later runs*"])
+        assert ran.read_text() == "x"
+        assert_as_found(guest_a, ["it-base", kept])
+
+        # Later runs, xdist workers too: the kept layer, memory included, in place of the body.
+        second = run_inner(inner, "-n", "2", "--dist", "loadfile")
+        second.assert_outcomes(passed=4)
+        second.stdout.fnmatch_lines([f"*{guest_a.name}: session fixture 'app' reused from {kept} *"])
+        assert ran.read_text() == "x", "the kept setup's body ran again"
+        assert_as_found(guest_a, ["it-base", kept])
+
+        # A changed conftest is another key: the body runs, and its new layer replaces the old one.
+        conftest = inner.path / "conftest.py"
+        conftest.write_text(conftest.read_text() + "\n# the helpers changed\n")
+        run_inner(inner).assert_outcomes(passed=4)
+        assert ran.read_text() == "xx"
+        [replaced] = [name for name in guest_a.snapshots() if name.startswith("kvmsnap-setup-app-")]
+        assert replaced != kept
+        assert_as_found(guest_a, ["it-base", replaced])
+
+        listed = run_inner(inner, "--kvm-cleanup", "--kvm-keep-setups", f"--kvm-domain={guest_a.name}")
+        listed.stdout.fnmatch_lines([f"*{guest_a.name}: kept guest setup {replaced} (fixture 'app'*); left alone"])
+        removed = run_inner(inner, "--kvm-cleanup", f"--kvm-domain={guest_a.name}")
+        assert removed.ret == 0
+        removed.stdout.fnmatch_lines([f"*{guest_a.name}: deleted kept guest setup {replaced} (fixture 'app'*"])
+        assert_as_found(guest_a, ["it-base"])
+    finally:
+        for name in guest_a.snapshots():
+            dom.snapshotLookupByName(name).delete(0)

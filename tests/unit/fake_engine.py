@@ -57,6 +57,9 @@ class FakeSnapshot:
     def state(self) -> str:
         return self.saved_state
 
+    def identity(self) -> str:
+        return f"{self.name}@{id(self)}"
+
 
 @dataclass
 class FakeLease:

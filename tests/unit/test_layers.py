@@ -19,11 +19,11 @@ LAYERS = [
     "libvirt.evidence", "libvirt.agent", "libvirt.network", "libvirt.machine", "libvirt.leases", "libvirt.storage",
     "libvirt.clones", "libvirt.engine",
     # what the plugin does, through engine.py's interface
-    "postmortem", "deadlock", "units", "layers", "placement", "hypervisor", "heartbeat", "revert", "lease",
+    "postmortem", "deadlock", "units", "layers", "reuse", "placement", "hypervisor", "heartbeat", "revert", "lease",
     "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",
     "holding", "guestops", "layering", "coordinator", "ssh", "clients",
     # the pytest glue
-    "markers", "hookspecs", "session", "reports", "fixtures", "cleanup", "plugin",
+    "markers", "hookspecs", "session", "reports", "fixtures", "setups", "cleanup", "plugin",
 ]
 PYTEST_FREE = LAYERS[:LAYERS.index("markers")]
 LIBVIRT_ENGINE = {name for name in LAYERS if name.startswith(ENGINE_PACKAGE + ".")}
