@@ -199,6 +199,15 @@ def test_a_guest_setup_is_kept_reused_by_later_runs_and_run_again_when_its_sourc
         assert replaced != kept
         assert_as_found(guest_a, ["it-base", replaced])
 
+        # A base made anew under the same name is another base: run again, replaced again.
+        dom.snapshotLookupByName("it-base").delete(0)
+        dom.snapshotCreateXML("<domainsnapshot><name>it-base</name></domainsnapshot>", 0)
+        run_inner(inner).assert_outcomes(passed=4)
+        assert ran.read_text() == "xxx"
+        [rebased] = [name for name in guest_a.snapshots() if name.startswith("kvmsnap-setup-app-")]
+        assert rebased != replaced
+        replaced = rebased
+
         listed = run_inner(inner, "--kvm-cleanup", "--kvm-keep-setups", f"--kvm-domain={guest_a.name}")
         listed.stdout.fnmatch_lines([f"*{guest_a.name}: kept guest setup {replaced} (fixture 'app'*); left alone"])
         removed = run_inner(inner, "--kvm-cleanup", f"--kvm-domain={guest_a.name}")
@@ -208,3 +217,52 @@ def test_a_guest_setup_is_kept_reused_by_later_runs_and_run_again_when_its_sourc
     finally:
         for name in guest_a.snapshots():
             dom.snapshotLookupByName(name).delete(0)
+
+
+def test_a_kill_while_a_guest_setup_is_kept_is_repaired_and_the_next_run_still_correct(
+        inner: pytest.Pytester, guest_a: RealGuest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed inside the savevm that keeps the setup: --kvm-cleanup restores the run's baseline and
+    deletes its own snapshots; the kept setup is left alone if it was completed (the fixture had
+    finished), and the next run either reuses it or runs the fixture again -- never a half."""
+    locks = tmp_path / "locks"
+    dom = guest_a.domain()
+    dom.snapshotCreateXML("<domainsnapshot><name>it-base</name></domainsnapshot>", 0)
+    killing = KEPT_SETUP.replace('    return {"guest": guest.name}', '''    if os.environ.get("KVMSNAP_LAYER_KILL"):
+        console(guest.name).check("STRETCH", timeout=120)
+        threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return {"guest": guest.name}''').replace("STRETCH", STRETCH)
+    inner.makeconftest(INNER_CONFTEST + "import os, signal, threading\n" + killing)
+    inner.makepyfile(test_a=FROM_KEPT_SETUP.format(name=guest_a.name, clean=CLEAN))
+    try:
+        monkeypatch.setenv("KVMSNAP_LAYER_KILL", "keep")
+        killed = run_inner(inner, f"--kvm-lock-dir={locks}", "-p", "no:randomly")
+        assert killed.ret == -9, killed.stdout.str()
+        monkeypatch.delenv("KVMSNAP_LAYER_KILL")
+        cleanup = run_inner(inner, f"--kvm-lock-dir={locks}", "--kvm-cleanup", "--kvm-keep-setups",
+                            f"--kvm-domain={guest_a.name}")
+        assert cleanup.ret == 0
+        cleanup.stdout.fnmatch_lines([f"*{guest_a.name}: restored to kvmsnap-???????????? left by dead run *"])
+        guest_a.console.check("rm -f /tmp/fill", timeout=60)
+        left = [name for name in guest_a.snapshots() if name != "it-base"]
+        assert all(name.startswith("kvmsnap-setup-app-") for name in left), left
+        after = run_inner(inner, f"--kvm-lock-dir={locks}", "-p", "no:randomly")
+        after.assert_outcomes(passed=2)
+        reused = "reused from" in after.stdout.str()
+        assert reused == bool(left), after.stdout.str()
+        [kept] = [name for name in guest_a.snapshots() if name != "it-base"]
+        assert_as_found(guest_a, ["it-base", kept])
+    finally:
+        for name in guest_a.snapshots():
+            dom.snapshotLookupByName(name).delete(0)
+
+
+def test_a_guest_setup_without_a_fixed_base_runs_every_time_and_the_run_says_why(
+        inner: pytest.Pytester, guest_a: RealGuest) -> None:
+    inner.makeconftest(INNER_CONFTEST + KEPT_SETUP)
+    inner.makepyfile(test_a=FROM_KEPT_SETUP.format(name=guest_a.name, clean=CLEAN).replace(', snapshot="it-base"', ""))
+    for runs in ("x", "xx"):
+        result = run_inner(inner)
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines(["*guest setup 'app' is not kept for later runs: its guests have no fixed base*"])
+        assert (inner.path / "ran").read_text() == runs
+        assert_as_found(guest_a)
