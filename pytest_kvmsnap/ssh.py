@@ -180,7 +180,8 @@ class GuestSSH:
             sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as exc:
             raise SSHFailed(f"{self._where}: no connection within {self.timeout:g} s ({exc}): the guest is down, "
-                            "unreachable from here, or nothing listens on its port") from None
+                            "unreachable from here, or nothing listens on its port; if the address is wrong, "
+                            "name the right one with --kvm-address NAME=HOST[:PORT]") from None
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # every revert may bring a test guest's key
         try:

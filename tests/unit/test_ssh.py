@@ -44,7 +44,8 @@ def test_nothing_listening_blames_the_guest_at_once() -> None:
     ssh = GuestSSH(FakeGuest(closed_port()), timeout=5)
     start = time.monotonic()
     with pytest.raises(SSHFailed, match=r"ssh root@127.0.0.1:\d+ \(guest 'g'\): no connection within 5 s .*"
-                                        "the guest is down, unreachable from here, or nothing listens"):
+                                        "the guest is down, unreachable from here, or nothing listens on its "
+                                        "port; if the address is wrong, name the right one with --kvm-address"):
         ssh.run("true")
     assert time.monotonic() - start < 2
 
