@@ -111,9 +111,11 @@ def plain(value: object) -> str | None:
 
 def to_delete(kept: list[tuple[str, SetupRecord]], new: SetupRecord, new_name: str) -> list[str]:
     """The kept setups of one guest to delete once ``new`` is kept: the same fixture and
-    variant under another key (replaced), then the oldest beyond BOUND."""
+    variant under another key (replaced), then the oldest beyond BOUND -- never one this run
+    kept, which another of its processes may be using as a layer now."""
     replaced = [name for name, record in kept if name != new_name and record.fixture == new.fixture
-                and record.variant == new.variant and record.key != new.key]
+                and record.variant == new.variant and record.key != new.key and record.run_id != new.run_id]
     rest = sorted(((record.created, name) for name, record in kept if name != new_name and name not in replaced),
                   reverse=True)
-    return replaced + [name for _created, name in rest[BOUND - 1:]]
+    older = [name for _created, name in rest[BOUND - 1:]]
+    return replaced + [name for name in older if dict(kept)[name].run_id != new.run_id]

@@ -4,6 +4,7 @@ tests/integration/test_layers.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -154,13 +155,16 @@ def test_plain_values_and_what_a_new_kept_setup_replaces() -> None:
     assert plain(object()) is None and plain("x" * 40000) is None
 
     def record(fixture: str, key: str, created: float, variant: str = "None") -> SetupRecord:
-        return SetupRecord(key, fixture, variant, "null", created, "run")
+        return SetupRecord(key, fixture, variant, "null", created, f"run-{created:g}")
 
     new = record("app", "k2", 10)
     kept = [("app-k1", record("app", "k1", 1)), ("app-p", record("app", "k9", 2, variant="'p'")),
             ("db-1", record("db", "d1", 3)), ("web-1", record("web", "w1", 4)), ("app-k2", new)]
     # app under another key: replaced; then the newest BOUND - 1 others stay beside the new one
     assert BOUND == 3 and to_delete(kept, new, "app-k2") == ["app-k1", "app-p"]
+    # never one this run kept: another of its workers may be on it
+    mine = [(name, dataclasses.replace(record, run_id="run")) for name, record in kept]
+    assert to_delete(mine, dataclasses.replace(new, run_id="run"), "app-k2") == []
 
 
 def test_a_setup_first_used_in_the_middle_of_a_unit_is_not_kept(pytester: pytest.Pytester,
