@@ -78,7 +78,8 @@ def _clean_host(settings: Settings, run: str, directory: Path, how: tuple[bool, 
     for name in names:
         try:
             lines = coordinator.recovery.cleanup(name, dry_run)
-            lines += coordinator.recovery.cleanup_setups(name, dry_run, keep)
+            setups = coordinator.recovery.cleanup_setups(name, dry_run, keep)
+            lines = (lines if setups == [] or lines != [f"{name}: nothing to clean"] else []) + setups
         except (KvmSnapError, coordinator.hypervisor.kind.refusal) as exc:
             lines, failed = [f"{name}: could not clean: {exc}"], True
         for line in lines:
