@@ -92,10 +92,6 @@ def digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def loads(value: str) -> object:
-    return json.loads(value)
-
-
 def snapshot_name(fixture: str, key: str) -> str:
     return f"kvmsnap-setup-{fixture}-{key[:16]}"
 

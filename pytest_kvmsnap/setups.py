@@ -8,9 +8,10 @@ pytest still calls it, caches the value and tears the fixture down as usual.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +23,7 @@ from pytest_kvmsnap.markers import Spec
 from pytest_kvmsnap.ownership import SetupRecord
 from pytest_kvmsnap.session import COORDINATOR_KEY, CURRENT_KEY, PREPARED_KEY, PROTECTED_KEY, run_id
 
+T = TypeVar("T")
 # Fixtures of pytest itself and of these plugins change no guest: they build no layer.
 _NO_GUEST_STATE = ("_pytest.", "pytest.", "pytest_kvmsnap.", "xdist.")
 # fixture name -> the definition last set up under it (a guest setup's key takes its dependencies' sources)
@@ -29,19 +31,20 @@ _SEEN_KEY = pytest.StashKey[dict[str, "pytest.FixtureDef[Any]"]]()
 _SAID_KEY = pytest.StashKey[set[str]]()  # guest setups already said to be not kept
 
 
-def or_fail(step: Callable[[], object], quiet: bool = False) -> None:
-    """Run a coordinator step; its error fails the test as one line.
+def or_fail(step: Callable[[], T], quiet: bool = False) -> T | None:
+    """Run a coordinator step and return what it returns; its error fails the test as one line
+    (``quiet``: returns None instead).
 
     pytest.fail is called outside the ``except`` block so that the report does
     not chain "During handling of the above exception" onto the message.
     """
     try:
-        step()
-        return
+        return step()
     except KvmSnapError as exc:
         error = exc
     if not quiet:  # quiet: the teardown's own error is already being reported
         pytest.fail(f"kvmsnap: {error}", pytrace=False)
+    return None
 
 
 def current_layering(config: pytest.Config) -> tuple[Coordinator, Spec, pytest.Item] | None:
@@ -104,11 +107,10 @@ def _guest_setup(coordinator: Coordinator, spec: Spec, item: pytest.Item, fixtur
     variant = repr(getattr(request, "param", None))
     key = reuse.digest({"plugin": __version__, "fixture": fixture.name, "scope": fixture.scope, "variant": variant,
                         "user key": reuse.setup_mark(fixturedef.func), "source": _source(fixturedef, request.config),
-                        "bases": _bases(coordinator, spec)})
-    kept: list[str | None] = [None]
-    or_fail(lambda: kept.__setitem__(0, layering.reuse_setup(spec, fixture, key, item.nodeid)))
-    if kept[0] is not None:
-        with reuse.handed(fixturedef.func, reuse.loads(kept[0])):
+                        "bases": or_fail(lambda: layering.bases(spec))})
+    kept = or_fail(lambda: layering.reuse_setup(spec, fixture, key, item.nodeid))
+    if kept is not None:
+        with reuse.handed(fixturedef.func, json.loads(kept)):
             return (yield)
     or_fail(lambda: layering.record_setup(spec, item.nodeid))
     try:
@@ -126,12 +128,6 @@ def _guest_setup(coordinator: Coordinator, spec: Spec, item: pytest.Item, fixtur
     record = SetupRecord(key, fixture.name, variant, value, time.time(), run_id(request.config))
     or_fail(lambda: layering.keep_setup(spec, fixture, record))
     return result
-
-
-def _bases(coordinator: Coordinator, spec: Spec) -> dict[str, str]:
-    found: dict[str, str] = {}
-    or_fail(lambda: found.update(coordinator.layering.bases(spec)))
-    return found
 
 
 def _source(fixturedef: pytest.FixtureDef[Any], config: pytest.Config, seen: frozenset[str] = frozenset()) -> str:
