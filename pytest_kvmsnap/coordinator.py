@@ -63,7 +63,7 @@ class Coordinator:
         self.store = RecordStore(lock_dir, report)
         pid = owner_pid or os.getpid()
         owner = Owner(run_id, pid, this_host(), time.time(), process_token(pid))
-        self.hypervisor = Hypervisor(settings, report, on_reconnect=self._reconnected, kind=engine_kind)
+        self.hypervisor = Hypervisor(settings, report, on_reconnect=self.report_incident, kind=engine_kind)
         self.leases = RunLeases(self.hypervisor, owner, settings.lease_expiry)
         lease = Lease(self.hypervisor, owner, settings.lock_timeout, self.leases, report)
         self.recovery = Recovery(self.hypervisor, lease, self.leases, self.store, settings.uri, report)
@@ -90,10 +90,7 @@ class Coordinator:
         self.report(Incident(text))
 
     def report_incident(self, text: str) -> None:
-        """An incident of the guests held now (a guest setup not kept, say)."""
-        self._incident(text, self.holder.held_record())
-
-    def _reconnected(self, text: str) -> None:
+        """An incident of the guests held now (a reconnection, a guest setup not kept)."""
         self._incident(text, self.holder.held_record())
 
     def connection(self) -> Any:

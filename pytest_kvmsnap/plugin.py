@@ -182,7 +182,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if refused:
         pytest.fail(f"kvmsnap: {refused}", pytrace=False)
     item.stash[PREPARED_KEY] = spec  # from here on, teardown ends what setup began
-    # Inside _or_fail: the first test creates the coordinator, whose lock
+    # Inside or_fail: the first test creates the coordinator, whose lock
     # directory may be refused; that is one line too, not a traceback.
     or_fail(lambda: coordinator_for(config).start_test(spec, unit_key(item, spec.scope), item.nodeid))
     item.stash[PROTECTED_KEY] = True
@@ -271,7 +271,7 @@ def _end_test(item: pytest.Item, coordinator: Coordinator, spec: Spec, nextitem:
               quiet: bool) -> None:
     try:
         or_fail(lambda: coordinator.end_test(spec, _next_units(coordinator.settings, nextitem), item.nodeid),
-                 quiet)
+                quiet)
     finally:  # before pytest makes the teardown report, which JUnit XML takes them from
         item.user_properties.extend(p for figures in coordinator.figures.values() for p in figures.properties())
 

@@ -116,8 +116,8 @@ class GuestSSH:
         guest process where it can (guestside.py); as root, else through ``sudo -n``.  None, or why the reseed
         was only partial; SSHFailed when the clock or the reseed failed.
 
-        The host's time is sent when the guest's shell asks for it, so the time
-        it takes to open the session does not make the clock late.
+        The host's time is sent when the guest's settle program asks for it, so
+        the time it takes to open the session and start it does not make the clock late.
         """
         command = settle_command(clock, reseed)
         if self.user != "root":
