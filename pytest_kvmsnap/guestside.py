@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import shlex
 
-# Forces the guest kernel to mix in fresh bytes and reseed its random generator.
-# ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
-RESEED_PERL = ('open(my $f, ">", "/dev/urandom") or die "open: $!"; my $d = pack("H*", $ARGV[0]); '
-               'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) or die "RNDADDENTROPY: $!"; '
-               'ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!";')
-
 # Exit codes of the settle programs: which step failed.
 CLOCK_FAILED, RESEED_FAILED, NO_PERL = 10, 11, 12
+
+# Forces the guest kernel to mix in the bytes of ``$hex`` and reseed its random generator.
+# ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
+_RESEED = (f'open(my $f, ">", "/dev/urandom") or do {{ print STDERR "open: $!\\n"; exit {RESEED_FAILED} }}; '
+           'my $d = pack("H*", $hex); '
+           'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) '
+           f'or do {{ print STDERR "RNDADDENTROPY: $!\\n"; exit {RESEED_FAILED} }}; '
+           f'ioctl($f, 0x5207, 0) or do {{ print STDERR "RNDRESEEDCRNG: $!\\n"; exit {RESEED_FAILED} }};')
+# The same alone, its bytes as its argument (the shell script's step, and the agent's step-by-step one).
+RESEED_PERL = "my $hex = $ARGV[0]; " + _RESEED
 
 # Reads ``SECONDS HEX`` from its arguments or, with none, prints ``ready`` and reads
 # them from a line: then the time is taken when the guest is ready for it.
@@ -37,15 +41,10 @@ _CLOCK_PERL = ('my %nr = (62 => 227, 183 => 112, 243 => 112, 22 => 259, 21 => 24
                ': system("date", "-u", "-s", "\\@$t") == 0; '
                f'$ok or do {{ print STDERR "clock_settime: $!\\n"; exit {CLOCK_FAILED} }};')
 
-_RESEED_ONE = (f'open(my $f, ">", "/dev/urandom") or do {{ print STDERR "open: $!\\n"; exit {RESEED_FAILED} }}; '
-               'my $d = pack("H*", $hex); '
-               'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) '
-               f'and ioctl($f, 0x5207, 0) or do {{ print STDERR "reseed: $!\\n"; exit {RESEED_FAILED} }};')
-
 
 def settle_perl(clock: bool, reseed: bool) -> str:
     """The perl program (for ``perl -e``) that sets the clock and/or forces a reseed, as asked."""
-    return " ".join([_READ_PERL, *([_CLOCK_PERL] if clock else []), *([_RESEED_ONE] if reseed else [])])
+    return " ".join([_READ_PERL, *([_CLOCK_PERL] if clock else []), *([_RESEED] if reseed else [])])
 
 
 def settle_script(clock: bool, reseed: bool) -> str:

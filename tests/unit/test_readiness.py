@@ -15,7 +15,15 @@ import pytest
 
 from pytest_kvmsnap.config import NamedAddress, Settings, parse_wait
 from pytest_kvmsnap.exceptions import KvmSnapError
-from pytest_kvmsnap.guestside import CLOCK_FAILED, NO_PERL, partial, settle_command, settle_perl, settle_script
+from pytest_kvmsnap.guestside import (
+    CLOCK_FAILED,
+    NO_PERL,
+    RESEED_PERL,
+    partial,
+    settle_command,
+    settle_perl,
+    settle_script,
+)
 from pytest_kvmsnap.readiness import NotReady, Readiness
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
@@ -231,6 +239,7 @@ def test_the_guest_side_perl_is_valid_and_finds_the_clock_system_call() -> None:
         assert subprocess.run(["perl", "-c", "-e", settle_perl(clock, reseed)], capture_output=True,
                               check=False).returncode == 0
         assert subprocess.run(["sh", "-n", "-c", settle_command(clock, reseed)], check=False).returncode == 0
+    assert subprocess.run(["perl", "-c", "-e", RESEED_PERL], capture_output=True, check=False).returncode == 0
     program = settle_perl(True, False)
     dry = program.replace("syscall(", "print(").replace('system("date"', 'system("true"')
     assert "syscall(" not in dry and 'system("date"' not in dry and dry.count("print(") == 1
