@@ -76,6 +76,17 @@ class Owner:
             return None
 
 
+def _tagged(text: str | None, tag: str) -> dict[str, Any] | None:
+    """The JSON object a description holds after ``tag``; None if it has no such tag or object."""
+    if not text or not text.startswith(tag):
+        return None
+    try:
+        data = json.loads(text[len(tag):])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def owner_description(owner: Owner) -> str:
     """The text that marks a snapshot or clone domain as this plugin's."""
     return _DESCRIPTION_TAG + owner.to_json()
@@ -96,13 +107,9 @@ def kept_records(described: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
     """From (name, description) pairs, the records of those kept for the user, with their names."""
     found = []
     for name, text in described:
-        if text.startswith(_KEPT_TAG):
-            try:
-                record = json.loads(text[len(_KEPT_TAG):])
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("owner") == OWNER:
-                found.append({**record, "name": name})
+        record = _tagged(text, _KEPT_TAG)
+        if record is not None and record.get("owner") == OWNER:
+            found.append({**record, "name": name})
     return found
 
 
@@ -123,15 +130,13 @@ class SetupRecord:
 
     @classmethod
     def from_description(cls, text: str | None) -> SetupRecord | None:
-        if not text or not text.startswith(_SETUP_TAG):
+        data = _tagged(text, _SETUP_TAG)
+        if data is None or data.get("owner") != OWNER:
             return None
         try:
-            data = json.loads(text[len(_SETUP_TAG):])
-            if data.get("owner") != OWNER:
-                return None
             return cls(str(data["key"]), str(data["fixture"]), str(data["variant"]), str(data["value"]),
                        float(data["created"]), str(data["run_id"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError):
             return None
 
 
@@ -162,10 +167,10 @@ class LeaseRecord:
 
     @classmethod
     def from_description(cls, text: str | None) -> LeaseRecord | None:
-        if not text or not text.startswith(_LEASE_TAG):
+        data = _tagged(text, _LEASE_TAG)
+        if data is None:
             return None
         try:
-            data = json.loads(text[len(_LEASE_TAG):])
             holder = Owner.from_json(json.dumps(data["holder"]))
             if holder is None:
                 return None
