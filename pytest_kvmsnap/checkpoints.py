@@ -78,18 +78,18 @@ class Checkpoints:
         assert run_record is not None, "only a held guest is checkpointed"
         layer = Layer(reuse.snapshot_name(fixture.name, record.key), (fixture,), kept=True)
         machine = self.hypervisor.machine(state.name, state.uri)
-        start = time.perf_counter()
         with self.hypervisor.errors(state.uri, f"keeping {state.name!r} after {layer.describe()}"):
             old = machine.find_snapshot(layer.snapshot)  # built under this key but cut short
             if old is not None:
                 machine.delete_snapshot(old)
+            start = time.perf_counter()  # the checkpoint's figure: the save alone, as for any layer
             machine.save_state(layer.snapshot, record.to_description())
+            seconds = time.perf_counter() - start
             for name in reuse.to_delete(kept_setups(machine), record, layer.snapshot):
                 machine.delete_snapshot(machine.snapshot(name))
-        seconds = time.perf_counter() - start
         remember_loaded(run_record, machine, machine.snapshot(layer.snapshot))
-        self.use_setup(state, base, layer)
         run_record.checkpoints.append((seconds, f"{layer.snapshot} (kept for later runs) after {layer.describe()}"))
+        self.use_setup(state, base, layer)  # writes the run record, this checkpoint in it
         self.report(Notice(f"kvmsnap: {state.name}: kept {layer.snapshot} after {layer.describe()} for later "
                            f"runs ({seconds:.2f} s); --kvm-cleanup removes it"))
         return layer
