@@ -10,6 +10,7 @@ import json
 import pytest
 
 from pytest_kvmsnap import guest_setup
+from pytest_kvmsnap.exceptions import RevertFailed
 from pytest_kvmsnap.ownership import SetupRecord
 from pytest_kvmsnap.reuse import BOUND, plain, to_delete
 from tests.unit import fake_engine
@@ -184,3 +185,34 @@ def test_a_setup_first_used_in_the_middle_of_a_unit_is_not_kept(pytester: pytest
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*guest setup 'app' is not kept for later runs: it was first set up in the middle*"])
     assert not kept(guest)
+
+
+def test_a_reuse_that_fails_on_one_guest_leaves_no_layer_on_the_others(pytester: pytest.Pytester,
+                                                                       guest: FakeMachine) -> None:
+    """The kept setup loads on g but not on h: the test that asked for it errors in one line, and
+    a later test on g without the fixture starts from the base, not from g's kept setup."""
+    assert fake_engine.PROVIDED is not None
+    other = fake_engine.PROVIDED.hosts["a"].add("h", state="clean")
+    other.saved["base"] = FakeSnapshot("base", "", "running", dict(other.disk), other.process)
+    pytester.makepyfile(test_a="""
+        import pytest
+
+        @pytest.mark.kvm_snapshot("g", "h", snapshot="base")
+        def test_with_app(app, kvm_guests):
+            assert kvm_guests["g"].domain.disk["app"] == "installed"
+
+        @pytest.mark.kvm_snapshot("g", snapshot="base")
+        def test_without_app(kvm_guest):   # h is unusable for the rest of the run once its revert failed
+            assert "app" not in kvm_guest.domain.disk
+    """)
+    pytester.runpytest("--kvm-uri=fake://a", "-k", "with_app").assert_outcomes(passed=1, deselected=1)
+    assert len(kept(guest)) == 1 and len(kept(other)) == 1
+
+    def refuse(snapshot: object) -> None:
+        raise RevertFailed("h's VM process would not start")
+    other.fail_hot = True
+    other.revert_cold = refuse  # type: ignore[method-assign]
+    result = pytester.runpytest("--kvm-uri=fake://a", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*kvmsnap: *h's VM process would not start*"])
+    assert runs(pytester) == "x"
