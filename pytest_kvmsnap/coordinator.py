@@ -53,7 +53,7 @@ class Coordinator:
     def __init__(self, settings: Settings, run_id: str, lock_dir: Path, *, owner_pid: int | None = None,
                  finisher: bool = True, report: Reporter = to_stdout, clone_slot: int | None = None,
                  ready_hook: ReadyHook | None = None, worker: str = "",
-                 engine_kind: EngineKind | None = None) -> None:
+                 engine_kind: EngineKind | None = None, ssh_guests: frozenset[str] = frozenset()) -> None:
         self.settings = settings
         self.run_id = run_id
         self.finisher = finisher
@@ -68,7 +68,7 @@ class Coordinator:
         lease = Lease(self.hypervisor, owner, settings.lock_timeout, self.leases, report)
         self.recovery = Recovery(self.hypervisor, lease, self.leases, self.store, settings.uri, report)
         self.provisioner = Provisioner(self.hypervisor, lease, self.leases, self.recovery, self.store,
-                                       self._incident, report)
+                                       self._incident, report, residents=ssh_guests)
         self.holder = Holder(settings, self.hypervisor, self.store, lease, self.leases, self.provisioner,
                              self._incident, clone_slot=clone_slot, worker=worker)
         reverter = Reverter(settings, report)

@@ -128,6 +128,11 @@ class Machine(Protocol):
         """The guest's clock was just set (by :meth:`refresh`, or over SSH): stop the hypervisor
         replaying the timer ticks the restored guest missed (QEMU: RTC reinjection)."""
 
+    def run_program(self, path: str, args: list[str], stdin: str) -> tuple[int, str]:
+        """Run ``path`` in the guest through its agent with ``stdin`` as its input, until it exits:
+        its exit code and standard output.  Raises KvmSnapError where it cannot (no agent, no such
+        program).  The resident settle process is started and stopped with it (resident.py)."""
+
     # 8: evidence
     def console_log(self) -> str | None:
         """The host file the guest's serial console is written to, if any."""

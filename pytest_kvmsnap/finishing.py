@@ -11,17 +11,20 @@ from __future__ import annotations
 import contextlib
 import time
 
+from pytest_kvmsnap import resident
 from pytest_kvmsnap.checkpoints import delete_run_layers
 from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Machine, Snapshot, snapshot_owner
 from pytest_kvmsnap.events import Notice, Reporter
 from pytest_kvmsnap.exceptions import ConnectionFailed, KvmSnapError, LeaseLost
+from pytest_kvmsnap.guestside import RESIDENT_IDLE
 from pytest_kvmsnap.heartbeat import RunLeases
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.locking import RecordStore
 from pytest_kvmsnap.ownership import kept_description
 from pytest_kvmsnap.readiness import poll
 from pytest_kvmsnap.records import RunRecord
+from pytest_kvmsnap.resident import Resident
 from pytest_kvmsnap.revert import Reverter
 
 AGENT_AFTER_FINAL = 5.0  # seconds the agent gets to answer after the end-of-session revert
@@ -87,6 +90,7 @@ class Finisher:
                 record.clean_at, restored = record.baseline, True
             if restored:
                 self._clock_as_found(machine)
+            self._stop_resident(record, machine)
             self._remove_forwards(record, machine)
             delete_run_layers(machine, record.run_id)  # before the baseline: recovery restores the lowest
             if settings.keep_snapshot:
@@ -127,6 +131,23 @@ class Finisher:
         except (KvmSnapError, self.hypervisor.kind.refusal) as exc:  # restored all the same
             self.report(Notice(f"kvmsnap: {machine.name}: restored, but its clock could not be "
                                f"set to the host's: {exc}"))
+
+    def _stop_resident(self, record: RunRecord, machine: Machine) -> None:
+        """The resident settle process the baseline holds (resident.py) asked to quit: the guest as found."""
+        started = Resident.from_record(record.resident)
+        if started is None:
+            return
+        why = "its guest agent did not answer"
+        if poll(lambda: machine.agent_answers(timeout=1), time.monotonic() + AGENT_AFTER_FINAL):
+            try:
+                if resident.stop(machine, started):
+                    return
+                why = "it did not answer"
+            except (KvmSnapError, self.hypervisor.kind.refusal) as exc:
+                why = str(exc)
+        self.report(Notice(f"kvmsnap: {machine.name}: restored, but its resident settle process (pid "
+                           f"{started.pid}) could not be stopped ({why}); it exits by itself "
+                           f"{RESIDENT_IDLE // 60} minutes after its last use"))
 
     def _remove_forwards(self, record: RunRecord, machine: Machine) -> None:
         """The host ports the run forwarded to the guest (Guest.address) go with it.

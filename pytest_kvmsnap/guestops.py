@@ -18,6 +18,7 @@ from pytest_kvmsnap.guest import Guest, GuestState
 from pytest_kvmsnap.holding import Holder
 from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.readiness import Readiness
+from pytest_kvmsnap.resident import held_at
 from pytest_kvmsnap.revert import Reverter
 
 ReadyHook = Callable[[Guest, float], None]
@@ -70,7 +71,8 @@ class GuestOps:
         name = state.test_name
         start = time.perf_counter()
         steps = self.readiness.settle(name, self.holder.machine(state), lambda port: self.address(state, port),
-                                      restored=record.settle_restored)
+                                      restored=record.settle_restored,
+                                      resident=held_at(record.resident, state.clean_at, record.baseline))
         seconds = time.perf_counter() - start
         record.settle_pending = record.settle_restored = False
         if steps:

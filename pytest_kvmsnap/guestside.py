@@ -14,15 +14,19 @@ import shlex
 # Exit codes of the settle programs: which step failed.
 CLOCK_FAILED, RESEED_FAILED, NO_PERL = 10, 11, 12
 
+# Ends a one-shot program: the message on stderr, the step's exit code.  The resident
+# program (below) defines its own ``fail``, which answers the host and goes on.
+_FAIL_EXIT = 'sub fail { print STDERR "$_[1]\\n"; exit $_[0] } '
+
 # Forces the guest kernel to mix in the bytes of ``$hex`` and reseed its random generator.
 # ioctl numbers from linux/random.h: RNDADDENTROPY = _IOW('R', 3, int[2]), RNDRESEEDCRNG = _IO('R', 7).
-_RESEED = (f'open(my $f, ">", "/dev/urandom") or do {{ print STDERR "open: $!\\n"; exit {RESEED_FAILED} }}; '
+_RESEED = (f'open(my $f, ">", "/dev/urandom") or fail({RESEED_FAILED}, "open: $!"); '
            'my $d = pack("H*", $hex); '
            'ioctl($f, 0x40085203, pack("ii", 8 * length($d), length($d)) . $d) '
-           f'or do {{ print STDERR "RNDADDENTROPY: $!\\n"; exit {RESEED_FAILED} }}; '
-           f'ioctl($f, 0x5207, 0) or do {{ print STDERR "RNDRESEEDCRNG: $!\\n"; exit {RESEED_FAILED} }};')
+           f'or fail({RESEED_FAILED}, "RNDADDENTROPY: $!"); '
+           f'ioctl($f, 0x5207, 0) or fail({RESEED_FAILED}, "RNDRESEEDCRNG: $!");')
 # The same alone, its bytes as its argument (the shell script's step, and the agent's step-by-step one).
-RESEED_PERL = "my $hex = $ARGV[0]; " + _RESEED
+RESEED_PERL = _FAIL_EXIT + "my $hex = $ARGV[0]; " + _RESEED
 
 # Reads ``SECONDS HEX`` from its arguments or, with none, prints ``ready`` and reads
 # them from a line: then the time is taken when the guest is ready for it.
@@ -39,12 +43,48 @@ _CLOCK_PERL = ('my %nr = (62 => 227, 183 => 112, 243 => 112, 22 => 259, 21 => 24
                'my $s = int($t); my $ok = defined $nr '
                '? syscall($nr, 0, pack("q q", $s, int(($t - $s) * 1e9))) == 0 '
                ': system("date", "-u", "-s", "\\@$t") == 0; '
-               f'$ok or do {{ print STDERR "clock_settime: $!\\n"; exit {CLOCK_FAILED} }};')
+               f'$ok or fail({CLOCK_FAILED}, "clock_settime: $!");')
+
+
+# The resident settle program (resident.py).  Started through the agent before the run's
+# baseline, with a token as its first input line: it listens on a loopback port, prints
+# ``PORT PID`` and leaves a daemon, so every revert restores it.  A connection gets
+# ``ready``; the host answers ``TOKEN SECONDS HEX STEPS`` (STEPS: c = clock, r = reseed)
+# and reads ``ok``, ``fail CODE WHY`` or ``denied``; ``TOKEN quit`` stops it.  A line is
+# read for at most 10 s (a stuck client never blocks it), and it exits by itself after
+# IDLE seconds without a connection: a killed run's restored guest does not keep it.
+RESIDENT_IDLE = 600
+RESIDENT_NAME = "kvmsnap-settle"  # what ps shows
+RESIDENT_PERL = (
+    'use Socket; use POSIX (); sub fail { die [$_[0], $_[1]] } '
+    'my $token = <STDIN>; defined $token or exit 20; chomp $token; '
+    'my $s; socket($s, PF_INET, SOCK_STREAM, 0) and bind($s, pack_sockaddr_in(0, INADDR_LOOPBACK)) '
+    'and listen($s, 4) or exit 20; my ($port) = unpack_sockaddr_in(getsockname($s)); '
+    'defined(my $pid = fork()) or exit 21; if ($pid) { print "$port $pid\n"; exit 0 } '
+    'POSIX::setsid(); open(STDIN, "<", "/dev/null"); open(STDOUT, ">", "/dev/null"); '
+    f'open(STDERR, ">", "/dev/null"); $0 = "{RESIDENT_NAME}"; '
+    'my $all = ""; vec($all, fileno($s), 1) = 1; '
+    f'while (1) {{ my $n = select(my $r = $all, undef, undef, {RESIDENT_IDLE}); last if $n == 0; next if $n < 0; '
+    'accept(my $c, $s) or next; my $one = ""; vec($one, fileno($c), 1) = 1; syswrite($c, "ready\n"); '
+    'my $l = ""; while ($l !~ /\n/ && select(my $w = $one, undef, undef, 10) > 0) '
+    '{ sysread($c, $l, 4096, length $l) or last } '
+    'my ($tok, $t, $hex, $steps) = split " ", $l; '
+    'if (!defined $tok || $tok ne $token) { syswrite($c, "denied\n"); close($c); next } '
+    'if ($t eq "quit") { syswrite($c, "bye\n"); exit 0 } '
+    f'my $done = eval {{ if ($steps =~ /c/) {{ {_CLOCK_PERL} }} if ($steps =~ /r/) {{ {_RESEED} }} 1 }}; '
+    'syswrite($c, $done ? "ok\n" : ref $@ ? "fail $@->[0] $@->[1]\n" : "fail 1 $@"); close($c); }')
+
+
+# Asks the resident process on port ``$ARGV[0]`` to quit, the line read from its input
+# (``TOKEN quit``: the token never in an argument list that ps shows); exit 0 if it did.
+RESIDENT_QUIT_PERL = ('use Socket; my $line = <STDIN>; my $s; socket($s, PF_INET, SOCK_STREAM, 0) and '
+                      'connect($s, pack_sockaddr_in($ARGV[0], INADDR_LOOPBACK)) or exit 1; '
+                      'my $r = <$s>; syswrite($s, $line); $r = <$s>; exit(defined $r && $r eq "bye\n" ? 0 : 2)')
 
 
 def settle_perl(clock: bool, reseed: bool) -> str:
     """The perl program (for ``perl -e``) that sets the clock and/or forces a reseed, as asked."""
-    return " ".join([_READ_PERL, *([_CLOCK_PERL] if clock else []), *([_RESEED] if reseed else [])])
+    return " ".join([_FAIL_EXIT, _READ_PERL, *([_CLOCK_PERL] if clock else []), *([_RESEED] if reseed else [])])
 
 
 def settle_script(clock: bool, reseed: bool) -> str:

@@ -43,6 +43,7 @@ from pytest_kvmsnap.session import (
     PROBLEMS_KEY,
     PROTECTED_KEY,
     SETTINGS_KEY,
+    SSH_GUESTS_KEY,
     WORKER_DIST,
     WORKER_OWNER,
     WORKER_RUN,
@@ -54,6 +55,7 @@ from pytest_kvmsnap.session import (
     lock_dir_path,
     notices_for_summary,
     run_id,
+    ssh_guests,
     take_notices,
     worker_dist,
 )
@@ -110,12 +112,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # Under --dist loadgroup this puts a whole unit on one worker.
             item.add_marker(pytest.mark.xdist_group(name=f"kvmsnap-{unit_key(item, spec.scope)}"))
     result = yield
-    errors = []
+    errors, specs = [], []
     for item in items:
         try:
-            spec_for(item, settings)
+            spec = spec_for(item, settings)
+            if spec is not None:
+                specs.append((spec, list(getattr(item, "fixturenames", []))))
         except ConfigError as exc:
             errors.append(str(exc))
+    config.stash[SSH_GUESTS_KEY] = ssh_guests(specs, settings)
     if errors:
         raise pytest.UsageError("kvmsnap: invalid kvm_snapshot usage:\n  " + "\n  ".join(errors))
     _check_ready_hook(config, items)

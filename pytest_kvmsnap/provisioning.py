@@ -7,10 +7,12 @@ and nothing is ever on a guest that no record or ownership record names.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from pytest_kvmsnap import resident
 from pytest_kvmsnap.engine import Machine, Snapshot, owned_snapshots, snapshot_owner
 from pytest_kvmsnap.events import BaselineTaken, Notice, Reporter
 from pytest_kvmsnap.exceptions import KvmSnapError, RevertFailed, UnsupportedGuest
@@ -32,7 +34,8 @@ Incident = Callable[[str, "RunRecord | None"], None]  # record an event of the r
 
 class Provisioner:
     def __init__(self, hypervisor: Hypervisor, lease: Lease, leases: RunLeases, recovery: Recovery,
-                 store: RecordStore, incident: Incident, report: Reporter) -> None:
+                 store: RecordStore, incident: Incident, report: Reporter,
+                 residents: frozenset[str] = frozenset()) -> None:
         self.hypervisor = hypervisor
         self.lease = lease
         self.leases = leases
@@ -44,6 +47,7 @@ class Provisioner:
         # (uri, domain) whose baseline step failed here: this run's snapshot may
         # still be on it (libvirt finished it after the call failed); see drop_failed()
         self.failed: set[tuple[str, str]] = set()
+        self.residents = residents  # guests whose baseline holds a resident settle process (resident.py)
 
     @property
     def snapshot_name(self) -> str:
@@ -66,8 +70,10 @@ class Provisioner:
                                        if state.clone_of else self._snapshot(state, record))
         except Exception:
             # A clone that failed to start is destroyed on the spot; a guest is given back now.
-            if not state.clone_of and not self._give_back(state):
-                self.failed.add((state.uri, state.name))
+            if not state.clone_of:
+                self._stop_resident(state, record)
+                if not self._give_back(state):
+                    self.failed.add((state.uri, state.name))
             raise
         except BaseException:  # interrupted: the run's end does it (drop_failed, release_left)
             if not state.clone_of:
@@ -79,6 +85,14 @@ class Provisioner:
         remember_loaded(record, machine, snap)  # this QEMU process took it: it may load it in place
         self.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record
+
+    def _stop_resident(self, state: GuestState, record: RunRecord) -> None:
+        """The resident settle process started for a baseline that failed: stopped, best effort
+        (else it exits by itself after guestside.RESIDENT_IDLE seconds)."""
+        started = resident.Resident.from_record(record.resident)
+        if started is not None:
+            with contextlib.suppress(KvmSnapError, self.hypervisor.kind.refusal):
+                resident.stop(self.hypervisor.machine(state.name, state.uri), started)
 
     def _give_back(self, state: GuestState) -> bool:
         """After a failed baseline, the guest as found at once: this run's snapshot deleted (libvirt
@@ -110,10 +124,13 @@ class Provisioner:
         return result
 
     def _snapshot(self, state: GuestState, record: RunRecord) -> tuple[Machine, Snapshot]:
-        def repair_and_take() -> Snapshot:  # both steps are safe to repeat
-            for repaired in self.recovery.repair(state.name, self.hypervisor.machine(state.name, state.uri),
-                                                 state.uri):
+        def repair_and_take() -> Snapshot:  # every step is safe to repeat
+            machine = self.hypervisor.machine(state.name, state.uri)
+            for repaired in self.recovery.repair(state.name, machine, state.uri):
                 self.incident(repaired, record)
+            if state.name in self.residents and not record.resident:  # just before: in the snapshot
+                started = resident.start(machine)
+                record.resident = started.as_record() if started is not None else []
             return self._create(state.name, state.uri)
 
         snap = self.hypervisor.retrying(f"taking the baseline snapshot of {state.name!r}", repair_and_take,

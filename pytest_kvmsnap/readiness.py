@@ -33,6 +33,7 @@ from pytest_kvmsnap.config import Settings
 from pytest_kvmsnap.engine import Machine
 from pytest_kvmsnap.events import Notice, Reporter
 from pytest_kvmsnap.exceptions import KvmSnapError
+from pytest_kvmsnap.resident import Resident, ResidentUnavailable
 
 T = TypeVar("T")
 AGENT_GRACE = 15.0  # seconds an "auto" agent gets to answer before it counts as absent
@@ -53,6 +54,9 @@ class GuestShell(Protocol):
     def settle(self, clock: bool, reseed: bool) -> str | None:
         """Clock and/or reseed in the guest now; None, or why the reseed was partial."""
 
+    def ask_resident(self, resident: Resident, clock: bool, reseed: bool) -> None:
+        """The same through the guest's resident settle process (resident.py)."""
+
 
 class Readiness:
     def __init__(self, settings: Settings, report: Reporter, ready_hook: Callable[[str, float], None],
@@ -64,27 +68,32 @@ class Readiness:
         self.agent_unavailable = agent_unavailable  # the engine's EngineKind.agent_unavailable
         self.shell = shell  # guest -> the kvm_ssh connection the run uses on it, if any
         self._agent: dict[str, bool] = {}  # guest -> whether its agent is used
+        self._no_resident: set[str] = set()  # guests whose sshd refuses a channel to the resident process
+        self._resident_noted: set[str] = set()  # guests whose resident process failed once: said once
         # (guest, host, port) a whole wait never reached -> why: not waited for again in this run
         self._unreachable: dict[tuple[str, str, int], str] = {}
 
-    def settle(self, name: str, machine: Machine, address: Address, *, restored: bool) -> list[str]:
-        """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot."""
+    def settle(self, name: str, machine: Machine, address: Address, *, restored: bool,
+               resident: Resident | None = None) -> list[str]:
+        """Make the guest usable; the steps taken.  ``restored``: its state came from a snapshot;
+        ``resident``: the resident settle process its snapshot holds, if any."""
         deadline = time.monotonic() + self.settings.wait_timeout
         steps: list[str] = []
         clock, reseed = self.settings.sync_clock != "off", self.settings.reseed != "off"
         if restored and (clock or reseed):
-            steps += self._refresh(name, machine, deadline, clock, reseed)
+            steps += self._refresh(name, machine, deadline, clock, reseed, resident)
         if self.settings.wait:
             self._wait(name, machine, address, deadline)
             steps.append(str(self.settings.wait))
         return steps
 
-    def _refresh(self, name: str, machine: Machine, deadline: float, clock: bool, reseed: bool) -> list[str]:
+    def _refresh(self, name: str, machine: Machine, deadline: float, clock: bool, reseed: bool,
+                 resident: Resident | None) -> list[str]:
         """Clock and entropy over the test's SSH connection, else the agent; the steps taken."""
         shell, partial, via = self.shell(name), None, ""
         if shell is not None:
             try:
-                partial, via = shell.settle(clock, reseed), " via ssh"
+                partial, via = self._over_ssh(name, shell, resident, clock, reseed)
                 if clock:
                     machine.clock_set()
             except KvmSnapError as exc:
@@ -97,6 +106,23 @@ class Readiness:
         if partial:
             self.report(Notice(f"kvmsnap: {name}: reseed: {partial}"))
         return [step + via for step, wanted in (("clock", clock), ("reseed", reseed)) if wanted]
+
+    def _over_ssh(self, name: str, shell: GuestShell, resident: Resident | None, clock: bool,
+                  reseed: bool) -> tuple[str | None, str]:
+        """Through the resident settle process where the guest's snapshot holds one (no guest
+        process started), else one settle program; (why the reseed was partial, how)."""
+        if resident is not None and name not in self._no_resident:
+            try:
+                shell.ask_resident(resident, clock, reseed)
+                return None, " via resident"
+            except ResidentUnavailable as exc:
+                if exc.lasting:
+                    self._no_resident.add(name)
+                if name not in self._resident_noted:
+                    self._resident_noted.add(name)
+                    self.report(Notice(f"kvmsnap: {name}: its resident settle process could not be asked ({exc}); "
+                                       "settling with one guest process instead"))
+        return shell.settle(clock, reseed), " via ssh"
 
     def _uses_agent(self, name: str, machine: Machine, deadline: float) -> bool:
         """Whether clock and entropy go through the agent: 'on' needs it; 'auto' uses it

@@ -68,6 +68,8 @@ class RunRecord:
     checkpoints: list[tuple[float, str]] = field(default_factory=list)
     # user-mode network: guest port -> [host port on 127.0.0.1, QEMU domain id it was forwarded in]
     forwards: dict[str, list[int]] = field(default_factory=dict)
+    # [port, pid, token] of the resident settle process started before the baseline (resident.py)
+    resident: list[object] = field(default_factory=list)
     # clone mode: on a clone's record, the original it was cloned from; on the
     # original's record, where the run's source images are (see clones.py)
     clone_of: str = ""

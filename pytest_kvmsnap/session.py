@@ -34,6 +34,8 @@ PROTECTED_KEY = pytest.StashKey[bool]()  # setup finished protecting them
 EVIDENCE_KEY = pytest.StashKey[bool]()  # a failed report of the test has its guests' evidence
 # The marked test being set up, run or torn down now (its fixtures build layers; kvm_guest_factory).
 CURRENT_KEY = pytest.StashKey["pytest.Item | None"]()
+# guests that tests reach with kvm_ssh: each gets a resident settle process (resident.py)
+SSH_GUESTS_KEY = pytest.StashKey[frozenset[str]]()
 # What xdist's controller tells its workers (through node.workerinput).
 WORKER_RUN = "kvmsnap_run"
 WORKER_OWNER = "kvmsnap_owner_pid"
@@ -112,9 +114,20 @@ def coordinator_for(config: pytest.Config) -> Coordinator:
             settings, run_id(config), lock_dir(settings), owner_pid=workerinput.get(WORKER_OWNER),
             finisher=not is_worker(config), report=SessionReporter(config),
             clone_slot=clone_slot(config, settings), ready_hook=_ready_hook(config),
-            worker=str(workerinput.get("workerid", "")), engine_kind=engine_kind(config))
+            worker=str(workerinput.get("workerid", "")), engine_kind=engine_kind(config),
+            ssh_guests=config.stash.get(SSH_GUESTS_KEY, frozenset()))
         _terminate_like_ctrl_c()
     return config.stash[COORDINATOR_KEY]
+
+
+def ssh_guests(specs: list[tuple[Spec, list[str]]], settings: Settings) -> frozenset[str]:
+    """The guests a test reaches with ``kvm_ssh`` (its first guest), from each marked test's spec
+    and fixture names: the run starts a resident settle process in each (resident.py) where it
+    sets the clock or reseeds.  Not for a test based on a snapshot of the user's (``snapshot=``
+    never holds one), nor in clone mode (a clone starts from the original's state)."""
+    if settings.sync_clock == settings.reseed == "off" or settings.clones != "0":
+        return frozenset()
+    return frozenset(spec.domains[0] for spec, fixtures in specs if "kvm_ssh" in fixtures and not spec.snapshot)
 
 
 def engine_kind(config: pytest.Config) -> EngineKind | None:

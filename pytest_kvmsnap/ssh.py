@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guestside import NO_PERL, partial, settle_command
+from pytest_kvmsnap.resident import Resident, ResidentUnavailable, check_answer
 
 if TYPE_CHECKING:
     import paramiko
@@ -142,6 +143,38 @@ class GuestSSH:
         if status in (0, NO_PERL):
             return None if status == 0 else partial(status, stderr)
         raise SSHFailed(f"{self._where}: {partial(status, stderr)}")
+
+    def ask_resident(self, resident: Resident, clock: bool, reseed: bool) -> None:
+        """Clock and/or reseed through the guest's resident settle process (resident.py): sshd
+        connects a channel to its loopback port, and no guest process is started.
+
+        ResidentUnavailable when it cannot be asked (then the caller runs the settle
+        program); KvmSnapError when it was asked and a step failed.
+        """
+        paramiko = _paramiko()
+        try:
+            transport = self.client.get_transport()
+            assert transport is not None, "a connected client has a transport"
+            channel = transport.open_channel("direct-tcpip", ("127.0.0.1", resident.port), ("127.0.0.1", 0),
+                                             timeout=self.timeout)
+        except paramiko.ChannelException as exc:  # 1: forwarding refused by sshd; 2: nothing listens
+            raise ResidentUnavailable(f"sshd did not connect to it ({exc.text})", lasting=exc.code == 1) from None
+        except (OSError, paramiko.SSHException) as exc:
+            self._drop()
+            raise SSHFailed(f"{self._where}: no channel to the resident settle process within {self.timeout:g} s "
+                            f"({type(exc).__name__}: {exc})") from None
+        try:
+            channel.settimeout(self.timeout)
+            replies = channel.makefile("r")
+            if replies.readline() != "ready\n":
+                raise ResidentUnavailable("nothing there answered as it does")
+            channel.sendall(resident.request(clock, reseed))  # the time now, when it is ready
+            answer = replies.readline()
+        except (OSError, paramiko.SSHException) as exc:
+            raise ResidentUnavailable(f"no answer within {self.timeout:g} s ({type(exc).__name__}: {exc})") from None
+        finally:
+            channel.close()
+        check_answer(answer)
 
     def put(self, local: str | Path, remote: str) -> None:
         """Copy a local file to ``remote`` on the guest (SFTP)."""

@@ -46,13 +46,24 @@ def is_agent_unavailable(exc: Exception) -> bool:
 
 def agent_exec(dom: libvirt.virDomain, path: str, args: list[str], timeout: float = 30.0) -> tuple[int, str]:
     """Run a program in the guest through the agent; its exit code and stderr."""
-    pid = agent_command(dom, "guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
+    code, _out, err = agent_run(dom, path, args, timeout=timeout)
+    return code, err
+
+
+def agent_run(dom: libvirt.virDomain, path: str, args: list[str], stdin: str | None = None,
+              timeout: float = 30.0) -> tuple[int, str, str]:
+    """Run a program in the guest through the agent, ``stdin`` as its input: exit code, stdout, stderr."""
+    arguments: dict[str, Any] = {"path": path, "arg": args, "capture-output": True}
+    if stdin is not None:
+        arguments["input-data"] = base64.b64encode(stdin.encode()).decode()
+    pid = agent_command(dom, "guest-exec", arguments)["pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = agent_command(dom, "guest-exec-status", {"pid": pid})
         if status.get("exited"):
-            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace").strip()
-            return int(status.get("exitcode", -1)), err
+            out, err = (base64.b64decode(status.get(key, "")).decode(errors="replace") for key in ("out-data",
+                                                                                                  "err-data"))
+            return int(status.get("exitcode", -1)), out, err.strip()
         time.sleep(0.02)
     raise KvmSnapError(f"{path} did not finish in the guest within {timeout:.0f} s")
 
@@ -98,6 +109,13 @@ class GuestAgent:
             if is_agent_unavailable(exc):
                 raise  # the caller waits for the agent and tries again
             return -1, ""
+
+    def run_program(self, path: str, args: list[str], stdin: str) -> tuple[int, str]:
+        try:
+            code, out, _err = agent_run(self.native, path, args, stdin)
+        except lib().libvirtError as exc:
+            raise KvmSnapError(f"running {path} through the guest agent: {exc.get_error_message()}") from None
+        return code, out
 
     def clock_set(self) -> None:
         """The guest's clock was just set: reset QEMU's RTC reinjection, so that it does not replay

@@ -305,6 +305,7 @@ class DebianGuest:
         assert self.snapshots() == []
         assert self.domain().state()[0] == 1  # running
         assert self.run("test -e /root/marker")[0] != 0, "a test's marker survived the run"
+        assert self.run("ps -eo comm= | grep -qx kvmsnap-settle")[0] != 0, "the resident settle process is left"
 
 
 def _agent(dom: Any, command: str, arguments: dict[str, Any]) -> Any:

@@ -449,16 +449,56 @@ SETTLED_OVER_SSH = """
 
 def test_kvm_ssh_carries_the_clock_and_the_reseed(inner: pytest.Pytester, debian: DebianGuest) -> None:
     """With kvm_ssh in use, the clock and the reseed go over its connection after each revert (no wait for
-    the agent); the guest is within 1 s of the host and reads fresh random bytes each time."""
+    the agent), to the resident settle process the baseline holds (no guest process started); the guest
+    is within 1 s of the host and reads fresh random bytes each time; the process is gone after the run."""
     inner.makepyfile(SETTLED_OVER_SSH.format(name=debian.name))
     result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines([f"{debian.name}: *; ready after 2 of them in median * s "
-                                 "(clock via ssh, reseed via ssh)"])
+                                 "(clock via resident, reseed via resident)"])
     seen = [json.loads((inner.path / f"seen-{i}").read_text()) for i in (1, 2, 3)]
     print(f"after reverts 1 and 2 over SSH: guest clock behind by {seen[1][1]:.3f} and {seen[2][1]:.3f} s")
     assert all(abs(offset) < 1.0 for _, offset in seen[1:])
     assert seen[1][0] != seen[2][0], "the same random bytes after two reverts: not reseeded"
+    debian.assert_as_found()
+
+
+def test_the_resident_process_serves_every_xdist_worker(inner: pytest.Pytester, debian: DebianGuest) -> None:
+    """Under -n 2 the workers take turns on the guest; the one that took the baseline started the
+    resident process, and the other finds it through the run's record.  (A worker's first test
+    there settles through the agent: its kvm_ssh connection does not exist yet.)"""
+    tests = SETTLED_OVER_SSH.format(name=debian.name).replace("[1, 2, 3]", "range(1, 7)")
+    inner.makepyfile(tests.replace("time.sleep(10)", "time.sleep(2)"))
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly", "-n", "2")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines([f"{debian.name}: *(clock via resident, reseed via resident, clock, reseed)"])
+    assert "via ssh" not in result.stdout.str() and "could not be asked" not in result.stdout.str()
+    served = [line.split()[0] for line in result.stdout.lines if "PASSED" in line]
+    assert served.count("[gw0]") >= 2 and served.count("[gw1]") >= 2, served  # each settled via it at least once
+    seen = [json.loads((inner.path / f"seen-{i}").read_text()) for i in range(1, 7)]
+    assert sum(abs(offset) < 1.0 for _, offset in seen) >= 5, seen  # the first test: on the baseline
+    debian.assert_as_found()
+
+
+def test_where_sshd_refuses_forwarding_the_settle_program_runs_instead(inner: pytest.Pytester,
+                                                                      debian: DebianGuest) -> None:
+    """``AllowTcpForwarding no``: no channel to the resident process; the run says so once and settles
+    with one guest process per revert, as correct as before."""
+    drop_in = "/etc/ssh/sshd_config.d/zz-kvmsnap-test.conf"
+    assert debian.run(f"echo 'AllowTcpForwarding no' > {drop_in} && systemctl reload ssh")[0] == 0
+    try:
+        inner.makepyfile(SETTLED_OVER_SSH.format(name=debian.name))
+        result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly")
+        result.assert_outcomes(passed=3)
+        result.stdout.fnmatch_lines(["*kvmsnap: *: its resident settle process could not be asked (sshd did not "
+                                     "connect to it (*)); settling with one guest process instead",
+                                     f"{debian.name}: *; ready after 2 of them in median * s "
+                                     "(clock via ssh, reseed via ssh)"])
+        assert result.stdout.str().count("could not be asked") == 1
+        seen = [json.loads((inner.path / f"seen-{i}").read_text()) for i in (1, 2, 3)]
+        assert all(abs(offset) < 1.0 for _, offset in seen[1:]) and seen[1][0] != seen[2][0]
+    finally:
+        assert debian.run(f"rm -f {drop_in} && systemctl reload ssh")[0] == 0
     debian.assert_as_found()
 
 

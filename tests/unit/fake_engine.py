@@ -26,6 +26,7 @@ from pytest_kvmsnap.exceptions import (
     RevertFailed,
     SnapshotNotFound,
 )
+from pytest_kvmsnap.guestside import RESIDENT_PERL, RESIDENT_QUIT_PERL
 from pytest_kvmsnap.ownership import LeaseRecord, Owner, Taken, owner_description
 from pytest_kvmsnap.records import CloneSource
 
@@ -77,6 +78,7 @@ class FakeMachine:
     log: list[str] = field(default_factory=list)  # what the plugin did to it, in order
     fail_hot: bool = False  # the next hot revert fails (a refused loadvm)
     loaded: dict[str, int] = field(default_factory=dict)  # snapshot -> the VM process a cold revert started from it
+    perl: bool = False  # its agent runs perl: the resident settle process lives in ``disk`` (resident.py)
 
     @property
     def native(self) -> Any:
@@ -157,13 +159,27 @@ class FakeMachine:
         return False
 
     def agent_answers(self, timeout: int = 2) -> bool:
-        return False
+        return self.perl
 
     def refresh(self, clock: bool, reseed: bool) -> str | None:
         raise Refused("no agent")
 
     def clock_set(self) -> None:
         pass
+
+    def run_program(self, path: str, args: list[str], stdin: str) -> tuple[int, str]:
+        """Only the resident settle process's start and quit, kept in the guest's ``disk`` (so its
+        snapshots hold it, as a real guest's memory does)."""
+        if not self.perl:
+            raise KvmSnapError("no agent")
+        self.log.append(f"run {args[1][:20]}")
+        if args[1] == RESIDENT_PERL:
+            self.disk["resident"] = stdin.strip()
+            return 0, "40000 77\n"
+        if args[1] == RESIDENT_QUIT_PERL and self.disk.get("resident") == stdin.split()[0]:
+            del self.disk["resident"]
+            return 0, ""
+        return 1, ""
 
     def console_log(self) -> str | None:
         return None

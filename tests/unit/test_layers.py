@@ -19,9 +19,9 @@ LAYERS = [
     "libvirt.evidence", "libvirt.agent", "libvirt.network", "libvirt.machine", "libvirt.leases", "libvirt.storage",
     "libvirt.clones", "libvirt.engine",
     # what the plugin does, through engine.py's interface
-    "postmortem", "deadlock", "units", "layers", "reuse", "placement", "hypervisor", "heartbeat", "revert", "lease",
-    "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning", "witness",
-    "holding", "guestops", "layering", "coordinator", "ssh", "clients",
+    "postmortem", "deadlock", "units", "layers", "reuse", "resident", "placement", "hypervisor", "heartbeat",
+    "revert", "lease", "recovery", "readiness", "guest", "checkpoints", "finishing", "addressing", "provisioning",
+    "witness", "holding", "guestops", "layering", "coordinator", "ssh", "clients",
     # the pytest glue
     "markers", "hookspecs", "session", "reports", "fixtures", "setups", "cleanup", "plugin",
 ]

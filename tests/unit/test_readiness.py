@@ -19,12 +19,15 @@ from pytest_kvmsnap.guestside import (
     CLOCK_FAILED,
     NO_PERL,
     RESEED_PERL,
+    RESIDENT_PERL,
+    RESIDENT_QUIT_PERL,
     partial,
     settle_command,
     settle_perl,
     settle_script,
 )
 from pytest_kvmsnap.readiness import NotReady, Readiness
+from pytest_kvmsnap.resident import Resident, ResidentUnavailable, check_answer
 from tests.conftest import TestDriver
 from tests.unit.helpers import run_unit, three_tests
 
@@ -178,14 +181,19 @@ class AgentGuest:
 
 
 class Shell:
-    def __init__(self, fails: bool = False) -> None:
-        self.fails, self.calls = fails, 0
+    def __init__(self, fails: bool = False, resident: KvmSnapError | None = None) -> None:
+        self.fails, self.calls, self.resident, self.asked = fails, 0, resident, 0
 
     def settle(self, clock: bool, reseed: bool) -> str | None:
         self.calls += 1
         if self.fails:
             raise KvmSnapError("ssh root@127.0.0.1:2222 (guest 'g'): no connection within 30 s")
         return None
+
+    def ask_resident(self, resident: Resident, clock: bool, reseed: bool) -> None:
+        self.asked += 1
+        if self.resident is not None:
+            raise self.resident
 
 
 def _settling(shell: Shell | None, events: list[object]) -> Readiness:
@@ -304,3 +312,80 @@ def test_a_named_address_that_fails_the_wait_is_what_the_advice_names(monkeypatc
         port = int(closed.getsockname()[1])
     with pytest.raises(NotReady, match=rf"an SSH banner on 127.0.0.1:{port} \(guest port 22, named by --kvm-address\)"):
         ready.settle("g", None, lambda _port: ("127.0.0.1", port), restored=False)  # type: ignore[arg-type]
+
+
+# --- the resident settle process (resident.py) ------------------------------------------
+
+RESIDENT = Resident(40000, 321, "t0ken")
+
+
+def _settle_with(shell: Shell, machine: AgentGuest, events: list[object]) -> list[list[str]]:
+    readiness = _settling(shell, events)
+    return [readiness.settle("g", machine, lambda port: ("127.0.0.1", port),  # type: ignore[arg-type]
+                             restored=True, resident=RESIDENT) for _ in range(2)]
+
+
+def test_with_a_resident_process_no_settle_program_runs() -> None:
+    machine, shell, events = AgentGuest(), Shell(), list[object]()
+    assert _settle_with(shell, machine, events) == [["clock via resident", "reseed via resident"]] * 2
+    assert (shell.asked, shell.calls, machine.calls, events) == (2, 0, [], [])
+    assert machine.clock_resets == 2, "the hypervisor would replay the ticks the guest missed"
+
+
+def test_a_resident_process_that_cannot_be_asked_is_said_once_and_the_settle_program_runs() -> None:
+    machine, events = AgentGuest(), list[object]()
+    shell = Shell(resident=ResidentUnavailable("sshd did not connect to it"))
+    assert _settle_with(shell, machine, events) == [["clock via ssh", "reseed via ssh"]] * 2
+    assert (shell.asked, shell.calls) == (2, 2), "a snapshot without it (the user's own) need not mean all lack it"
+    assert [str(getattr(event, "text", "")) for event in events] == [
+        "kvmsnap: g: its resident settle process could not be asked (sshd did not connect to it); settling with "
+        "one guest process instead"]
+    refused, shell = list[object](), Shell(resident=ResidentUnavailable("administratively prohibited", lasting=True))
+    _settle_with(shell, machine, refused)
+    assert (shell.asked, shell.calls, len(refused)) == (1, 2, 1), "sshd refusing forwarding is not asked again"
+
+
+def test_a_resident_process_whose_step_failed_hands_over_to_the_agent() -> None:
+    machine, events = AgentGuest(), list[object]()
+    shell = Shell(resident=KvmSnapError("setting the clock failed (exit 10): clock_settime: Operation not permitted"))
+    assert _settle_with(shell, machine, events)[0] == ["clock", "reseed"]
+    assert shell.calls == 0 and machine.calls == [(True, True)] * 2
+
+
+def test_the_resident_answers_are_read_as_the_settle_programs_exit_codes() -> None:
+    check_answer("ok\n")
+    with pytest.raises(KvmSnapError, match=r"^the forced reseed failed \(exit 11\): RNDRESEEDCRNG: EPERM$"):
+        check_answer("fail 11 RNDRESEEDCRNG: EPERM\n")
+    for answer in ("denied\n", "", "SSH-2.0-OpenSSH_9.2\n"):
+        with pytest.raises(ResidentUnavailable):
+            check_answer(answer)
+    assert Resident.from_record(RESIDENT.as_record()) == RESIDENT
+    assert Resident.from_record([]) is None and Resident.from_record([1, "2", "x"]) is None
+    line = RESIDENT.request(clock=True, reseed=False).decode()
+    token, seconds, entropy, steps = line.split()
+    assert (token, steps, len(bytes.fromhex(entropy))) == ("t0ken", "c", 64) and abs(float(seconds) - time.time()) < 5
+
+
+def test_the_resident_program_serves_its_token_only_and_quits_when_asked() -> None:
+    """Run here, its clock and ioctl calls swapped for stubs (the host's clock is never touched)."""
+    stubs = "sub fake_syscall { 0 } sub fake_ioctl { 1 } "
+    dry = stubs + RESIDENT_PERL.replace("syscall(", "fake_syscall(").replace("ioctl(", "fake_ioctl(")
+    assert "syscall(" not in dry.replace("fake_syscall(", "") and "ioctl(" not in dry.replace("fake_ioctl(", "")
+    started = subprocess.run(["perl", "-e", dry], input=b"secret\n", capture_output=True, timeout=10, check=True)
+    port, _pid = map(int, started.stdout.split())
+    resident = Resident(port, _pid, "secret")
+
+    def ask(line: bytes) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, sock.makefile("rwb") as stream:
+            assert stream.readline() == b"ready\n"
+            stream.write(line)
+            stream.flush()
+            return stream.readline().decode()
+
+    assert ask(resident.request(clock=True, reseed=True)) == "ok\n"
+    assert ask(b"wrong 1.5 00 cr\n") == "denied\n"
+    quit_ = subprocess.run(["perl", "-e", RESIDENT_QUIT_PERL, str(port)], input=b"secret quit\n", timeout=10,
+                           check=False)
+    assert quit_.returncode == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
