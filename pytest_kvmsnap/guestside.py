@@ -48,15 +48,19 @@ _CLOCK_PERL = ('my %nr = (62 => 227, 183 => 112, 243 => 112, 22 => 259, 21 => 24
 
 # The resident settle program (resident.py).  Started through the agent before the run's
 # baseline, with a token as its first input line: it listens on a loopback port, prints
-# ``PORT PID`` and leaves a daemon, so every revert restores it.  A connection gets
-# ``ready``; the host answers ``TOKEN SECONDS HEX STEPS`` (STEPS: c = clock, r = reseed)
-# and reads ``ok``, ``fail CODE WHY`` or ``denied``; ``TOKEN quit`` stops it.  A line is
+# ``PORT PID`` and leaves a daemon, so every revert restores it.  The host sends one line
+# ``TOKEN SECONDS HEX STEPS`` (STEPS: c = clock, r = reseed) as soon as it connects (no
+# greeting to wait for: a round trip costs tens of ms on a guest that just came back) and
+# reads ``ok``, ``fail CODE WHY`` or ``denied``; ``TOKEN quit`` stops it.  A line is
 # read for at most 10 s (a stuck client never blocks it), and it exits by itself after
-# IDLE seconds without a connection: a killed run's restored guest does not keep it.
+# IDLE seconds without a connection: a killed run's restored guest does not keep it.  It
+# first stops any earlier one (a killed run's, brought back when its baseline was restored).
 RESIDENT_IDLE = 600
 RESIDENT_NAME = "kvmsnap-settle"  # what ps shows
 RESIDENT_PERL = (
     'use Socket; use POSIX (); sub fail { die [$_[0], $_[1]] } '
+    'for my $comm (glob "/proc/[0-9]*/comm") { open(my $h, "<", $comm) or next; my $n = <$h>; '
+    f'kill("TERM", $1) if defined $n && $n eq "{RESIDENT_NAME}\\n" && $comm =~ m{{^/proc/(\\d+)/}} }} '
     'my $token = <STDIN>; defined $token or exit 20; chomp $token; '
     'my $s; socket($s, PF_INET, SOCK_STREAM, 0) and bind($s, pack_sockaddr_in(0, INADDR_LOOPBACK)) '
     'and listen($s, 4) or exit 20; my ($port) = unpack_sockaddr_in(getsockname($s)); '
@@ -65,7 +69,7 @@ RESIDENT_PERL = (
     f'open(STDERR, ">", "/dev/null"); $0 = "{RESIDENT_NAME}"; '
     'my $all = ""; vec($all, fileno($s), 1) = 1; '
     f'while (1) {{ my $n = select(my $r = $all, undef, undef, {RESIDENT_IDLE}); last if $n == 0; next if $n < 0; '
-    'accept(my $c, $s) or next; my $one = ""; vec($one, fileno($c), 1) = 1; syswrite($c, "ready\n"); '
+    'accept(my $c, $s) or next; my $one = ""; vec($one, fileno($c), 1) = 1; '
     'my $l = ""; while ($l !~ /\n/ && select(my $w = $one, undef, undef, 10) > 0) '
     '{ sysread($c, $l, 4096, length $l) or last } '
     'my ($tok, $t, $hex, $steps) = split " ", $l; '
@@ -79,7 +83,7 @@ RESIDENT_PERL = (
 # (``TOKEN quit``: the token never in an argument list that ps shows); exit 0 if it did.
 RESIDENT_QUIT_PERL = ('use Socket; my $line = <STDIN>; my $s; socket($s, PF_INET, SOCK_STREAM, 0) and '
                       'connect($s, pack_sockaddr_in($ARGV[0], INADDR_LOOPBACK)) or exit 1; '
-                      'my $r = <$s>; syswrite($s, $line); $r = <$s>; exit(defined $r && $r eq "bye\n" ? 0 : 2)')
+                      'syswrite($s, $line); my $r = <$s>; exit(defined $r && $r eq "bye\n" ? 0 : 2)')
 
 
 def settle_perl(clock: bool, reseed: bool) -> str:

@@ -165,11 +165,8 @@ class GuestSSH:
                             f"({type(exc).__name__}: {exc})") from None
         try:
             channel.settimeout(self.timeout)
-            replies = channel.makefile("r")
-            if replies.readline() != "ready\n":
-                raise ResidentUnavailable("nothing there answered as it does")
-            channel.sendall(resident.request(clock, reseed))  # the time now, when it is ready
-            answer = replies.readline()
+            channel.sendall(resident.request(clock, reseed))  # the host's time as the channel opened
+            answer = channel.makefile("r").readline()
         except (OSError, paramiko.SSHException) as exc:
             raise ResidentUnavailable(f"no answer within {self.timeout:g} s ({type(exc).__name__}: {exc})") from None
         finally:

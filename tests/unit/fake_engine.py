@@ -78,7 +78,7 @@ class FakeMachine:
     log: list[str] = field(default_factory=list)  # what the plugin did to it, in order
     fail_hot: bool = False  # the next hot revert fails (a refused loadvm)
     loaded: dict[str, int] = field(default_factory=dict)  # snapshot -> the VM process a cold revert started from it
-    perl: bool = False  # its agent runs perl: the resident settle process lives in ``disk`` (resident.py)
+    perl: bool = False  # it has an agent that runs perl: the resident settle process lives in ``disk``
 
     @property
     def native(self) -> Any:
@@ -156,13 +156,16 @@ class FakeMachine:
         self.running, self.crashed = False, "its VM process exited unexpectedly"
 
     def has_agent(self) -> bool:
-        return False
+        return self.perl
 
     def agent_answers(self, timeout: int = 2) -> bool:
         return self.perl
 
     def refresh(self, clock: bool, reseed: bool) -> str | None:
-        raise Refused("no agent")
+        if not self.perl:
+            raise Refused("no agent")
+        self.log.append("refresh")
+        return None
 
     def clock_set(self) -> None:
         pass
@@ -203,7 +206,9 @@ class FakeMachine:
         raise Refused("no user network")
 
     def ipv4(self) -> str | None:
-        return "192.0.2.10"
+        # None: a fake guest has no address, so no unit test can send traffic to one (a
+        # kvm_ssh settle once tried 192.0.2.10); an address of the user's is --kvm-address.
+        return None
 
 
 class FakeEngine:

@@ -377,15 +377,20 @@ def test_the_resident_program_serves_its_token_only_and_quits_when_asked() -> No
 
     def ask(line: bytes) -> str:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, sock.makefile("rwb") as stream:
-            assert stream.readline() == b"ready\n"
             stream.write(line)
             stream.flush()
             return stream.readline().decode()
 
     assert ask(resident.request(clock=True, reseed=True)) == "ok\n"
     assert ask(b"wrong 1.5 00 cr\n") == "denied\n"
-    quit_ = subprocess.run(["perl", "-e", RESIDENT_QUIT_PERL, str(port)], input=b"secret quit\n", timeout=10,
+    # A second start (a killed run's brought back by a restore, then a new run's) stops the first.
+    again = subprocess.run(["perl", "-e", dry], input=b"other\n", capture_output=True, timeout=10, check=True)
+    second = int(again.stdout.split()[0])
+    time.sleep(0.5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    quit_ = subprocess.run(["perl", "-e", RESIDENT_QUIT_PERL, str(second)], input=b"other quit\n", timeout=10,
                            check=False)
     assert quit_.returncode == 0
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        socket.create_connection(("127.0.0.1", second), timeout=5).close()
