@@ -113,6 +113,10 @@ SETTINGS = (
     Setting("reseed", "after a revert, mix fresh host randomness into the guest's entropy pool and force "
             "its random generator to reseed (as the clock): on, off, or auto. Default: auto.",
             default="auto", choices=AGENT_STEPS),
+    Setting("resident", "for a guest whose tests ask for kvm_ssh, start one small process in it before the "
+            "baseline, which sets the clock and reseeds over kvm_ssh's connection after each revert without "
+            "starting a process (ps shows kvmsnap-settle, with a port on 127.0.0.1): auto, or off (one settle "
+            "process per revert instead). Default: auto.", default="auto", choices=("auto", "off")),
     Setting("keep_failed", "when a test fails, save its guests' state (memory and disk) as a snapshot kept "
             "for you before any revert: the summary says how to look at it and delete it. Default: off.",
             default=False, flag=True, ini_type="bool"),
@@ -233,6 +237,7 @@ class Settings:
     wait_timeout: float = 120.0
     sync_clock: str = "auto"
     reseed: str = "auto"
+    resident: str = "auto"
     keep_failed: bool = False
     keep_failed_max: int = 3
     console_lines: int = 50

@@ -125,7 +125,7 @@ def ssh_guests(specs: list[tuple[Spec, list[str]]], settings: Settings) -> froze
     and fixture names: the run starts a resident settle process in each (resident.py) where it
     sets the clock or reseeds.  Not for a test based on a snapshot of the user's (``snapshot=``
     never holds one), nor in clone mode (a clone starts from the original's state)."""
-    if settings.sync_clock == settings.reseed == "off" or settings.clones != "0":
+    if settings.resident == "off" or settings.sync_clock == settings.reseed == "off" or settings.clones != "0":
         return frozenset()
     return frozenset(spec.domains[0] for spec, fixtures in specs if "kvm_ssh" in fixtures and not spec.snapshot)
 

@@ -480,6 +480,21 @@ def test_the_resident_process_serves_every_xdist_worker(inner: pytest.Pytester, 
     debian.assert_as_found()
 
 
+def test_kvm_resident_off_leaves_no_process_of_the_plugins_in_the_guest(inner: pytest.Pytester,
+                                                                        debian: DebianGuest) -> None:
+    inner.makepyfile(f"""
+        import pytest
+        @pytest.mark.kvm_snapshot("{debian.name}")
+        @pytest.mark.parametrize("i", [1, 2])
+        def test_each(i, kvm_ssh):
+            assert not kvm_ssh.run("ps -eo comm= | grep -x kvmsnap-settle", check=False).ok
+    """)
+    result = run_inner(inner, f"--kvm-ssh-key={debian.image.ssh_key}", "-p", "no:randomly", "--kvm-resident=off")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"{debian.name}: *(clock via ssh, reseed via ssh)"])
+    debian.assert_as_found()
+
+
 def test_where_sshd_refuses_forwarding_the_settle_program_runs_instead(inner: pytest.Pytester,
                                                                       debian: DebianGuest) -> None:
     """``AllowTcpForwarding no``: no channel to the resident process; the run says so once and settles

@@ -83,6 +83,7 @@ def test_which_guests_get_one() -> None:
     assert ssh_guests(specs, Settings(uri="test:///default")) == {"web"}, "kvm_ssh is on the test's first guest, " \
         "and a user's snapshot never holds one"
     assert ssh_guests(specs, Settings(uri="test:///default", sync_clock="off", reseed="off")) == frozenset()
+    assert ssh_guests(specs, Settings(uri="test:///default", resident="off")) == frozenset()
     assert ssh_guests(specs, Settings(uri="test:///default", clones="auto")) == frozenset(), "a clone starts " \
         "from the original's state, which has none"
 
