@@ -145,9 +145,9 @@ class Finisher:
                 why = "it did not answer"
             except (KvmSnapError, self.hypervisor.kind.refusal) as exc:
                 why = str(exc)
-        self.report(Notice(f"kvmsnap: {machine.name}: restored, but its resident settle process (pid "
-                           f"{started.pid}) could not be stopped ({why}); it exits by itself "
-                           f"{RESIDENT_IDLE // 60} minutes after its last use"))
+        self.report(Notice(f"kvmsnap: {machine.name}: its resident settle process (pid {started.pid}) could "
+                           f"not be stopped ({why}); it exits by itself {RESIDENT_IDLE // 60} minutes after its "
+                           "last use"))
 
     def _remove_forwards(self, record: RunRecord, machine: Machine) -> None:
         """The host ports the run forwarded to the guest (Guest.address) go with it.
