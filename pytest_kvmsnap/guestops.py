@@ -72,7 +72,8 @@ class GuestOps:
         start = time.perf_counter()
         steps = self.readiness.settle(name, self.holder.machine(state), lambda port: self.address(state, port),
                                       restored=record.settle_restored,
-                                      resident=held_at(record.resident, state.clean_at, record.baseline))
+                                      resident=held_at(record.resident, state.clean_at, record.baseline,
+                                                       state.layers.base))
         seconds = time.perf_counter() - start
         record.settle_pending = record.settle_restored = False
         if steps:

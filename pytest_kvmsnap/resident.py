@@ -67,13 +67,14 @@ class Resident:
         return f"{self.token} {time.time():.6f} {os.urandom(64).hex()} {steps}\n".encode()
 
 
-def held_at(record: list[object], snapshot: str | None, baseline: str) -> Resident | None:
-    """The resident process a guest reverted to ``snapshot`` has: the run's baseline and the layers
-    above it (named after it, layers.py) hold it; a snapshot of the user's own, and what was built
-    on one, do not (asking there would only fail)."""
-    if snapshot is None or not (snapshot == baseline or snapshot.startswith(f"{baseline}-")):
-        return None
-    return Resident.from_record(record)
+def held_at(record: list[object], snapshot: str | None, baseline: str, layers_base: str) -> Resident | None:
+    """The resident process a guest reverted to ``snapshot`` has: the run's baseline holds it, and so
+    do the layers built on it (``layers_base``: what this process's layers are built on, layers.py);
+    a snapshot of the user's own, and layers built on one, do not (asking there would only fail).
+    Every layer is named after the run's baseline, whatever it was built on: the name cannot tell."""
+    on_baseline = snapshot == baseline or (snapshot is not None and snapshot.startswith(f"{baseline}-")
+                                           and layers_base == baseline)
+    return Resident.from_record(record) if on_baseline else None
 
 
 def check_answer(answer: str) -> None:

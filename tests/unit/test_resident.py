@@ -90,8 +90,10 @@ def test_which_guests_get_one() -> None:
 
 def test_only_the_runs_baseline_and_its_layers_hold_it() -> None:
     record = [40000, 77, "t0ken"]
-    assert held_at(record, "kvmsnap-abc", "kvmsnap-abc") == Resident(40000, 77, "t0ken")
-    assert held_at(record, "kvmsnap-abc-gw0-L2", "kvmsnap-abc") is not None
-    for snapshot in ("clean-install", "clean-install-gw0-L1", "kvmsnap-setup-app-0123", "kvmsnap-abcd", None):
-        assert held_at(record, snapshot, "kvmsnap-abc") is None, snapshot
-    assert held_at([], "kvmsnap-abc", "kvmsnap-abc") is None
+    assert held_at(record, "kvmsnap-abc", "kvmsnap-abc", "") == Resident(40000, 77, "t0ken")
+    assert held_at(record, "kvmsnap-abc-gw0-L2", "kvmsnap-abc", "kvmsnap-abc") is not None
+    # A layer is named after the run's baseline even when built on a snapshot of the user's.
+    assert held_at(record, "kvmsnap-abc-gw0-L1", "kvmsnap-abc", "clean-install") is None
+    for snapshot in ("clean-install", "kvmsnap-setup-app-0123", "kvmsnap-abcd", None):
+        assert held_at(record, snapshot, "kvmsnap-abc", "kvmsnap-abc") is None, snapshot
+    assert held_at([], "kvmsnap-abc", "kvmsnap-abc", "") is None
