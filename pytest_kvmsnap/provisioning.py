@@ -22,10 +22,12 @@ from pytest_kvmsnap.hypervisor import Hypervisor
 from pytest_kvmsnap.lease import Lease
 from pytest_kvmsnap.locking import GuestLock, RecordStore
 from pytest_kvmsnap.ownership import clone_name
+from pytest_kvmsnap.readiness import poll
 from pytest_kvmsnap.records import RunRecord
 from pytest_kvmsnap.recovery import Recovery
 from pytest_kvmsnap.revert import remember_loaded
 
+AGENT_WAIT = 5.0  # seconds the agent gets to answer before a baseline goes without its resident process
 SNAPSHOT_PREFIX = "kvmsnap-"  # a run's baseline: kvmsnap-<run id>
 
 T = TypeVar("T")
@@ -86,6 +88,13 @@ class Provisioner:
         self.report(BaselineTaken(state.name, record.baseline, record.baseline_seconds))
         return record
 
+    @staticmethod
+    def _agent_answers(machine: Machine) -> bool:
+        """Whether the agent answers within AGENT_WAIT seconds: a guest that recovery just restored has it
+        back about a second after the load (readiness.py); a guest without its channel is not asked."""
+        return machine.has_agent() and poll(lambda: machine.agent_answers(timeout=1),
+                                            time.monotonic() + AGENT_WAIT, every=0.1)
+
     def _stop_resident(self, state: GuestState, record: RunRecord) -> None:
         """The resident settle process started for a baseline that failed: stopped, best effort
         (else it exits by itself after guestside.RESIDENT_IDLE seconds)."""
@@ -129,7 +138,7 @@ class Provisioner:
             for repaired in self.recovery.repair(state.name, machine, state.uri):
                 self.incident(repaired, record)
             if state.name in self.residents and not record.resident:  # just before: in the snapshot
-                started = resident.start(machine)
+                started = resident.start(machine) if self._agent_answers(machine) else None
                 record.resident = started.as_record() if started is not None else []
             return self._create(state.name, state.uri)
 

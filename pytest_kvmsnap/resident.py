@@ -30,8 +30,6 @@ from pytest_kvmsnap.engine import Machine
 from pytest_kvmsnap.exceptions import KvmSnapError
 from pytest_kvmsnap.guestside import RESIDENT_PERL, RESIDENT_QUIT_PERL, partial
 
-AGENT_WAIT = 5.0  # seconds the agent gets to answer before the baseline goes without it
-
 
 class ResidentUnavailable(KvmSnapError):
     """The resident process cannot be asked (gone, another run's, or no channel to it): settle another way.
@@ -90,12 +88,10 @@ def check_answer(answer: str) -> None:
 
 
 def start(machine: Machine) -> Resident | None:
-    """Start the resident process in the guest through its agent; None where it cannot run there
-    (no agent, no perl): that guest settles with one process per revert."""
+    """Start the resident process in the guest through its agent (the caller waited for it to
+    answer); None where it cannot run there (no perl): that guest settles with one process per revert."""
     token = secrets.token_hex(16)
     try:
-        if not machine.has_agent() or not _agent_answers(machine):
-            return None
         code, out = machine.run_program("/usr/bin/perl", ["-e", RESIDENT_PERL], f"{token}\n")
     except KvmSnapError:
         return None
@@ -103,17 +99,6 @@ def start(machine: Machine) -> Resident | None:
     if code != 0 or len(words) != 2 or not all(word.isdigit() for word in words):
         return None
     return Resident(int(words[0]), int(words[1]), token)
-
-
-def _agent_answers(machine: Machine) -> bool:
-    """Within AGENT_WAIT seconds: a guest a dead run's recovery just restored has its agent back
-    about a second after the load (readiness.py)."""
-    deadline = time.monotonic() + AGENT_WAIT
-    while not machine.agent_answers(timeout=1):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def stop(machine: Machine, resident: Resident) -> bool:
